@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random models (fast) and the embedded SmolLM2 (marked ``real``)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import mlx_qlora  # noqa: F401  (binds the fast BLAS before any test imports mlx.core)
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WIKISQL = ROOT.parent / "shared" / "data" / "wikisql"
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_llama(tmp_path_factory) -> Path:
+    """A tiny random llama as a Hugging Face directory (fp32 safetensors + tokenizer)."""
+    return tiny.write_hf_dir(tmp_path_factory.mktemp("tiny_llama_hf"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_qwen2(tmp_path_factory) -> Path:
+    """A tiny random qwen2 (q/k/v biases, untied head) as a Hugging Face directory."""
+    return tiny.write_hf_dir(tmp_path_factory.mktemp("tiny_qwen2_hf"), arch="qwen2", tie=False, seed=1)

@@ -1,0 +1,122 @@
+"""Tiny random models for fast tests: HF directories (llama / qwen2) with a real byte-level BPE
+tokenizer and a ChatML chat template. Weights are seeded numpy arrays in HF tensor names, so the
+same files feed the converter, mlx-lm's loader and (via ``write_gguf``) llama.cpp.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Merges learned by hand from English text; enough to make BPE do real work in tests.
+_MERGE_WORDS = ["Ġt", "he", "Ġa", "in", "er", "an", "Ġthe", "on", "re", "Ġs", "at", "en", "Ġw",
+                "or", "Ġo", "it", "is", "Ġc", "al", "ar", "ĠS", "EL", "ECT", "ĠSELECT", "ĠF", "RO",
+                "ROM", "ĠFROM", "ĠW", "HE"]
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-char map (printable bytes map to themselves)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def tokenizer_json() -> dict:
+    """A byte-level BPE tokenizer.json: 256 bytes, the merges above, then the special tokens."""
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    merges = []
+    for word in _MERGE_WORDS:
+        # find a split of `word` into two tokens already in the vocabulary
+        for cut in range(1, len(word)):
+            a, b = word[:cut], word[cut:]
+            if a in vocab and b in vocab:
+                merges.append(f"{a} {b}")
+                vocab[word] = len(vocab)
+                break
+    added = []
+    for s in SPECIALS:
+        vocab[s] = len(vocab)
+        added.append({"id": vocab[s], "content": s, "single_word": False, "lstrip": False,
+                      "rstrip": False, "normalized": False, "special": True})
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                          "use_regex": True},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False, "vocab": vocab, "merges": merges},
+    }
+
+
+def vocab_size() -> int:
+    return len(tokenizer_json()["model"]["vocab"])
+
+
+def hf_config(arch: str = "llama", hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+              intermediate: int = 128, tie: bool = True, rope_theta: float = 100000.0) -> dict:
+    cfg = {
+        "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
+        "model_type": arch, "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "intermediate_size": intermediate, "rms_norm_eps": 1e-5, "vocab_size": vocab_size(),
+        "max_position_embeddings": 512, "rope_theta": rope_theta, "tie_word_embeddings": tie,
+        "torch_dtype": "float32", "bos_token_id": None, "eos_token_id": SPECIALS.index("<|im_end|>") + vocab_size() - 3,
+    }
+    return cfg
+
+
+def hf_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights in HF names; scaled like a trained model so logits are not flat."""
+    rng = np.random.default_rng(seed)
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * hd
+    w = {"model.embed_tokens.weight": rng.normal(0, 1.0, (cfg["vocab_size"], h)),
+         "model.norm.weight": 1 + 0.1 * rng.normal(size=h)}
+    if not cfg["tie_word_embeddings"]:
+        w["lm_head.weight"] = rng.normal(0, 0.2, (cfg["vocab_size"], h))
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                  "self_attn.o_proj": (h, h), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
+                  "mlp.down_proj": (h, inter)}
+        for name, shape in shapes.items():
+            w[p + name + ".weight"] = rng.normal(0, 1.0 / np.sqrt(shape[1]), shape)
+        if cfg["model_type"] == "qwen2":
+            for name, n in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
+                w[p + f"self_attn.{name}.bias"] = rng.normal(0, 0.1, n)
+        w[p + "input_layernorm.weight"] = 1 + 0.1 * rng.normal(size=h)
+        w[p + "post_attention_layernorm.weight"] = 1 + 0.1 * rng.normal(size=h)
+    return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+def write_hf_dir(path: Path, arch: str = "llama", seed: int = 0, **cfg_kw) -> Path:
+    """Write config.json, model.safetensors and tokenizer files for a tiny random model."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = hf_config(arch, **cfg_kw)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(hf_weights(cfg, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json()))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "bos_token": None,
+        "pad_token": "<|endoftext|>", "unk_token": None, "chat_template": CHAT_TEMPLATE,
+        "add_bos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 512}))
+    return path
