@@ -1,0 +1,157 @@
+"""GGUF file -> MLX model directory, keeping Q4_0 / Q4_1 / Q8_0 blocks exactly.
+
+``mx.load`` on a .gguf returns those block types already as MLX group-32 (weight, scales,
+biases) triples (tests check them against gguf-py's own dequantization). Other quantized types
+are dequantized with gguf-py and re-quantized with the requested settings; float tensors load
+directly. llama.cpp stores llama Q/K rows permuted for its rope layout: undone here.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .. import names
+from ..errors import UserError
+from ..model_io import atomic_dir, write_model_dir
+from ..quant import GGUF_EXACT, GGUF_FLOAT, QuantStats, bits_per_weight, quantize, unpermute_qk
+from . import ConvertConfig, ConvertReport
+
+
+def read_gguf(path: Path):
+    """``(reader, metadata dict)``; a truncated or corrupt file becomes one UserError line."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        meta = {key: field.contents() for key, field in reader.fields.items()}
+        for t in reader.tensors:  # touching each tensor's data checks it lies inside the file
+            if t.data.nbytes != t.n_bytes:
+                raise ValueError(f"tensor {t.name} is cut short")
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct.error/... on bad bytes
+        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                        "the file may be truncated or corrupt: download it again") from None
+    return reader, meta
+
+
+def gguf_config(meta: dict, tensor_names: set[str]) -> dict:
+    """config.json (mlx-lm keys) from GGUF metadata."""
+    arch = meta.get("general.architecture")
+    if arch not in names.GGUF_ARCH_TO_MODEL_TYPE:
+        raise UserError(f"GGUF architecture {arch!r} is not supported; supported: "
+                        f"{', '.join(names.GGUF_ARCH_TO_MODEL_TYPE)}")
+    if "rope_freqs.weight" in tensor_names:
+        raise UserError("this GGUF uses llama3-style rope frequency scaling (rope_freqs), which the GGUF "
+                        "does not describe fully; convert the original Hugging Face directory instead")
+    cfg = {"model_type": names.GGUF_ARCH_TO_MODEL_TYPE[arch]}
+    for key, hf_key in names.CONFIG_KEYS.items():
+        if f"{arch}.{key}" in meta:
+            cfg[hf_key] = meta[f"{arch}.{key}"]
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+               if k not in cfg]
+    if missing:
+        raise UserError(f"GGUF metadata lacks {', '.join(missing)}; the file is incomplete: download it again")
+    cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+    cfg.setdefault("rms_norm_eps", 1e-5)
+    cfg.setdefault("rope_theta", 10000.0)
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    rope_dim = meta.get(f"{arch}.rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        cfg["head_dim"] = int(rope_dim)
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+        cfg["rope_scaling"] = {"type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    cfg["vocab_size"] = len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta \
+        else int(meta[f"{arch}.vocab_size"])
+    cfg["tie_word_embeddings"] = "output.weight" not in tensor_names
+    for name, key in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
+        if key in meta:
+            cfg[name] = int(meta[key])
+    # float32 metadata (1e-5 stored as 9.99999974e-06) -> the shortest decimal that round-trips
+    cfg = {k: (float(np.format_float_positional(np.float32(v), unique=True)) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (int, np.integer))
+               and not isinstance(v, bool) else v) for k, v in cfg.items()}
+    return cfg
+
+
+def convert_gguf(path: Path, cfg: ConvertConfig) -> ConvertReport:
+    import mlx.core as mx
+    from rich.progress import track
+
+    reader, meta = read_gguf(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    config = gguf_config(meta, set(types))
+    report = ConvertReport(source=str(path), out_dir=cfg.out_dir, model_type=config["model_type"])
+    unknown = [n for n in types if names.gguf_to_mlx(n) is None]
+    if unknown:
+        raise UserError(f"GGUF tensors {', '.join(unknown[:3])} have no known mapping for "
+                        f"{config['model_type']}; this file's layout is not supported")
+
+    from ..vocab import tokenizer_from_gguf
+
+    tokenizer = tokenizer_from_gguf(meta, meta["general.architecture"])
+    dtype = cfg.resolved_dtype()
+    direct = all(t in GGUF_EXACT or t in GGUF_FLOAT for t in types.values())
+    loaded = mx.load(str(path)) if direct else {}
+    permute = names.PERMUTED_QK[meta["general.architecture"]]
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    stats, weights, quant_of = QuantStats(), {}, {}
+
+    for t in track(reader.tensors, description="converting tensors", transient=True):
+        base = t.name.rsplit(".", 1)[0]
+        module = names.gguf_to_mlx(t.name).rsplit(".", 1)[0]
+        kind = types[t.name]
+        n_head = heads.get(base.split(".")[-1]) if permute else None
+        fix = (lambda a: unpermute_qk(a, n_head)) if n_head else (lambda a: a)
+        if kind in GGUF_EXACT and not cfg.requantize and cfg.quantize and direct:
+            for suffix in ("weight", "scales", "biases"):
+                a = fix(loaded[f"{base}.{suffix}"])
+                weights[f"{module}.{suffix}"] = a if suffix == "weight" else a.astype(dtype)
+            quant_of[module] = GGUF_EXACT[kind]
+            report.exact.append(module)
+            continue
+        w = _as_float(t, loaded, base, kind)
+        w = fix(w)
+        is_matrix = t.name.endswith(".weight") and w.ndim == 2
+        if is_matrix and cfg.quantize and w.shape[1] % cfg.q_group_size == 0:
+            q, s, b = quantize(w, cfg.q_bits, cfg.q_group_size, stats)
+            weights.update({f"{module}.weight": q, f"{module}.scales": s.astype(dtype),
+                            f"{module}.biases": b.astype(dtype)})
+            quant_of[module] = (cfg.q_bits, cfg.q_group_size)
+            report.requantized.append(module)
+        else:
+            weights[names.gguf_to_mlx(t.name)] = w.astype(dtype)
+            report.floats.append(module)
+
+    if quant_of:
+        (bits, gs), _ = Counter(quant_of.values()).most_common(1)[0]
+        config["quantization"] = {"group_size": gs, "bits": bits, "mode": "affine"}
+        for module, (b, g) in quant_of.items():  # per-module overrides, in mlx-lm's format
+            if (b, g) != (bits, gs):
+                config["quantization"][module] = {"group_size": g, "bits": b}
+    report.rel_rms_error = stats.rel_rms
+    report.bits_per_weight = bits_per_weight(weights, {m: b for m, (b, _) in quant_of.items()})
+    with atomic_dir(cfg.out_dir, cfg.force) as tmp:
+        write_model_dir(tmp, weights, config, tokenizer)
+        report.size_bytes = sum(f.stat().st_size for f in tmp.iterdir())
+    return report
+
+
+def _as_float(t, loaded: dict, base: str, kind: str):
+    """One GGUF tensor as an fp32 mx.array in (rows, cols) order."""
+    import mlx.core as mx
+
+    if kind in GGUF_FLOAT and t.name in loaded:
+        return loaded[t.name].astype(mx.float32)
+    if kind in GGUF_EXACT and f"{base}.scales" in loaded:
+        bits, gs = GGUF_EXACT[kind]
+        return mx.dequantize(loaded[f"{base}.weight"], loaded[f"{base}.scales"].astype(mx.float32),
+                             loaded[f"{base}.biases"].astype(mx.float32), group_size=gs, bits=bits)
+    from gguf.quants import dequantize
+
+    try:
+        arr = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise UserError(f"GGUF tensor type {kind} (tensor {t.name}) cannot be dequantized by gguf-py; "
+                        "use a Q4_0, Q4_1, Q8_0, Q*_K, F16 or F32 file") from None
+    shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims innermost first
+    return mx.array(np.asarray(arr, dtype=np.float32).reshape(shape))

@@ -1,0 +1,96 @@
+"""Read and write MLX model directories (the layout ``mlx_lm.load`` reads).
+
+A model directory holds ``config.json`` (mlx-lm's keys, with ``quantization``),
+``model.safetensors`` and the tokenizer files (tokenizer.json, tokenizer_config.json, chat
+template). Everything else in the project reads and writes models through this module.
+Writes are atomic: files go to a temporary sibling directory that is renamed into place, so an
+interrupted or failed convert leaves nothing half-written and never clobbers a good model.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import UserError, require
+
+
+def normalize_config(cfg: dict) -> dict:
+    """Put every value mlx-lm reads where it reads it.
+
+    transformers 5 nests ``rope_theta`` (and the rope scaling type) under ``rope_parameters``;
+    mlx-lm only reads the top-level key and silently falls back to 10000, giving a model that
+    loads and talks, but wrongly (SmolLM2 needs 100000).
+    """
+    cfg = dict(cfg)
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict):
+        if "rope_theta" not in cfg and "rope_theta" in rp:
+            cfg["rope_theta"] = rp["rope_theta"]
+        rtype = rp.get("rope_type", "default")
+        if rtype not in (None, "default") and not cfg.get("rope_scaling"):
+            cfg["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    return cfg
+
+
+@contextmanager
+def atomic_dir(out_dir: str | Path, force: bool = False):
+    """Yield a temporary directory that becomes ``out_dir`` only if the block succeeds."""
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise UserError(f"output {out} already exists; choose another -o or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is an ordinary directory
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_model_dir(tmp: Path, weights: dict, config: dict, tokenizer=None) -> None:
+    """Write weights, config and tokenizer into ``tmp`` (a directory from :func:`atomic_dir`)."""
+    import mlx.core as mx
+
+    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (tmp / "config.json").write_text(json.dumps(normalize_config(config), indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """The directory as a Path, or a one-line error naming what is missing."""
+    p = Path(path)
+    require(p.exists(), f"model path {p} does not exist; give an MLX model directory (mlx_qlora convert -o DIR)")
+    require(p.is_dir(), f"model path {p} is not a directory; give an MLX model directory")
+    require((p / "config.json").exists(), f"{p} has no config.json; is it a model directory? (mlx_qlora convert makes one)")
+    return p
+
+
+def load(path: str | Path, dtype=None, lazy: bool = False):
+    """``(model, tokenizer)`` from an MLX model directory; ``dtype`` casts the float parameters
+    (not the packed weights), e.g. to float32 for CPU work."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_lm.utils import load as mlx_lm_load
+
+    p = check_model_dir(path)
+    model, tokenizer = mlx_lm_load(str(p), lazy=lazy)
+    if dtype is not None:
+        model.update(tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
+                              model.parameters()))
+    return model, tokenizer
+
+
+def read_config(path: str | Path) -> dict:
+    return json.loads((check_model_dir(path) / "config.json").read_text())
