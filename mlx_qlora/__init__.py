@@ -3,7 +3,13 @@
 Importing the package binds a real CBLAS first (see ``_blas``), so import ``mlx_qlora`` before
 ``mlx.core`` anywhere speed on CPU matters. Nothing heavy is imported here.
 """
+import os
+
 from . import _blas
+
+# transformers prints an advisory on import when torch is absent; we never need torch models.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 _blas.load()
 

@@ -1,0 +1,103 @@
+"""Hugging Face model (hub id or local directory of safetensors) -> MLX model directory."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .. import names
+from ..errors import UserError, require
+from ..model_io import atomic_dir, normalize_config, write_model_dir
+from ..quant import QuantStats, bits_per_weight, quantize
+from . import ConvertConfig, ConvertReport
+
+# Files copied verbatim beside the weights so mlx_lm.load (transformers) rebuilds the tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json", "vocab.json",
+                   "merges.txt", "added_tokens.json")
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "merges.txt", "vocab.json"]
+
+
+def convert_hub_id(repo_id: str, cfg: ConvertConfig) -> ConvertReport:
+    """Download (config, safetensors, tokenizer only) from the hub, then convert the directory."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # offline, no such repo, gated, ...: all end the same way for the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot download {repo_id} from the Hugging Face hub ({msg}); check the id and "
+                        "your network, or download it elsewhere and pass the local directory") from None
+    return convert_hf_dir(Path(local), cfg, source=repo_id)
+
+
+def read_hf_dir(path: Path) -> tuple[dict, dict]:
+    """``(config, weights)`` of a local HF directory, each problem one UserError line."""
+    import mlx.core as mx
+
+    require(path.is_dir(), f"{path} is not a directory; give a Hugging Face model directory or a .gguf file")
+    cfg_file = path / "config.json"
+    require(cfg_file.exists(), f"{path} has no config.json; give a Hugging Face model directory "
+                               "(config.json + *.safetensors + tokenizer files)")
+    try:
+        config = normalize_config(json.loads(cfg_file.read_text()))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_file} is not valid JSON ({e}); fix or re-download it") from None
+    mtype = config.get("model_type")
+    require(mtype in names.HF_MODEL_TYPES,
+            f"architecture {mtype!r} is not supported; supported: {', '.join(names.HF_MODEL_TYPES)}")
+    files = sorted(path.glob("*.safetensors"))
+    require(bool(files), f"{path} has no *.safetensors weights; convert PyTorch .bin checkpoints to "
+                         "safetensors first (or download the safetensors variant)")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:
+            raise UserError(f"{f} is not a readable safetensors file ({e}); it may be truncated: "
+                            "download it again") from None
+    return config, weights
+
+
+def convert_hf_dir(path: Path, cfg: ConvertConfig, source: str | None = None) -> ConvertReport:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    config, weights = read_hf_dir(path)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    weights = model.sanitize(weights)  # drops rotary inv_freq, a tied lm_head, ...
+    expected = {k for k, _ in tree_flatten(model.parameters())}
+    missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    require(not missing, f"{path} lacks weights {', '.join(missing[:3])}; the checkpoint is incomplete")
+    require(not extra, f"{path} has unexpected weights {', '.join(extra[:3])}; is config.json for this checkpoint?")
+
+    dtype = cfg.resolved_dtype()
+    report = ConvertReport(source=source or str(path), out_dir=cfg.out_dir, model_type=config["model_type"])
+    stats, out, quant_of = QuantStats(), {}, {}
+    for name, w in weights.items():
+        module = name.rsplit(".", 1)[0]
+        if cfg.quantize and name.endswith(".weight") and w.ndim == 2 and w.shape[1] % cfg.q_group_size == 0:
+            q, s, b = quantize(w.astype(mx.float32), cfg.q_bits, cfg.q_group_size, stats)
+            out.update({name: q, f"{module}.scales": s.astype(dtype), f"{module}.biases": b.astype(dtype)})
+            quant_of[module] = cfg.q_bits
+            report.requantized.append(module)
+        else:
+            out[name] = w.astype(dtype)
+            report.floats.append(module)
+    config.pop("quantization_config", None)
+    if quant_of:
+        config["quantization"] = {"group_size": cfg.q_group_size, "bits": cfg.q_bits, "mode": "affine"}
+    config["torch_dtype"] = str(dtype).split(".")[-1]
+    report.rel_rms_error = stats.rel_rms
+    report.bits_per_weight = bits_per_weight(out, quant_of)
+    with atomic_dir(cfg.out_dir, cfg.force) as tmp:
+        write_model_dir(tmp, out, config)
+        for fname in TOKENIZER_FILES:
+            if (path / fname).exists():
+                shutil.copy2(path / fname, tmp / fname)
+        require((tmp / "tokenizer.json").exists() or (tmp / "tokenizer.model").exists(),
+                f"{path} has no tokenizer (tokenizer.json or tokenizer.model); copy the tokenizer files there")
+        report.size_bytes = sum(f.stat().st_size for f in tmp.iterdir())
+    return report

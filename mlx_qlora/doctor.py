@@ -1,0 +1,80 @@
+"""``mlx_qlora doctor``: what this machine gives MLX, measured rather than assumed."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from . import _blas
+
+
+@dataclass
+class DoctorReport:
+    mlx_version: str
+    device: str            # "cpu" or "gpu"
+    backend: str           # "Metal", "CUDA" or "CPU"
+    blas: str              # library bound for cblas_sgemm, or why none
+    sgemm_gflops: float    # measured fp32 matmul throughput through MLX on the CPU
+    embedded_model: str    # path of the embedded GGUF, or how to install it
+    llama_cpp: str         # llama-cpp-python version, or why it is unavailable
+
+    def lines(self) -> list[str]:
+        return [
+            f"MLX            {self.mlx_version} on {self.device} ({self.backend})",
+            f"BLAS           {self.blas}",
+            f"sgemm          {self.sgemm_gflops:.1f} GFLOP/s (fp32 1024x1024 matmul on the CPU through MLX)",
+            f"embedded model {self.embedded_model}",
+            f"llama.cpp      {self.llama_cpp}",
+        ]
+
+
+def measure_sgemm_gflops(n: int = 1024, repeats: int = 8) -> float:
+    """fp32 n x n matmul throughput on MLX's CPU stream (what the BLAS binding decides)."""
+    import mlx.core as mx
+
+    a = mx.random.normal((n, n), stream=mx.cpu)
+    b = mx.random.normal((n, n), stream=mx.cpu)
+    mx.eval(mx.matmul(a, b, stream=mx.cpu))  # warm-up: thread pools, page faults
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(mx.matmul(a, b, stream=mx.cpu))
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def _backend() -> tuple[str, str]:
+    import mlx.core as mx
+
+    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    if getattr(mx, "metal", None) is not None and mx.metal.is_available():
+        return device, "Metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return device, "CUDA"
+    return device, "CPU"
+
+
+def collect() -> DoctorReport:
+    import mlx.core as mx
+
+    from .embedded import INSTALL_HINT, find_embedded_gguf
+
+    device, backend = _backend()
+    state = _blas.STATE
+    blas = state.path if state.path else f"MLX's bundled BLAS ({state.reason})"
+    gguf = find_embedded_gguf()
+    try:
+        import llama_cpp
+
+        llama = f"llama-cpp-python {llama_cpp.__version__} importable"
+    except ImportError:
+        llama = "not installed (pip install llama-cpp-python; needed for llama.cpp tests and engine)"
+    return DoctorReport(mlx_version=mx.__version__, device=device, backend=backend, blas=blas,
+                        sgemm_gflops=measure_sgemm_gflops(),
+                        embedded_model=str(gguf) if gguf else f"not installed ({INSTALL_HINT})",
+                        llama_cpp=llama)
+
+
+def run_doctor() -> DoctorReport:
+    report = collect()
+    for line in report.lines():
+        print(line)
+    return report
