@@ -120,3 +120,56 @@ def write_hf_dir(path: Path, arch: str = "llama", seed: int = 0, **cfg_kw) -> Pa
         "pad_token": "<|endoftext|>", "unk_token": None, "chat_template": CHAT_TEMPLATE,
         "add_bos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 512}))
     return path
+
+
+def write_gguf(hf_dir: Path, path: Path, qtype: str = "F32") -> Path:
+    """Write the tiny HF model as a GGUF file the way llama.cpp's converter lays it out: llama Q/K
+    rows permuted, 2-D weights in ``qtype`` (F32, F16, Q8_0, Q4_0, Q4_1), norms in F32."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    from mlx_qlora.names import mlx_to_gguf
+    from mlx_qlora.quant import permute_qk
+
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    weights = load_file(str(Path(hf_dir) / "model.safetensors"))
+    arch = cfg["model_type"]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    tj = tokenizer_json()
+    vocab = tj["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_token_merges(tj["model"]["merges"])
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_pad_token_id(vocab["<|endoftext|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    for name, a in weights.items():
+        if arch == "llama" and ".q_proj." in name:
+            a = permute_qk(a, cfg["num_attention_heads"])
+        if arch == "llama" and ".k_proj." in name:
+            a = permute_qk(a, cfg["num_key_value_heads"])
+        gname = mlx_to_gguf(name)
+        if a.ndim == 2 and qtype != "F32":
+            data = gguf.quants.quantize(a, qt) if qtype != "F16" else a.astype(np.float16)
+            w.add_tensor(gname, data, raw_dtype=qt)
+        else:
+            w.add_tensor(gname, a.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
