@@ -1,0 +1,194 @@
+"""The llama.cpp engine: a GGUF model through llama-cpp-python, LoRA GGUFs switched in place.
+
+On a CPU this is the fast path (SmolLM2 Q4_1 decodes ~10x faster than MLX's CPU backend), so
+``--engine auto`` picks it there whenever a GGUF of the model can be found. All LoRA GGUFs are
+loaded once next to the base model (``llama_adapter_lora_init``); switching only changes which
+one is applied to the context (``llama_set_adapters_lora``) and drops the KV cache.
+
+Adapters in the training format (``adapters.safetensors``) are turned into LoRA GGUFs in a
+temporary directory on load: ``lora_a`` (in, r) is written transposed, ``lora_b`` (r, out) as
+(out, r) with llama's Q/K rows permuted like the base weights, and the scale as
+``adapter.lora.alpha = scale * r`` (llama.cpp applies ``alpha / r``).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from ..adapters import AdapterSpec, read_adapter
+from ..errors import UserError, require
+from ..generate import ByteDetokenizer, SamplingConfig, common_prefix
+from .base import Engine
+
+DEFAULT_N_CTX = 4096  # tokens; SmolLM2 allows 8192, but each doubles the KV cache (~90 MB here)
+
+
+def find_lora_gguf(spec: AdapterSpec) -> Path | None:
+    """A LoRA GGUF for the adapter: the path itself, or the one .gguf inside its directory."""
+    p = spec.path
+    if p.is_file() and p.suffix == ".gguf":
+        return p
+    if p.is_dir():
+        hits = sorted(p.glob("*.gguf"))
+        if len(hits) == 1:
+            return hits[0]
+        for name in ("adapter.gguf", "adapters.gguf", "lora.gguf"):
+            if (p / name).is_file():
+                return p / name
+    return None
+
+
+def write_lora_gguf(spec: AdapterSpec, meta: dict, out: Path) -> Path:
+    """Adapter dir (training format) -> LoRA GGUF for a base whose metadata is ``meta``."""
+    import gguf
+    import mlx.core as mx
+    import numpy as np
+
+    from ..names import PERMUTED_QK, mlx_to_gguf
+    from ..quant import permute_qk
+
+    files = read_adapter(spec.name, spec.path)
+    arch = meta.get("general.architecture", "llama")
+    heads = {"q_proj": int(meta.get(f"{arch}.attention.head_count", 0)),
+             "k_proj": int(meta.get(f"{arch}.attention.head_count_kv", 0))}
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    rank = next(iter(files.weights.values()))[0].shape[1]
+    w.add_float32("adapter.lora.alpha", float(files.scale * rank))
+    for module, (a, b) in files.weights.items():
+        name = mlx_to_gguf(module + ".weight")
+        require(name is not None, f"adapter {spec.name!r}: no llama.cpp tensor for {module!r}")
+        a_np = np.array(a.astype(mx.float32))
+        b_np = np.array(b.astype(mx.float32))
+        require(a_np.shape[1] == rank, f"adapter {spec.name!r}: mixed ranks are not supported by llama.cpp LoRA")
+        bt = b_np.T.copy()  # (out, r)
+        kind = module.rsplit(".", 1)[-1]
+        if PERMUTED_QK.get(arch, False) and kind in heads and heads[kind]:
+            bt = permute_qk(bt, heads[kind])
+        w.add_tensor(name + ".lora_a", np.ascontiguousarray(a_np.T))
+        w.add_tensor(name + ".lora_b", np.ascontiguousarray(bt))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+class LlamaCppEngine(Engine):
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path: str | Path, adapters: list[AdapterSpec] = (), n_ctx: int = DEFAULT_N_CTX,
+                 n_threads: int | None = None, model_name: str | None = None):
+        super().__init__()
+        try:
+            import llama_cpp
+        except ImportError:
+            raise UserError("the llama.cpp engine needs llama-cpp-python: pip install llama-cpp-python "
+                            "(or use --engine mlx)") from None
+        self._lc = llama_cpp
+        self.gguf_path = Path(gguf_path)
+        require(self.gguf_path.is_file(), f"GGUF file {str(self.gguf_path)!r} not found; pass --gguf FILE "
+                                          f"(mlx_qlora export writes one) or use --engine mlx")
+        self.model_name = model_name or self.gguf_path.stem
+        n_threads = n_threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                     else os.cpu_count() or 1)
+        self.llm = llama_cpp.Llama(str(self.gguf_path), n_ctx=n_ctx, n_threads=n_threads,
+                                   n_threads_batch=n_threads, verbose=False)
+        self.n_ctx = self.llm.n_ctx()
+        meta = self.llm.metadata
+        self.stop_ids = {self.llm.token_eos()}
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self._template = meta.get("tokenizer.chat_template")
+        self._tmp = None
+        self._loras: dict[str, object] = {}
+        for spec in adapters:
+            self._loras[spec.name] = self._load_lora(spec, meta)
+            self.adapter_names.append(spec.name)
+
+    def _load_lora(self, spec: AdapterSpec, meta: dict):
+        path = find_lora_gguf(spec)
+        if path is None:
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="mlx_qlora_lora_")
+            path = write_lora_gguf(spec, meta, Path(self._tmp.name) / f"{spec.name}.gguf")
+        handle = self._lc.llama_adapter_lora_init(self.llm.model, str(path).encode())
+        require(bool(handle), f"adapter {spec.name!r}: llama.cpp could not load {path} as a LoRA of "
+                              f"{self.gguf_path.name} (different base model?)")
+        return handle
+
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def chat_text(self, messages: list[dict]) -> str:
+        if not self._template:
+            lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+            return "\n".join(lines) + "\nAssistant:"
+        import jinja2
+        import jinja2.sandbox
+
+        # the settings Hugging Face renders chat templates with
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(msg):
+            raise UserError(f"the chat template rejected the messages: {msg}")
+        try:
+            tmpl = env.from_string(self._template)
+            return tmpl.render(messages=messages, add_generation_prompt=True, raise_exception=raise_exception,
+                               bos_token="", eos_token="")
+        except jinja2.TemplateError as e:
+            raise UserError(f"the chat template of {self.gguf_path.name} failed: {e}") from None
+
+    def _set_adapter(self, name: str | None) -> None:
+        lc = self._lc
+        if name is None:
+            rc = lc.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        else:
+            arr = (lc.llama_adapter_lora_p_ctypes * 1)(self._loras[name])
+            rc = lc.llama_set_adapters_lora(self.llm.ctx, arr, 1, (ctypes.c_float * 1)(1.0))
+        require(rc == 0, f"llama.cpp refused to switch to adapter {name!r} (code {rc})")
+        self.llm.reset()  # cached keys/values belong to the previous adapter
+
+    def _tokens(self, prompt: list[int], cfg: SamplingConfig, info: dict) -> Iterator[int]:
+        require(len(prompt) > 0, "empty prompt: give at least one token of text")
+        require(len(prompt) < self.n_ctx, f"the prompt is {len(prompt)} tokens, the context holds {self.n_ctx}; "
+                                          f"start over (/reset) or shorten it")
+        max_tokens = min(cfg.max_tokens, self.n_ctx - len(prompt))
+        llm = self.llm
+        info["reused"] = min(common_prefix(llm.input_ids[:llm.n_tokens].tolist(), prompt), len(prompt) - 1)
+        if cfg.seed is not None:
+            llm.set_seed(cfg.seed)
+        greedy = cfg.temperature == 0
+        gen = llm.generate(prompt, temp=cfg.temperature, top_k=1 if greedy else cfg.top_k,
+                           top_p=cfg.top_p, min_p=cfg.min_p, repeat_penalty=cfg.repetition_penalty)
+        info["finish_reason"] = "length"
+        n = 0
+        try:
+            for token in gen:
+                if token in self.stop_ids or self._lc.llama_vocab_is_eog(self._vocab, token):
+                    info["finish_reason"] = "stop"
+                    return
+                yield token
+                n += 1
+                if n >= max_tokens:
+                    return
+        except BaseException:
+            llm.reset()  # interrupted inside a decode: the cache position is unknown
+            raise
+        finally:
+            gen.close()
+
+    def _detokenizer(self):
+        return ByteDetokenizer(lambda t: self.llm.detokenize([t]))
+
+    def reset(self) -> None:
+        self.llm.reset()
+
+    def close(self) -> None:
+        self.llm.close()  # LoRA adapters belong to the model and are freed with it
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
