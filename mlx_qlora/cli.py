@@ -73,5 +73,30 @@ def demo(out_dir):
     run_demo(out_dir)
 
 
+# ---- train (owner: training engine) -------------------------------------------------------
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("-c", "--config", "config_path", type=click.Path(), default=None, help="YAML recipe (see recipes/).")
+@click.option("-m", "--model", default=None, help="MLX model directory (overrides the recipe).")
+@click.option("-o", "--out", "out_dir", default=None, help="Adapter/output directory (overrides the recipe).")
+@click.option("--resume", is_flag=True, help="Continue from OUT's latest checkpoint.")
+@click.pass_context
+def train(ctx, config_path, model, out_dir, resume):
+    """Fine-tune LoRA adapters: defaults < recipe < flags.
+
+    Any setting can be given as a flag, by dotted path or unique name, e.g.
+    --lora.rank 16, --steps 200, --learning_rate 2e-4, --data PATH, --grad_checkpoint.
+    """
+    from .train import train as run_train
+    from .train_config import load_config
+
+    extra = list(ctx.args)
+    for flag, value in (("--model", model), ("--out_dir", out_dir)):
+        if value is not None:
+            extra += [flag, value]
+    if resume:
+        extra += ["--resume", "true"]
+    run_train(load_config(config_path, extra))
+
+
 if __name__ == "__main__":
     main()

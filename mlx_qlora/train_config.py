@@ -183,6 +183,8 @@ class TrainConfig:
 
 
 SECTIONS = {"data": DataConfig, "lora": LoraConfig, "optim": OptimConfig}
+# Short flags people type: --data PATH, --out DIR, --lr 2e-4, --iters 100.
+ALIASES = {"data": "data.train", "out": "out_dir", "lr": "optim.learning_rate", "iters": "steps"}
 
 
 def _build(cls, values: dict, prefix: str = ""):
@@ -243,6 +245,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         require(arg.startswith("--") and len(arg) > 2, f"unexpected argument {arg!r}: settings are given as --name value")
         name, eq, value = arg[2:].partition("=")
         name = name.replace("-", "_")
+        name = ALIASES.get(name, name)
         negate = False
         if name not in types and name not in leaf and name.startswith("no_"):
             name, negate = name[3:], True

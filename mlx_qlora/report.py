@@ -1,0 +1,159 @@
+"""What a training run shows and leaves behind: progress bar, summary, metrics.jsonl, loss_curve.png.
+
+Memory is reported two ways: peak RSS of the process (what the OS sees, includes Python and
+the tokenizer) and MLX's peak allocation (arrays only). Units: GiB, tokens per second.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+GIB = 1024 ** 3
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / GIB if sys.platform == "darwin" else r * 1024 / GIB
+
+
+def peak_mlx_gib() -> float:
+    return mx.get_peak_memory() / GIB
+
+
+class Reporter:
+    """Collects per-step numbers, draws the bar, writes metrics.jsonl and the final artefacts."""
+
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True,
+                 console: Console | None = None):
+        self.out = Path(out_dir)
+        self.console = console or Console(stderr=True)
+        self.total, self.start_step = total_steps, start_step
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._keep_metrics_before(start_step)
+        self.t0 = time.perf_counter()
+        self.tokens = 0            # real (non-pad) tokens processed in this session
+        self.train_curve: list[tuple[int, float]] = []
+        self.valid_curve: list[tuple[int, float]] = []
+        self._load_curves()
+        self.last_train = self.last_valid = self.first_valid = None
+        self.live = progress and self.console.is_terminal
+        self.log_every = max(1, (total_steps - start_step) // 20)
+        self.bar = None
+        if self.live:
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
+            self.bar.start()
+
+    def _keep_metrics_before(self, step: int) -> None:
+        """On resume, drop metrics of steps after the checkpoint (they will be redone)."""
+        if not self.metrics_path.exists():
+            return
+        if step == 0:
+            self.metrics_path.unlink()
+            return
+        keep = [ln for ln in self.metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+
+    def _load_curves(self) -> None:
+        if not self.metrics_path.exists():
+            return
+        for ln in self.metrics_path.read_text().splitlines():
+            rec = json.loads(ln)
+            if "train_loss" in rec:
+                self.train_curve.append((rec["step"], rec["train_loss"]))
+            if "val_loss" in rec:
+                self.valid_curve.append((rec["step"], rec["val_loss"]))
+
+    def _write(self, rec: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def print(self, msg: str) -> None:
+        self.console.print(msg, highlight=False)
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+
+    def step(self, step: int, loss: float, tokens: int, lr: float) -> None:
+        self.tokens += tokens
+        self.last_train = loss
+        self.train_curve.append((step, loss))
+        rec = {"step": step, "train_loss": round(loss, 6), "lr": lr, "tokens": self.tokens,
+               "tok_per_s": round(self.tok_per_s, 2), "peak_rss_gib": round(peak_rss_gib(), 3),
+               "peak_mlx_gib": round(peak_mlx_gib(), 3)}
+        self._write(rec)
+        info = f"loss {loss:.3f}  {self.tok_per_s:,.0f} tok/s  mem {peak_rss_gib():.2f} GiB"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        elif step % self.log_every == 0 or step == self.total:
+            self.print(f"step {step}/{self.total}  {info}  lr {lr:.2e}")
+
+    def valid(self, step: int, loss: float) -> None:
+        if self.first_valid is None:
+            self.first_valid = loss
+        self.last_valid = loss
+        self.valid_curve.append((step, loss))
+        self._write({"step": step, "val_loss": round(loss, 6)})
+        self.print(f"step {step}: valid loss {loss:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def summary(self, adapter_path: Path) -> dict:
+        self.close()
+        size = sum(p.stat().st_size for p in Path(adapter_path).glob("adapters.safetensors"))
+        out = {"tokens": self.tokens, "seconds": round(time.perf_counter() - self.t0, 2),
+               "tok_per_s": round(self.tok_per_s, 2), "peak_rss_gib": round(peak_rss_gib(), 3),
+               "peak_mlx_gib": round(peak_mlx_gib(), 3), "train_loss": self.last_train,
+               "val_loss_start": self.first_valid, "val_loss": self.last_valid, "adapter_bytes": size}
+        t = Table(title="training summary", show_header=False)
+        t.add_row("tokens", f"{self.tokens:,}")
+        t.add_row("throughput", f"{out['tok_per_s']:,.1f} tok/s over {out['seconds']:.1f} s")
+        t.add_row("peak memory", f"RSS {out['peak_rss_gib']:.2f} GiB, MLX {out['peak_mlx_gib']:.2f} GiB")
+        if self.last_train is not None:
+            t.add_row("final train loss", f"{self.last_train:.4f}")
+        if self.last_valid is not None:
+            start = f" (from {self.first_valid:.4f})" if self.first_valid is not None else ""
+            t.add_row("final valid loss", f"{self.last_valid:.4f}{start}")
+        t.add_row("adapter", f"{adapter_path} ({size / 1024 ** 2:.2f} MiB)")
+        self.console.print(t)
+        self.plot()
+        return out
+
+    def plot(self) -> Path | None:
+        """loss_curve.png: train loss per step and valid loss at each evaluation."""
+        if not self.train_curve and not self.valid_curve:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        if self.train_curve:
+            ax.plot(*zip(*self.train_curve), label="train", lw=1)
+        if self.valid_curve:
+            ax.plot(*zip(*self.valid_curve), "o-", label="valid")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats / token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.out / "loss_curve.png"
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path

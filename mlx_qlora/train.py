@@ -1,0 +1,278 @@
+"""The training loop: ``train(TrainConfig) -> dict`` (the ``mlx_qlora train`` command calls it).
+
+One optimizer step = ``optim.grad_accum`` micro-batches whose summed token losses and gradients
+are divided by their total loss-token count (so accumulation equals one larger batch). Before the
+update the loss and gradient norm are checked: a NaN/inf stops the run with the parameters and the
+last checkpoint untouched. Dropout randomness is re-seeded from (seed, step), and the batch order
+is a function of (seed, epoch), so a resumed run replays exactly what an uninterrupted one does.
+
+Checkpoints live in ``out_dir/checkpoints/step_NNNNNNN`` (adapter + optimizer state + state.json),
+written to a temp directory and renamed; ``checkpoints/latest`` names the newest. The current
+adapter is also kept at ``out_dir/adapters.safetensors`` for the other commands.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+from . import fastpath
+from .data import Batch, batch_order, collate, load_dataset, padding_waste
+from .errors import UserError, require
+from .lora import apply_lora, count_parameters, save_adapter, save_weights
+from .report import Reporter
+from .train_config import OptimConfig, TrainConfig
+
+# Architectures whose ``model.model(x)`` returns the final normed hidden states and whose logits
+# are a plain projection (lm_head or tied embedding): the fused chunked loss applies to them.
+FUSED_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3", "starcoder2"}
+
+
+# ---------------------------------------------------------------- model
+def load_base(path: str):
+    from mlx_lm.utils import load
+
+    p = Path(path).expanduser()
+    require(p.exists() or (path.count("/") == 1 and not path.startswith((".", "/", "~"))),
+            f"model {path!r} not found: give an MLX model directory (see `mlx_qlora convert`) or a Hugging Face id")
+    try:
+        return load(str(p) if p.exists() else path)
+    except FileNotFoundError as e:
+        raise UserError(f"model {path!r}: {e}") from None
+
+
+def prepare_model(model: nn.Module) -> None:
+    """CPU: fp16/bf16 arrays to fp32 (CPU half matmuls are slow) and the dequant fast path."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return
+    halves = (mx.float16, mx.bfloat16)
+    model.update(tree_map(lambda a: a.astype(mx.float32) if a.dtype in halves else a, model.parameters()))
+    fastpath.accelerate(model)
+
+
+def output_head(model: nn.Module):
+    """The projection to the vocabulary when the fused loss applies, else None."""
+    mtype = getattr(getattr(model, "args", None), "model_type", None) or getattr(model, "model_type", None)
+    inner = getattr(model, "model", None)
+    if mtype not in FUSED_HEAD_TYPES or inner is None:
+        return None
+    return model["lm_head"] if "lm_head" in model else inner.embed_tokens
+
+
+def _checkpointed_call(self, *args, **kwargs):
+    base_call = type(self).__mro__[1].__call__
+
+    def inner(params, *a, **kw):
+        self.update(params)
+        return base_call(self, *a, **kw)
+
+    return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+
+def grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each adapted block in backward; per instance, so other models are untouched."""
+    classes = {}
+    for layer in model.layers:
+        if not tree_flatten(layer.trainable_parameters()):
+            continue  # nothing to differentiate below: its activations are never kept anyway
+        cls = type(layer)
+        if cls not in classes:
+            classes[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": _checkpointed_call})
+        layer.__class__ = classes[cls]
+
+
+def make_loss(model: nn.Module):
+    """loss(model, inputs, targets, index, with_grad) -> summed cross-entropy over loss tokens."""
+    head = output_head(model)
+
+    def loss(model, inputs, targets, index, with_grad=True):
+        if head is not None:
+            h = model.model(inputs)
+            h = h.reshape(-1, h.shape[-1])[index]
+            return fastpath.fused_cross_entropy(h, head, targets.reshape(-1)[index], with_grad=with_grad)
+        logits = model(inputs)
+        logits = logits.reshape(-1, logits.shape[-1])[index]
+        return fastpath.plain_cross_entropy(logits, targets.reshape(-1)[index])
+
+    return loss
+
+
+def _arrays(b: Batch):
+    return mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_index)
+
+
+# ---------------------------------------------------------------- optimizer
+def build_optimizer(o: OptimConfig, steps: int) -> optim.Optimizer:
+    peak, end = o.learning_rate, o.learning_rate * o.min_lr_ratio
+    decay = max(steps - o.warmup_steps, 1)
+    if o.schedule == "cosine":
+        main = optim.cosine_decay(peak, decay, end)
+    elif o.schedule == "linear":
+        main = optim.linear_schedule(peak, end, decay)
+    else:
+        main = optim.linear_schedule(peak, peak, 1)
+    if o.warmup_steps:
+        # Step 0 already learns (peak / warmup), reaching the peak after warmup_steps.
+        main = optim.join_schedules([optim.linear_schedule(peak / o.warmup_steps, peak, o.warmup_steps), main],
+                                    [o.warmup_steps])
+    return optim.AdamW(learning_rate=main, betas=[o.beta1, o.beta2], eps=o.eps, weight_decay=o.weight_decay)
+
+
+# ---------------------------------------------------------------- checkpoints
+def _set_path(tree, path: str, value):
+    keys = path.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node[int(k)] if isinstance(node, list) else node[k]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def save_checkpoint(out: Path, model, optimizer, state: dict, cfg: TrainConfig, keep: int) -> Path:
+    ck = out / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    name = f"step_{state['step']:07d}"
+    tmp = ck / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp, cfg.lora, base_model=cfg.model)
+    save_weights(dict(tree_flatten(optimizer.state)), tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    final = ck / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = ck / ".latest.tmp"
+    latest_tmp.write_text(name + "\n")
+    os.replace(latest_tmp, ck / "latest")
+    for old in sorted(p for p in ck.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    save_adapter(model, out, cfg.lora, base_model=cfg.model)  # the current adapter for other commands
+    return final
+
+
+def load_checkpoint(out: Path, model, optimizer) -> dict:
+    latest = out / "checkpoints" / "latest"
+    require(latest.is_file(), f"--resume: no checkpoint in {out}/checkpoints; run without --resume to start fresh")
+    ck = out / "checkpoints" / latest.read_text().strip()
+    weights = mx.load(str(ck / "adapters.safetensors"))
+    model.load_weights(list(weights.items()), strict=False)
+    optimizer.init(model.trainable_parameters())
+    for k, v in mx.load(str(ck / "optimizer.safetensors")).items():
+        _set_path(optimizer.state, k, v)
+    return json.loads((ck / "state.json").read_text())
+
+
+# ---------------------------------------------------------------- loop
+def evaluate(model, loss_fn, examples, batch_size: int, max_batches: int, seed: int) -> float:
+    order = batch_order([len(e.tokens) for e in examples], batch_size, seed, 0)
+    if max_batches:
+        order = order[:max_batches]
+    total, n = 0.0, 0
+    for idx in order:
+        b = collate([examples[i] for i in idx])
+        loss = loss_fn(model, *_arrays(b), with_grad=False)
+        mx.eval(loss)
+        total, n = total + loss.item(), n + b.n_loss
+    return total / max(n, 1)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Fine-tune LoRA adapters on ``cfg.model``; returns the summary (also printed)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_base(cfg.model)
+    prepare_model(model)
+    ds = load_dataset(cfg.data, tokenizer, cfg.seed)
+    mx.random.seed(cfg.seed)
+    apply_lora(model, cfg.lora)
+    if cfg.grad_checkpoint:
+        grad_checkpoint(model)
+    optimizer = build_optimizer(cfg.optim, cfg.steps)
+    state = {"step": 0, "epoch": 0, "batch_index": 0, "seed": cfg.seed}
+    if cfg.resume:
+        state = load_checkpoint(out, model, optimizer)
+        require(state["step"] < cfg.steps, f"--resume: the checkpoint is at step {state['step']}, not below "
+                                           f"steps={cfg.steps}; raise --steps to train further")
+    rep = Reporter(out, cfg.steps, state["step"], progress=cfg.progress)
+    trainable, total = count_parameters(model)
+    rep.print(f"model {cfg.model}: {total / 1e6:.2f}M parameters, trainable {trainable:,} ({100 * trainable / total:.3f}%)")
+    rep.print(f"data: {len(ds.train)} train / {len(ds.valid)} valid rows ({ds.fmt}), padding waste "
+              f"{100 * padding_waste(ds.train, cfg.batch_size, cfg.seed):.1f}% with length bucketing")
+    if ds.truncated or ds.dropped:
+        rep.print(f"[yellow]warning: {ds.truncated} row(s) longer than max_seq_len={cfg.data.max_seq_len} tokens were "
+                  f"truncated{f', {ds.dropped} dropped (no loss token left)' if ds.dropped else ''}; raise data.max_seq_len to keep them")
+    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    loss_fn = make_loss(model)
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    lengths = [len(e.tokens) for e in ds.train]
+    order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"])
+    last_ckpt = None
+    if state["step"] == 0:
+        rep.valid(0, evaluate(model, loss_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed))
+
+    def next_batch():
+        nonlocal order
+        if state["batch_index"] >= len(order):
+            state["epoch"] += 1
+            state["batch_index"] = 0
+            order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"])
+        idx = order[state["batch_index"]]
+        state["batch_index"] += 1
+        return collate([ds.train[i] for i in idx])
+
+    try:
+        while state["step"] < cfg.steps:
+            mx.random.seed(cfg.seed * 1_000_003 + state["step"])   # dropout: a function of the step
+            pos = (state["epoch"], state["batch_index"])
+            grads, loss_sum, n_loss, n_tok = None, 0.0, 0, 0
+            for _ in range(cfg.optim.grad_accum):
+                b = next_batch()
+                loss, g = value_and_grad(model, *_arrays(b))
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                mx.eval(loss, grads)
+                loss_sum, n_loss, n_tok = loss_sum + loss.item(), n_loss + b.n_loss, n_tok + b.real_tokens
+            grads = tree_map(lambda g: g / n_loss, grads)
+            if cfg.optim.max_grad_norm is not None:
+                grads, norm = optim.clip_grad_norm(grads, cfg.optim.max_grad_norm)
+            else:
+                norm = optim.clip_grad_norm(grads, float("inf"))[1]
+            mean_loss = loss_sum / n_loss
+            if not (math.isfinite(mean_loss) and math.isfinite(norm.item())):
+                state["epoch"], state["batch_index"] = pos
+                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise UserError(f"loss became {mean_loss} (grad norm {norm.item()}) at step {state['step'] + 1}: "
+                                f"training stopped, {where}; lower optim.learning_rate or set optim.max_grad_norm")
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state)
+            state["step"] += 1
+            step = state["step"]
+            rep.step(step, mean_loss, n_tok, optimizer.learning_rate.item())  # the rate this step used
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                rep.valid(step, evaluate(model, loss_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed))
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                last_ckpt = save_checkpoint(out, model, optimizer, state, cfg, cfg.keep_checkpoints)
+    except KeyboardInterrupt:
+        rep.close()
+        path = save_checkpoint(out, model, optimizer, state, cfg, cfg.keep_checkpoints)
+        rep.print(f"interrupted at step {state['step']}: adapter saved to {out} (checkpoint {path.name}); "
+                  f"continue with --resume")
+        raise
+    except BaseException:
+        rep.close()
+        raise
+    rep.valid(state["step"], evaluate(model, loss_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed))
+    summary = rep.summary(out / "adapters.safetensors")
+    summary.update(trainable=trainable, steps=state["step"], out_dir=str(out))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+

@@ -1,0 +1,157 @@
+"""The training loop on a tiny 4-bit llama: loss falls, resume is exact, NaN and Ctrl-C are handled."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx_qlora  # noqa: F401
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_qlora import fastpath
+from mlx_qlora import train as train_mod
+from mlx_qlora.cli import main
+from mlx_qlora.errors import UserError
+from mlx_qlora.lora import load_adapter, read_adapter_config
+from mlx_qlora.train import train
+from mlx_qlora.train_config import load_config
+
+WIKI_ROWS = [
+    "table: 1-10015132-11\\ncolumns: Player, No., Nationality, Position\\nQ: What position does the player who played for butler cc (ks) play?\\nA: SELECT Position FROM 1-10015132-11 WHERE School/Club Team = 'Butler CC (KS)'",
+    "table: 1-10015132-11\\ncolumns: Player, No., Nationality, Position\\nQ: How many schools did player number 3 play at?\\nA: SELECT COUNT School/Club Team FROM 1-10015132-11 WHERE No. = '3'",
+    "table: 1-10015132-11\\ncolumns: Player, No., Nationality, Position\\nQ: What school did player number 21 play for?\\nA: SELECT School/Club Team FROM 1-10015132-11 WHERE No. = '21'",
+    "table: 1-10015132-11\\ncolumns: Player, No., Nationality, Position\\nQ: Who is the player that wears number 42?\\nA: SELECT Player FROM 1-10015132-11 WHERE No. = '42'",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_q4(tiny_hf_llama, tmp_path_factory) -> Path:
+    """The tiny llama as a 4-bit (group 32) MLX model directory."""
+    from mlx_lm import convert
+
+    out = tmp_path_factory.mktemp("q4") / "model"
+    convert(str(tiny_hf_llama), str(out), quantize=True, q_group_size=32, q_bits=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    rows = [WIKI_ROWS[i % 4] for i in range(24)]
+    (d / "train.jsonl").write_text("".join(json.dumps({"text": json.loads(f'"{r}"')}) + "\n" for r in rows))
+    (d / "valid.jsonl").write_text("".join(json.dumps({"text": json.loads(f'"{r}"')}) + "\n" for r in WIKI_ROWS))
+    return d
+
+
+def cfg(model, data, out, **kw):
+    base = {"model": str(model), "out_dir": str(out), "steps": 6, "batch_size": 4, "progress": False,
+            "checkpoint_every": 3, "eval_every": 3, "data.train": str(data),
+            "lora.rank": 4, "lora.alpha": 8.0, "optim.learning_rate": 1e-3}
+    base.update(kw)
+    return load_config(None, base)
+
+
+def weights(path) -> dict:
+    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
+
+
+def test_loss_falls_and_artifacts(tiny_q4, data_dir, tmp_path):
+    out = tmp_path / "run"
+    s = train(cfg(tiny_q4, data_dir, out, steps=30, eval_every=10, checkpoint_every=10,
+                  **{"optim.learning_rate": 1e-2, "optim.warmup_steps": 3}))
+    assert s["val_loss"] < 0.7 * s["val_loss_start"], s
+    assert s["trainable"] == 2 * 4 * 1024 and s["steps"] == 30 and s["tokens"] > 0
+    for f in ("adapters.safetensors", "adapter_config.json", "metrics.jsonl", "loss_curve.png", "summary.json"):
+        assert (out / f).is_file(), f
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "train_loss" in r] == list(range(1, 31))
+    assert [r["step"] for r in recs if "val_loss" in r] == [0, 10, 20, 30]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_0000020", "step_0000030"]
+    conf = read_adapter_config(out)
+    assert conf["base_model"] == str(tiny_q4) and conf["rank"] == 4 and conf["alpha"] == 8.0
+    from mlx_lm.utils import load
+    model, _ = load(str(tiny_q4))
+    load_adapter(model, out)   # the directory alone is enough
+
+
+@pytest.mark.parametrize("accum,dropout", [(1, 0.0), (2, 0.1)])
+def test_resume_matches_uninterrupted_run(tiny_q4, data_dir, tmp_path, accum, dropout):
+    """2N steps in one run == N steps, then --resume for N more (data position, optimizer, RNG)."""
+    kw = {"optim.schedule": "constant", "optim.warmup_steps": 2, "optim.grad_accum": accum,
+          "lora.dropout": dropout, "batch_size": 3, "eval_every": 0, "checkpoint_every": 0}
+    train(cfg(tiny_q4, data_dir, tmp_path / "full", steps=8, **kw))
+    train(cfg(tiny_q4, data_dir, tmp_path / "half", steps=4, **kw))
+    s = train(cfg(tiny_q4, data_dir, tmp_path / "half", steps=8, resume=True, **kw))
+    assert s["steps"] == 8
+    a, b = weights(tmp_path / "full" / "adapters.safetensors"), weights(tmp_path / "half" / "adapters.safetensors")
+    assert set(a) == set(b)
+    assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-6
+    # and the check can fail: a run restarted from scratch for the last 4 steps ends elsewhere
+    train(cfg(tiny_q4, data_dir, tmp_path / "other", steps=4, seed=1, **kw))
+    c = weights(tmp_path / "other" / "adapters.safetensors")
+    assert max(np.abs(a[k] - c[k]).max() for k in a) > 1e-3
+
+
+def test_nan_stops_and_keeps_last_checkpoint(tiny_q4, data_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = fastpath.fused_cross_entropy
+
+    def poisoned(h, head, targets, with_grad=True):
+        if with_grad:
+            calls["n"] += 1
+        loss = real(h, head, targets, with_grad)
+        return loss * float("nan") if calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(fastpath, "fused_cross_entropy", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(UserError, match=r"loss became nan .* at step 5: training stopped, the last good checkpoint is .*step_0000003"):
+        train(cfg(tiny_q4, data_dir, out, steps=8))
+    saved = weights(out / "adapters.safetensors")
+    ck = weights(out / "checkpoints" / "step_0000003" / "adapters.safetensors")
+    assert all(np.array_equal(saved[k], ck[k]) for k in saved)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+
+
+def test_ctrl_c_saves_adapter_then_resume(tiny_q4, data_dir, tmp_path, monkeypatch):
+    real_step = train_mod.Reporter.step
+
+    def interrupt(self, step, *a):
+        real_step(self, step, *a)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.Reporter, "step", interrupt)
+    out = tmp_path / "int"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tiny_q4, data_dir, out, checkpoint_every=0))
+    assert (out / "adapters.safetensors").is_file()
+    assert json.loads((out / "checkpoints" / "step_0000002" / "state.json").read_text())["step"] == 2
+    monkeypatch.setattr(train_mod.Reporter, "step", real_step)
+    assert train(cfg(tiny_q4, data_dir, out, resume=True))["steps"] == 6
+
+
+def test_grad_checkpoint_same_result(tiny_q4, data_dir, tmp_path):
+    a = train(cfg(tiny_q4, data_dir, tmp_path / "a", steps=2, eval_every=0))
+    b = train(cfg(tiny_q4, data_dir, tmp_path / "b", steps=2, eval_every=0, grad_checkpoint=True))
+    assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
+
+
+def test_cli_flags_override_recipe(tiny_q4, data_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_q4}\nsteps: 50\nprogress: false\ndata:\n  train: {data_dir}\nlora:\n  rank: 2\n")
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(main, ["train", "-c", str(recipe), "-o", str(out), "--steps", "2", "--lora.rank", "3",
+                                  "--eval-every", "0", "--lr", "2e-3"])
+    assert r.exit_code == 0, r.output
+    conf = read_adapter_config(out)
+    assert conf["rank"] == 3 and json.loads((out / "summary.json").read_text())["steps"] == 2
+    r = CliRunner().invoke(main, ["train", "-c", str(recipe), "--lora.rnk", "3"])
+    assert r.exit_code == 2 and "unknown option --lora.rnk; did you mean --lora.rank?" in r.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": \n')
+    r = CliRunner().invoke(main, ["train", "-c", str(recipe), "--data", str(bad), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "bad.jsonl line 2: not valid JSON" in r.output
+    shutil.rmtree(out)
