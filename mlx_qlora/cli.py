@@ -98,5 +98,104 @@ def train(ctx, config_path, model, out_dir, resume):
     run_train(load_config(config_path, extra))
 
 
+# ---- chat / generate / serve (owner: inference) --------------------------------------------
+def _engine_options(f):
+    """MODEL, adapters and engine choice: shared by chat, generate and serve."""
+    for opt in reversed([
+        click.argument("model", required=False),
+        click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
+                     help="Load an adapter (repeatable); all stay loaded and switch without reload."),
+        click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "llama.cpp"]),
+                     help="auto: llama.cpp on CPU when a GGUF is at hand, else MLX."),
+        click.option("--gguf", default=None, type=click.Path(),
+                     help="GGUF of MODEL for the llama.cpp engine (default: MODEL/model.gguf)."),
+        click.option("--ctx", "n_ctx", default=4096, show_default=True, help="llama.cpp context, tokens."),
+        click.option("--threads", default=None, type=int, help="llama.cpp threads (default: all cores)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _sampling_options(f):
+    for opt in reversed([
+        click.option("--temperature", "--temp", "temperature", default=0.0, show_default=True,
+                     help="0 = greedy."),
+        click.option("--top-p", default=1.0, show_default=True),
+        click.option("--top-k", default=0, show_default=True, help="0 = off."),
+        click.option("--min-p", default=0.0, show_default=True),
+        click.option("--repetition-penalty", default=1.0, show_default=True, help="1 = off."),
+        click.option("--seed", default=None, type=int),
+        click.option("--max-tokens", "-n", default=512, show_default=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _engine_config(model, adapters, engine, gguf, n_ctx, threads):
+    from .engines import EngineConfig
+
+    return EngineConfig(model=model, adapters=list(adapters), engine=engine, gguf=gguf, n_ctx=n_ctx,
+                        threads=threads)
+
+
+def _sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed, max_tokens):
+    from .generate import SamplingConfig
+
+    return SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repetition_penalty=repetition_penalty, seed=seed, max_tokens=max_tokens)
+
+
+@main.command()
+@_engine_options
+@_sampling_options
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--use", "active", default=None, metavar="NAME", help="Adapter active at start.")
+@click.option("--stats", is_flag=True, help="Print tokens, time to first token and tok/s per answer.")
+def chat(model, adapters, engine, gguf, n_ctx, threads, temperature, top_p, top_k, min_p,
+         repetition_penalty, seed, max_tokens, system, active, stats):
+    """Chat with MODEL (MLX dir, .gguf, or none = embedded SmolLM2); /help inside."""
+    from .chat import ChatConfig, run_chat
+
+    run_chat(ChatConfig(engine=_engine_config(model, adapters, engine, gguf, n_ctx, threads),
+                        sampling=_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed,
+                                           max_tokens),
+                        system=system, adapter=active, stats=stats))
+
+
+@main.command()
+@_engine_options
+@_sampling_options
+@click.option("-p", "--prompt", default=None, help="Prompt text ('-' or absent: read stdin).")
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--use", "active", default=None, metavar="NAME", help="Adapter to answer with.")
+@click.option("--raw", is_flag=True, help="No chat template: continue the prompt text as is.")
+@click.option("--stats", is_flag=True, help="Print timings to stderr.")
+def generate(model, adapters, engine, gguf, n_ctx, threads, temperature, top_p, top_k, min_p,
+             repetition_penalty, seed, max_tokens, prompt, system, active, raw, stats):
+    """One answer from MODEL to --prompt (or stdin), streamed to stdout."""
+    from .chat import GenerateConfig, run_generate
+
+    run_generate(GenerateConfig(engine=_engine_config(model, adapters, engine, gguf, n_ctx, threads),
+                                prompt=prompt, system=system, adapter=active, raw=raw, stats=stats,
+                                sampling=_sampling(temperature, top_p, top_k, min_p, repetition_penalty,
+                                                   seed, max_tokens)))
+
+
+@main.command()
+@_engine_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 exposes it).")
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--api-key", default=None, envvar="MLX_QLORA_API_KEY",
+              help="Require 'Authorization: Bearer KEY' (env MLX_QLORA_API_KEY).")
+@click.option("--max-tokens", "max_tokens", default=512, show_default=True, help="Default per request.")
+def serve(model, adapters, engine, gguf, n_ctx, threads, host, port, api_key, max_tokens):
+    """OpenAI-compatible HTTP server; the request's `model` picks base or an adapter."""
+    from .serve import ServeConfig, run_serve
+
+    run_serve(ServeConfig(engine=_engine_config(model, adapters, engine, gguf, n_ctx, threads),
+                          host=host, port=port, api_key=api_key, max_tokens=max_tokens))
+# ---- end chat / generate / serve ----------------------------------------------------------
+
+
 if __name__ == "__main__":
     main()
