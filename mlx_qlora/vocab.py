@@ -50,11 +50,19 @@ def tokenizer_from_gguf(meta: dict, arch: str):
         backend, _ = convert_gguf_tokenizer(arch, td)
     except ValueError as e:
         raise UserError(f"cannot rebuild the GGUF tokenizer: {e}") from None
-    pre = td.get("pre_tokenizer_type")
+    state = json.loads(backend.to_str())
+    pre = td.get("tokenizer_type") == "gpt2" and td.get("pre_tokenizer_type")
     if pre in EXTRA_PRE_TOKENIZERS:
-        state = json.loads(backend.to_str())
         state["pre_tokenizer"] = EXTRA_PRE_TOKENIZERS[pre]
-        backend = Tokenizer.from_str(json.dumps(state))
+    if td.get("tokenizer_type") == "llama":
+        # SentencePiece (and llama.cpp) always add the dummy "▁" prefix; HF's Metaspace skips it
+        # when the text already starts with a space, so "  x" would tokenize differently.
+        steps = [{"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
+        if td.get("add_prefix_space", True):
+            steps.insert(0, {"type": "Prepend", "prepend": "\u2581"})
+        state["normalizer"] = {"type": "Sequence", "normalizers": steps}
+        state["pre_tokenizer"] = None
+    backend = Tokenizer.from_str(json.dumps(state))
 
     tokens = td["tokens"]
     specials = {name: tokens[int(meta[key])] for name, key in _SPECIAL_IDS.items()

@@ -173,3 +173,62 @@ def write_gguf(hf_dir: Path, path: Path, qtype: str = "F32") -> Path:
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+SP_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.", "SELECT name FROM users WHERE age > 30;",
+    "Hello world, this is a tiny SentencePiece model for tests.", "Numbers like 12345 and 3.14 appear here.",
+    "Ünïcödé text: café, naïve, 日本語.", "  leading spaces and\ttabs\nnewlines too",
+] * 20
+
+
+def train_sentencepiece(path: Path, vocab: int = 400) -> Path:
+    """A llama-style SentencePiece BPE model (byte fallback, <s>/</s>/<unk>) trained in ~0.5 s."""
+    import sentencepiece as spm
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SP_CORPUS), model_prefix=str(path / "tokenizer"), vocab_size=vocab,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, split_digits=True,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2)
+    return path / "tokenizer.model"
+
+
+def write_sp_gguf(path: Path, sp_model: Path, seed: int = 0) -> Path:
+    """A tiny llama GGUF whose vocabulary is a SentencePiece model (tokenizer.ggml.model = llama)."""
+    import gguf
+    import sentencepiece as spm
+
+    from mlx_qlora.names import mlx_to_gguf
+    from mlx_qlora.quant import permute_qk
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    n = sp.get_piece_size()
+    cfg = hf_config("llama")
+    cfg["vocab_size"] = n
+    weights = hf_weights(cfg, seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg["max_position_embeddings"]); w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"]); w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"]); w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"]); w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    # llama.cpp token types: 1 normal, 2 unknown, 3 control, 6 byte
+    w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                       for i in range(n)])
+    w.add_bos_token_id(1); w.add_eos_token_id(2); w.add_unk_token_id(0)
+    w.add_add_bos_token(True); w.add_add_eos_token(False); w.add_add_space_prefix(True)
+    for name, a in weights.items():
+        if ".q_proj." in name:
+            a = permute_qk(a, cfg["num_attention_heads"])
+        if ".k_proj." in name:
+            a = permute_qk(a, cfg["num_key_value_heads"])
+        w.add_tensor(mlx_to_gguf(name), a.astype(np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return Path(path)
