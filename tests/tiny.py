@@ -122,6 +122,23 @@ def write_hf_dir(path: Path, arch: str = "llama", seed: int = 0, **cfg_kw) -> Pa
     return path
 
 
+def _gguf_writer(path: Path, cfg: dict):
+    """A GGUFWriter with the hyper-parameters of ``cfg`` (HF config keys) already added."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), cfg["model_type"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    return w
+
+
 def write_gguf(hf_dir: Path, path: Path, qtype: str = "F32") -> Path:
     """Write the tiny HF model as a GGUF file the way llama.cpp's converter lays it out: llama Q/K
     rows permuted, 2-D weights in ``qtype`` (F32, F16, Q8_0, Q4_0, Q4_1), norms in F32."""
@@ -134,16 +151,7 @@ def write_gguf(hf_dir: Path, path: Path, qtype: str = "F32") -> Path:
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     weights = load_file(str(Path(hf_dir) / "model.safetensors"))
     arch = cfg["model_type"]
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(cfg["rope_theta"])
-    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    w = _gguf_writer(path, cfg)
     tj = tokenizer_json()
     vocab = tj["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)
@@ -209,12 +217,7 @@ def write_sp_gguf(path: Path, sp_model: Path, seed: int = 0) -> Path:
     cfg = hf_config("llama")
     cfg["vocab_size"] = n
     weights = hf_weights(cfg, seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg["max_position_embeddings"]); w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"]); w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"]); w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"]); w.add_rope_freq_base(cfg["rope_theta"])
-    w.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
+    w = _gguf_writer(path, cfg)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list([sp.id_to_piece(i) for i in range(n)])
