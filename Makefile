@@ -3,4 +3,4 @@
 demo:
 	./scripts/setup.sh && .venv/bin/mlx_qlora demo
 test:
-	./scripts/setup.sh test && .venv/bin/python -m pytest -q
+	./scripts/setup.sh test && .venv/bin/python -m pytest -q --durations=10
