@@ -14,11 +14,13 @@ On Metal and CUDA these are not used: ``quantized_matmul`` is fast there.
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 # Rows of the (tokens, vocab) logits handled at once by the fused loss: 256 x 49,152 fp32 is
 # 48 MiB, large enough that the matmul runs at full BLAS speed, small enough to stay cheap.
@@ -105,12 +107,80 @@ class FastQuantizedLinear(nn.QuantizedLinear):
         return super().__call__(x)
 
 
+def _sigmoid_np(g: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):          # exp(88+) = inf gives sigmoid 0, as it should
+        s = np.exp(-g)
+    np.add(s, 1.0, out=s)
+    return np.reciprocal(s, out=s)
+
+
+def _np_view(a: mx.array) -> np.ndarray:
+    mx.eval(a)
+    return np.asarray(a)
+
+
+@mx.custom_function
+def _swiglu_np(gate, up):
+    g, u = _np_view(gate), _np_view(up)
+    out = _sigmoid_np(g)
+    np.multiply(out, g, out=out)
+    np.multiply(out, u, out=out)
+    return mx.array(out)
+
+
+@_swiglu_np.vjp
+def _swiglu_np_vjp(primals, cotangent, output):
+    g, u = _np_view(primals[0]), _np_view(primals[1])
+    c = _np_view(cotangent)
+    s = _sigmoid_np(g)
+    du = c * g * s                               # d/du [silu(g) u] = silu(g)
+    dg = 1.0 - s                                 # d/dg silu(g) = s (1 + g (1 - s))
+    np.multiply(dg, g, out=dg)
+    np.add(dg, 1.0, out=dg)
+    np.multiply(dg, s, out=dg)
+    np.multiply(dg, u, out=dg)
+    np.multiply(dg, c, out=dg)
+    return mx.array(dg), mx.array(du)
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up; NumPy's vectorised exp on CPU (MLX's CPU sigmoid is scalar, ~8x slower)."""
+    if on_cpu() and gate.dtype == mx.float32 and up.dtype == mx.float32:
+        return _swiglu_np(gate, up)
+    return nn.silu(gate) * up
+
+
+_SWIGLU_SRC = "return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))"
+_FAST_MLP: dict[type, type] = {}
+
+
+def _fast_mlp_call(self, x):
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_swiglu_mlp(cls: type) -> bool:
+    try:
+        return _SWIGLU_SRC in inspect.getsource(cls.__call__)
+    except (OSError, TypeError):
+        return False
+
+
 def accelerate(model: nn.Module) -> int:
-    """Route every QuantizedLinear of ``model`` through the CPU fast path; returns how many."""
+    """Route QuantizedLinears and SwiGLU MLPs of ``model`` through the CPU fast path.
+
+    Classes are swapped per instance (``__class__``) so parameter names and ``isinstance`` stay as
+    they were; off CPU the swapped classes behave exactly like the originals. Returns the count.
+    """
     n = 0
     for _, m in model.named_modules():
-        if type(m) is nn.QuantizedLinear:
+        cls = type(m)
+        if cls is nn.QuantizedLinear:
             m.__class__ = FastQuantizedLinear
+            n += 1
+        elif cls in _FAST_MLP or _is_swiglu_mlp(cls):
+            if cls not in _FAST_MLP:
+                _FAST_MLP[cls] = type(f"Fast{cls.__name__}", (cls,), {"__call__": _fast_mlp_call})
+            m.__class__ = _FAST_MLP[cls]
             n += 1
     return n
 
@@ -125,7 +195,7 @@ def dense_weight(module: nn.Module) -> mx.array:
 
 
 def _chunk_loss(h, w, targets):
-    """Per-row cross-entropy and softmax probabilities for one chunk of rows."""
+    """Per-row cross-entropy and softmax probabilities for one chunk of rows (plain MLX)."""
     logits = h @ w.T                                       # (rows, vocab)
     m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
     e = mx.exp(logits - m)
@@ -135,18 +205,70 @@ def _chunk_loss(h, w, targets):
     return loss, e, s
 
 
+def _writable(a: mx.array) -> tuple[np.ndarray, bool]:
+    """A NumPy view of an evaluated MLX array and True, or a copy and False.
+
+    Writing through the view changes ``a`` itself; callers use that only on arrays they just
+    created and nothing else references (a chunk of logits).
+    """
+    mx.eval(a)
+    v = np.asarray(a)
+    if v.flags.c_contiguous and v.flags.writeable:
+        return v, True
+    return np.array(v), False
+
+
+def _np_softmax_ce(logits: np.ndarray, targets: np.ndarray, grad: bool) -> np.ndarray:
+    """Row losses; with ``grad`` turns ``logits`` in place into softmax - onehot.
+
+    NumPy's exp is vectorised (~400 M elements/s here) where MLX's CPU exp is scalar (~60 M/s);
+    over a 49,152-word vocabulary this is most of the loss's cost.
+    """
+    rows = np.arange(logits.shape[0])
+    m = logits.max(axis=1, keepdims=True)
+    target_logit = logits[rows, targets]
+    np.subtract(logits, m, out=logits)
+    np.exp(logits, out=logits)
+    s = logits.sum(axis=1, keepdims=True, dtype=np.float64)
+    loss = (m[:, 0] + np.log(s[:, 0])) - target_logit
+    if grad:
+        np.multiply(logits, (1.0 / s).astype(np.float32), out=logits)
+        logits[rows, targets] -= 1.0
+    return loss.astype(np.float32)
+
+
+def _ce_chunks(h, w, targets, grad: bool):
+    """(sum of losses, dL/dh or None) in row chunks; NumPy for the softmax on CPU."""
+    losses, grads = [], []
+    np_targets = np.asarray(targets) if on_cpu() else None
+    for start in range(0, h.shape[0], CE_CHUNK_ROWS):
+        hc = h[start:start + CE_CHUNK_ROWS]
+        if np_targets is not None:
+            logits = hc @ w.T
+            buf, shared = _writable(logits)
+            tc = np_targets[start:start + CE_CHUNK_ROWS]
+            losses.append(mx.array(_np_softmax_ce(buf, tc, grad)))
+            if grad:
+                p = logits if shared else mx.array(buf)   # softmax - onehot, in place when shared
+                g = p @ w
+                mx.eval(g)   # free this chunk's logits before the next one
+                grads.append(g)
+            continue
+        tc = targets[start:start + CE_CHUNK_ROWS]
+        loss, e, s = _chunk_loss(hc, w, tc)
+        losses.append(loss)
+        if grad:
+            # d(sum loss)/d logits = softmax - onehot; push it through the projection right away.
+            p = e * (1.0 / s)
+            p = mx.put_along_axis(p, tc[:, None], mx.take_along_axis(p, tc[:, None], axis=-1) - 1.0, axis=-1)
+            grads.append(p @ w)
+    total = mx.sum(mx.concatenate(losses))
+    return total, (mx.concatenate(grads) if grad else None)
+
+
 @mx.custom_function
 def _fused_ce(h, w, targets):
-    losses, grads = [], []
-    for start in range(0, h.shape[0], CE_CHUNK_ROWS):
-        hc, tc = h[start:start + CE_CHUNK_ROWS], targets[start:start + CE_CHUNK_ROWS]
-        loss, e, s = _chunk_loss(hc, w, tc)
-        # d(sum loss)/d logits = softmax - onehot; push it through the projection right away.
-        p = e * (1.0 / s)
-        p = mx.put_along_axis(p, tc[:, None], mx.take_along_axis(p, tc[:, None], axis=-1) - 1.0, axis=-1)
-        losses.append(loss)
-        grads.append(p @ w)
-    return mx.sum(mx.concatenate(losses)), mx.concatenate(grads)
+    return _ce_chunks(h, w, targets, grad=True)
 
 
 @_fused_ce.vjp
@@ -155,21 +277,19 @@ def _fused_ce_vjp(primals, cotangents, outputs):
     return (cotangents[0] * outputs[1], mx.zeros(w.shape, w.dtype), mx.zeros(targets.shape, targets.dtype))
 
 
-def fused_cross_entropy(h: mx.array, head: nn.Module, targets: mx.array, with_grad: bool = True) -> mx.array:
+def fused_cross_entropy(h: mx.array, head: nn.Module, targets: mx.array, with_grad: bool = True,
+                        weight: mx.array | None = None) -> mx.array:
     """Sum of token cross-entropies for hidden states ``h`` (rows, dim) against ``targets`` (rows,).
 
-    ``head`` is the output projection (lm_head, or the tied embedding). With ``with_grad=False``
+    ``head`` is the output projection (lm_head, or the tied embedding); ``weight`` may give its
+    dense fp32 weight already (a trainer caches it: the head is frozen). With ``with_grad=False``
     (validation) the gradient is not formed, which halves the cost.
     """
-    w = dense_weight(head)
+    w = dense_weight(head) if weight is None else weight
     h = h.astype(mx.float32)
     if with_grad:
         return _fused_ce(h, w, targets)[0]
-    total = mx.array(0.0)
-    for start in range(0, h.shape[0], CE_CHUNK_ROWS):
-        loss, _, _ = _chunk_loss(h[start:start + CE_CHUNK_ROWS], w, targets[start:start + CE_CHUNK_ROWS])
-        total = total + loss.sum()
-    return total
+    return _ce_chunks(h, w, targets, grad=False)[0]
 
 
 def plain_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:

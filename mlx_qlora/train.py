@@ -91,12 +91,18 @@ def grad_checkpoint(model: nn.Module) -> None:
 def make_loss(model: nn.Module):
     """loss(model, inputs, targets, index, with_grad) -> summed cross-entropy over loss tokens."""
     head = output_head(model)
+    # The head is frozen: dequantize it once (fp32, vocab x dim; 113 MB for SmolLM2) instead of
+    # every step (~0.3 s per step on CPU for a 49k x 576 8-bit embedding).
+    weight = fastpath.dense_weight(head) if head is not None else None
+    if weight is not None:
+        mx.eval(weight)
 
     def loss(model, inputs, targets, index, with_grad=True):
         if head is not None:
             h = model.model(inputs)
             h = h.reshape(-1, h.shape[-1])[index]
-            return fastpath.fused_cross_entropy(h, head, targets.reshape(-1)[index], with_grad=with_grad)
+            return fastpath.fused_cross_entropy(h, head, targets.reshape(-1)[index], with_grad=with_grad,
+                                                weight=weight)
         logits = model(inputs)
         logits = logits.reshape(-1, logits.shape[-1])[index]
         return fastpath.plain_cross_entropy(logits, targets.reshape(-1)[index])
