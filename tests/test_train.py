@@ -99,10 +99,10 @@ def test_nan_stops_and_keeps_last_checkpoint(tiny_q4, data_dir, tmp_path, monkey
     calls = {"n": 0}
     real = fastpath.fused_cross_entropy
 
-    def poisoned(h, head, targets, with_grad=True):
+    def poisoned(h, head, targets, with_grad=True, weight=None):
         if with_grad:
             calls["n"] += 1
-        loss = real(h, head, targets, with_grad)
+        loss = real(h, head, targets, with_grad, weight)
         return loss * float("nan") if calls["n"] >= 5 else loss
 
     monkeypatch.setattr(fastpath, "fused_cross_entropy", poisoned)
