@@ -28,6 +28,7 @@ class SamplingConfig:
     repetition_context_size: int = 64  # tokens, the penalty's window
     seed: int | None = None
     max_tokens: int = 256
+    ignore_eos: bool = False          # generate exactly max_tokens (benchmarks)
 
     def validate(self) -> "SamplingConfig":
         require(self.temperature >= 0, f"--temperature {self.temperature}: must be >= 0")
@@ -163,6 +164,7 @@ def generate_tokens(session: KVSession, prompt: list[int], cfg: SamplingConfig,
     (prefix tokens not recomputed) and ``finish_reason`` ("stop" or "length").
     """
     sampler, procs = make_sampler(cfg)
+    stop_ids = frozenset() if cfg.ignore_eos else stop_ids
     if cfg.seed is not None:
         mx.random.seed(cfg.seed)
     info = {} if info is None else info

@@ -89,8 +89,16 @@ def chat_model(tmp_path_factory):
     return model, {"sql": make_adapter(model, d / "sql", seed=1), "poem": make_adapter(model, d / "poem", seed=2)}
 
 
-def _cmd(model, adapters, *extra) -> list[str]:
-    argv = [sys.executable, "-m", "mlx_qlora.cli", "chat", str(model), "--engine", "mlx"]
+def _engine(kind: str, model: Path, adapters: dict):
+    """The engine the chat process runs, built in-process to compute the expected answers."""
+    from mlx_qlora.engines import EngineConfig, load_engine
+
+    return load_engine(EngineConfig(model=str(model), engine=kind, n_ctx=512,
+                                    adapters=[f"{n}={p}" for n, p in adapters.items()]))
+
+
+def _cmd(model, adapters, *extra, engine="mlx") -> list[str]:
+    argv = [sys.executable, "-m", "mlx_qlora.cli", "chat", str(model), "--engine", engine, "--ctx", "512"]
     for name, path in adapters.items():
         argv += ["--adapter", f"{name}={path}"]
     return argv + list(extra)
@@ -101,16 +109,21 @@ def _screen(text: str) -> str:
     return text.replace("\n", "\r\n") + "\r\n"
 
 
-def test_chat_turns_and_adapter_switch_in_a_terminal(chat_model, tmp_path):
-    from mlx_qlora.adapters import parse_adapter_specs
-    from mlx_qlora.engines.mlx_engine import MLXEngine
+@pytest.mark.parametrize("engine", ["mlx", pytest.param("llama.cpp", marks=pytest.mark.llamacpp)])
+def test_chat_turns_and_adapter_switch_in_a_terminal(chat_model, tmp_path, engine):
     from mlx_qlora.generate import SamplingConfig
 
     model, adapters = chat_model
-    term = Terminal(_cmd(model, adapters, "-n", "16"))
+    if engine == "llama.cpp":
+        pytest.importorskip("llama_cpp")
+        import tiny
+
+        if not (model / "model.gguf").exists():
+            tiny.write_gguf(model, model / "model.gguf")  # found next to the model by --engine auto
+    term = Terminal(_cmd(model, adapters, "-n", "16", engine="auto" if engine == "llama.cpp" else "mlx"))
     try:
         banner = term.read_until(PROMPT).decode()
-        assert "adapters: sql, poem" in banner and "on mlx" in banner
+        assert "adapters: sql, poem" in banner and f"on {engine};" in banner
         shown = [term.ask("hello there")]
         assert "[adapter: sql" in term.ask("/adapter sql")
         shown.append(term.ask("hello there"))
@@ -124,7 +137,7 @@ def test_chat_turns_and_adapter_switch_in_a_terminal(chat_model, tmp_path):
         term.close()
 
     # the expected answers, from the same engine code driven directly (greedy, no terminal)
-    eng = MLXEngine(model, parse_adapter_specs([f"{n}={p}" for n, p in adapters.items()]))
+    eng = _engine(engine, model, adapters)
     cfg = SamplingConfig(max_tokens=16)
     history, want, alt = [], [], []
     for adapter in (None, "sql", "poem"):

@@ -168,7 +168,7 @@ class LlamaCppEngine(Engine):
         n = 0
         try:
             for token in gen:
-                if token in self.stop_ids or self._lc.llama_vocab_is_eog(self._vocab, token):
+                if not cfg.ignore_eos and (token in self.stop_ids or self._lc.llama_vocab_is_eog(self._vocab, token)):
                     info["finish_reason"] = "stop"
                     return
                 yield token
