@@ -7,7 +7,7 @@ Every row decodes the same chat prompt greedily for exactly ``--tokens`` tokens 
 TTFT = prompt in -> first token out (ms); decode = tokens/s after the first token; the ratio is
 against llama.cpp (llama-cpp-python, its own generate loop, same threads). The row of the engine
 ``mlx_qlora chat`` picks by default on this machine is marked ``default``. Rows take the median
-of ``--reps`` runs. Then: adapter switch times, and TTFT over the turns of one conversation
+of ``--reps`` runs, interleaved. Then: adapter switch times, and TTFT over the turns of one conversation
 (the KV cache is reused, so it should not grow with the history).
 """
 from __future__ import annotations
@@ -105,10 +105,18 @@ def bench_engine(engine, prompt_text: str, n: int, adapter: str | None = None):
     return run
 
 
-def median_run(run, reps: int) -> tuple[float, float]:
-    run()  # warm-up: first-call allocations, page faults, compilation
-    results = [run() for _ in range(reps)]
-    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+def interleaved_medians(runs: list, reps: int) -> list[tuple[float, float]]:
+    """Median (ttft, tok/s) per run, the runs taken in turn (A B C A B C ...) so that a load
+    change on a shared machine hits every row alike instead of skewing the ratios."""
+    for run in runs:
+        run()  # warm-up: first-call allocations, page faults
+    results = [[] for _ in runs]
+    for rep in range(reps):
+        for i, run in enumerate(runs):
+            results[i].append(run())
+            print(f"  rep {rep + 1}: row {i + 1}: ttft {results[i][-1][0] * 1e3:.0f} ms, "
+                  f"{results[i][-1][1]:.1f} tok/s", file=sys.stderr, flush=True)
+    return [(statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for rs in results]
 
 
 def switch_ms(engine, names: list[str], k: int = 20) -> float:
@@ -183,14 +191,11 @@ def main():
     if not args.skip_stock:
         rows.append(("stock mlx-lm (generate_step, 4-bit)", None, bench_stock_mlx(model_dir, prompt_text, n)))
 
-    results = []
-    for label, kind, run in rows:
-        ttft, tps = median_run(run, args.reps)
-        results.append((label, kind, ttft, tps))
-        print(f"  measured {label}: ttft {ttft * 1e3:.0f} ms, {tps:.1f} tok/s", file=sys.stderr, flush=True)
+    medians = interleaved_medians([run for _, _, run in rows], args.reps)
+    results = [(label, kind, ttft, tps) for (label, kind, _), (ttft, tps) in zip(rows, medians)]
     base_tps = results[0][3]
     base_ttft = results[0][2]
-    print(f"\n| engine | TTFT ms | decode tok/s | decode vs llama.cpp | TTFT vs llama.cpp | |")
+    print("\n| engine | TTFT ms | decode tok/s | decode vs llama.cpp | TTFT vs llama.cpp | |")
     print("|---|---:|---:|---:|---:|---|")
     for label, kind, ttft, tps in results:
         mark = "default" if kind == default else ""

@@ -186,6 +186,7 @@ def run_generate(cfg: GenerateConfig) -> str:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()  # before the stats on stderr
         if cfg.stats:
             st = engine.stats
             print(f"prompt {st.prompt_tokens} tokens, generated {st.generated_tokens}, first token "

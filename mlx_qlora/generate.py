@@ -171,7 +171,6 @@ def generate_tokens(session: KVSession, prompt: list[int], cfg: SamplingConfig,
     history = mx.array(prompt[-cfg.repetition_context_size:]) if procs else None
 
     def sample(logits):
-        nonlocal history
         for p in procs:
             logits = p(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

@@ -133,11 +133,14 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     # --- plumbing --------------------------------------------------------------------------
-    def _send_json(self, status: int, obj: dict):
+    def _send_json(self, status: int, obj: dict, close: bool = False):
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if close:  # tell the client, or its pool may reuse a socket we are about to close
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 
@@ -154,7 +157,6 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise ApiError(400, "bad Content-Length") from None
         if n > MAX_BODY:
-            self.close_connection = True
             raise ApiError(413, f"request body over {MAX_BODY} bytes")
         raw = self.rfile.read(n) if n > 0 else b""
         try:
@@ -170,17 +172,16 @@ class Handler(BaseHTTPRequestHandler):
             self._auth()
             fn()
         except ApiError as e:
-            self.close_connection = True  # the body may be unread: don't parse it as a request
-            self._send_json(e.status, e.body())
+            # the body may be unread: close rather than parse its rest as the next request
+            self._send_json(e.status, e.body(), close=True)
         except UserError as e:
-            self.close_connection = True
-            self._send_json(400, ApiError(400, str(e)).body())
+            self._send_json(400, ApiError(400, str(e)).body(), close=True)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as e:  # a bug: report it, keep serving
             traceback.print_exc()
             try:
-                self._send_json(500, ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
+                self._send_json(500, ApiError(500, f"internal error: {type(e).__name__}: {e}").body(), close=True)
             except OSError:
                 self.close_connection = True
 

@@ -235,8 +235,6 @@ def test_llamacpp_engine_greedy_equals_direct_and_adapters_match_mlx(llama_dir, 
     assert texts[None] != texts["sql"]
     # the converted LoRA is the same function as the MLX adapter: llama.cpp's logits (f16 KV
     # cache) sit far closer to the MLX adapter's than the adapter is to the base
-    import llama_cpp  # noqa: F401
-
     ids = prompt + eng.encode(" SELECT a FROM b")
     got = {}
     for name in [None, "sql"]:

@@ -39,11 +39,9 @@ class MLXEngine(Engine):
 
             prepare(self.model)
         self.session = KVSession(self.model)
-        self.stop_ids = set(self.tokenizer.eos_token_ids or ())
-        require(bool(self.stop_ids) or self.tokenizer.eos_token_id is not None,
-                f"{self.model_dir}: the tokenizer has no eos token; generation could not stop")
-        if self.tokenizer.eos_token_id is not None:
-            self.stop_ids.add(self.tokenizer.eos_token_id)
+        # mlx-lm gathers eos_token_id and the config's eos ids (e.g. <|im_end|>) here
+        self.stop_ids = set(self.tokenizer.eos_token_ids or ()) | {self.tokenizer.eos_token_id} - {None}
+        require(bool(self.stop_ids), f"{self.model_dir}: the tokenizer has no eos token; generation could not stop")
         self._hf = self.tokenizer._tokenizer  # the Hugging Face tokenizer under mlx-lm's wrapper
 
     def encode(self, text: str) -> list[int]:
