@@ -114,3 +114,53 @@ def llama_greedy(llm, tokens: list[int], n: int) -> list[int]:
         out.append(t)
         llm.eval([t])
     return out
+
+
+# Texts a short fine-tune memorises: greedy continuations of their prefixes are then decisive
+# (top-2 logit gaps of several units), so identical continuations test the export, not near-ties
+# (an untrained random model has gaps of 0.003 within 32 tokens, below llama.cpp's 8-bit
+# activation rounding, so no faithful export could promise identical greedy text on those).
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm red carpet in the hall.",
+    "SELECT name, age FROM users WHERE city = 'Paris' AND age > 30 ORDER BY name LIMIT 10; the end.",
+    "Once upon a time there was a small robot who wanted to learn how to paint the sea at night.",
+]
+PREFIX = 6  # prompt = the first PREFIX tokens of each text
+
+
+def train_adapter(out: Path, model_dir: Path, texts=TEXTS, steps: int = 60, lr: float = 1e-2,
+                  targets=ATTN + ("mlp.up_proj",), rank: int = 8, alpha: float = 16.0, seed: int = 0) -> Path:
+    """A short real LoRA fine-tune (Adam on next-token loss over `texts`), saved in training's format."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from mlx_qlora.fuse import attach_adapter, load_adapter
+
+    init = write_adapter(out, model_dir, targets=targets, rank=rank, alpha=alpha, seed=seed, b_std=0.0)
+    model, tok = mlx_model(model_dir)
+    attach_adapter(model, load_adapter(init))
+    model.freeze()
+    wrapped = [m for _, m in model.named_modules() if type(m).__name__ == "LoRAReference"]
+    for m in wrapped:
+        m.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
+    seqs = [tok.encode(t) for t in texts]
+    n = min(len(s) for s in seqs)
+    batch = mx.array([s[:n] for s in seqs])
+
+    def loss_fn(m):
+        logits = m(batch[:, :-1])
+        return nn.losses.cross_entropy(logits, batch[:, 1:]).mean()
+
+    opt = optim.Adam(learning_rate=lr)
+    step = nn.value_and_grad(model, loss_fn)
+    for _ in range(steps):
+        loss, grads = step(model)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    tensors = {}
+    for name, m in model.named_modules():
+        if type(m).__name__ == "LoRAReference":
+            tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"] = m.lora_a, m.lora_b
+    mx.save_safetensors(str(out / "adapters.safetensors"), tensors)
+    return out, float(loss)

@@ -1,0 +1,211 @@
+"""MLX model (+ adapter) -> GGUF through gguf-py: merged model files and llama.cpp LoRA adapters.
+
+Merged file: the architecture keys (names.CONFIG_KEYS), rope and norm settings, the tokenizer
+(export.vocab), and every tensor under its llama.cpp name (names.TENSOR_NAMES). llama.cpp's
+llama architecture keeps Q/K rows in its interleaved-rope order, so those rows are permuted
+(quant.permute_qk) - for quantized tensors the packed codes, scales and biases alike, since
+quantization groups run along a row. Quantized tensors go through export.blocks: exact copies
+where the MLX groups are GGUF blocks, re-quantization (with its error reported) elsewhere.
+
+Adapter file (llama.cpp ``--lora``): general.type "adapter", adapter.type "lora",
+adapter.lora.alpha (float32; llama.cpp scales by alpha / rank), and per adapted weight W named
+``<gguf name>`` the tensors ``<gguf name>.lora_a`` (r, in) and ``.lora_b`` (out, r) in row-major
+terms, i.e. the transposes of our (in, r) / (r, out) factors; lora_b rows get W's Q/K permutation.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import names
+from ..errors import UserError, require
+from ..fuse import load_adapter, merge_weights, read_weights
+from ..model_io import check_model_dir
+from ..quant import permute_qk
+from . import ExportConfig, ExportReport, atomic_file
+from .blocks import Packed, float_tensor, quantized_tensor
+
+# HF / mlx-lm model_type -> GGUF general.architecture (Mistral checkpoints are llama in GGUF).
+MODEL_TYPE_TO_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+# --type -> general.file_type (llama_ftype): what llama.cpp reports as the file's "type".
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
+# Q/K tensors whose rows llama.cpp permutes, -> the config key holding their head count.
+QK_HEADS = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
+
+
+def gguf_arch(config: dict) -> str:
+    mtype = config.get("model_type")
+    if mtype not in MODEL_TYPE_TO_ARCH:
+        raise UserError(f"cannot export model_type {mtype!r} to GGUF; supported: {', '.join(MODEL_TYPE_TO_ARCH)}")
+    rs = config.get("rope_scaling")
+    if rs and (rs.get("type") or rs.get("rope_type")) not in (None, "default", "linear"):
+        raise UserError(f"rope scaling {rs.get('type') or rs.get('rope_type')!r} is not supported by the GGUF "
+                        "exporter (only linear); export from a model without it")
+    return MODEL_TYPE_TO_ARCH[mtype]
+
+
+def default_type(config: dict) -> str:
+    """q4_1 for a 4-bit model (its blocks copy over exactly), else f16."""
+    q = config.get("quantization") or {}
+    return "q4_1" if q.get("bits") == 4 and q.get("group_size", 0) % 32 == 0 else "f16"
+
+
+def write_model_metadata(w, config: dict, arch: str, type_name: str, name: str) -> None:
+    import gguf
+
+    w.add_type("model")
+    w.add_name(name)
+    for key, hf_key in names.CONFIG_KEYS.items():
+        value = config.get(hf_key)
+        if key == "attention.head_count_kv" and value is None:
+            value = config["num_attention_heads"]
+        if value is None:
+            continue
+        if isinstance(value, float):  # eps and rope base are float32 in GGUF
+            w.add_float32(f"{arch}.{key}", float(value))
+        else:
+            w.add_uint32(f"{arch}.{key}", int(value))
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    w.add_rope_dimension_count(int(head_dim))
+    if head_dim * config["num_attention_heads"] != config["hidden_size"]:
+        w.add_key_length(int(head_dim))
+        w.add_value_length(int(head_dim))
+    rs = config.get("rope_scaling")
+    if rs and (rs.get("type") or rs.get("rope_type")) == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rs["factor"]))
+    w.add_vocab_size(int(config["vocab_size"]))
+    w.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[type_name]]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _np(a) -> np.ndarray:
+    """mx.array -> numpy; float tensors (bf16 has no numpy type) as float32."""
+    import mlx.core as mx
+
+    if mx.issubdtype(a.dtype, mx.floating):
+        a = a.astype(mx.float32)
+    return np.array(a)
+
+
+def _bits_group(config: dict, module: str) -> tuple[int, int]:
+    q = config["quantization"]
+    own = q.get(module) if isinstance(q.get(module), dict) else {}
+    return int(own.get("bits", q["bits"])), int(own.get("group_size", q["group_size"]))
+
+
+def model_tensors(weights: dict, config: dict, arch: str, type_name: str):
+    """Yield ``(gguf name, Packed)`` for every tensor of the model."""
+    permute = names.PERMUTED_QK[arch]
+    for key in sorted(weights):
+        if key.endswith((".scales", ".biases")):
+            continue
+        gname = names.mlx_to_gguf(key)
+        require(gname is not None, f"tensor {key} has no GGUF name; this {config['model_type']} layout "
+                                   "is not supported by the exporter")
+        module = key.rsplit(".", 1)[0]
+        heads = config.get(QK_HEADS.get(gname.split(".")[-2], ""), None) if permute else None
+        if key == f"{module}.weight" and f"{module}.scales" in weights:
+            parts = [_np(weights[f"{module}.{s}"]) for s in ("weight", "scales", "biases")]
+            if heads:
+                parts = [permute_qk(p, heads) for p in parts]
+            bits, gs = _bits_group(config, module)
+            yield gname, quantized_tensor(gname, *parts, bits, gs, type_name)
+        else:
+            a = _np(weights[key])
+            yield gname, float_tensor(permute_qk(a, heads) if heads else a, type_name)
+
+
+def _add(writer, report: ExportReport, name: str, p: Packed) -> None:
+    import gguf
+
+    raw = gguf.GGMLQuantizationType[p.ggml_type] if p.data.dtype == np.uint8 else None
+    writer.add_tensor(name, p.data, raw_dtype=raw)
+    report.add(name, p.ggml_type, p.how, p.rel_err)
+
+
+def _write(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def export_merged_gguf(cfg: ExportConfig) -> ExportReport:
+    import gguf
+
+    from .vocab import vocab_from_model_dir
+
+    model_dir = check_model_dir(cfg.model)
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = gguf_arch(config)
+    type_name = cfg.type or default_type(config)
+    weights = read_weights(model_dir)
+    kind = "merged GGUF"
+    if cfg.adapter:
+        weights, config = merge_weights(weights, config, load_adapter(cfg.adapter))
+        kind = "merged GGUF (base + adapter)"
+    vocab = vocab_from_model_dir(model_dir, config)
+    report = ExportReport(out=cfg.out, kind=kind)
+    with atomic_file(cfg.out, cfg.force) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        write_model_metadata(writer, config, arch, type_name, model_dir.name)
+        vocab.write(writer)
+        for name, packed in model_tensors(weights, config, arch, type_name):
+            _add(writer, report, name, packed)
+        _write(writer)
+        report.size_bytes = tmp.stat().st_size
+    if cfg.modelfile:
+        from .modelfile import write_modelfile
+
+        report.notes.append(f"Ollama: {write_modelfile(Path(cfg.out), vocab)}")
+    return report
+
+
+def adapter_tensors(adapter, config: dict, arch: str, type_name: str):
+    """Yield ``(gguf name, Packed)`` for the llama.cpp LoRA tensors of ``adapter``."""
+    permute = names.PERMUTED_QK[arch]
+    dtype = np.float16 if type_name in ("f16", "bf16") else np.float32  # llama.cpp takes F32/F16 LoRA
+    for module, (a, b) in sorted(adapter.pairs.items()):
+        gname = names.mlx_to_gguf(f"{module}.weight")
+        require(gname is not None, f"adapter module {module} has no GGUF name; llama.cpp cannot apply it")
+        la, lb = np.array(a).T, np.array(b).T          # (r, in), (out, r)
+        heads = config.get(QK_HEADS.get(gname.split(".")[-2], ""), None) if permute else None
+        if heads:
+            lb = permute_qk(lb, heads)
+        t = "F16" if dtype == np.float16 else "F32"
+        yield f"{gname}.lora_a", Packed(np.ascontiguousarray(la, dtype=dtype), t, "float")
+        yield f"{gname}.lora_b", Packed(np.ascontiguousarray(lb, dtype=dtype), t, "float")
+
+
+def export_adapter_gguf(cfg: ExportConfig) -> ExportReport:
+    import gguf
+
+    model_dir = check_model_dir(cfg.model)
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = gguf_arch(config)
+    adapter = load_adapter(cfg.adapter)
+    report = ExportReport(out=cfg.out, kind="LoRA GGUF")
+    with atomic_file(cfg.out, cfg.force) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_type("adapter")
+        writer.add_name(adapter.path.name)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        # llama.cpp applies alpha / rank; ours is `scale`, so alpha = scale * rank (rsLoRA too)
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
+        for name, packed in adapter_tensors(adapter, config, arch, cfg.type or "f32"):
+            _add(writer, report, name, packed)
+        _write(writer)
+        report.size_bytes = tmp.stat().st_size
+    report.notes.append(f"rank {adapter.rank}, alpha {adapter.alpha:g} (scale {adapter.scale:g}); "
+                        f"use: llama-cli -m BASE.gguf --lora {cfg.out}")
+    if cfg.modelfile:
+        from .modelfile import write_modelfile
+        from .vocab import vocab_from_model_dir
+
+        report.notes.append("Ollama: " + str(write_modelfile(Path(cfg.out), vocab_from_model_dir(model_dir, config),
+                                                             adapter_of=cfg.base_gguf or "")))
+    return report
