@@ -44,6 +44,18 @@ def disabled():
         _ENABLED[0] = True
 
 
+def _detached(a: mx.array) -> mx.array:
+    """``a`` evaluated and cut from its graph (a copy that has no inputs).
+
+    Inside a custom function's forward the graph is never differentiated (the vjp is ours), but
+    MLX keeps every intermediate of an array evaluated during a transformation alive until the
+    step ends, e.g. one fp32 dequantized weight per layer. Evaluating and copying the (small)
+    output lets those intermediates go as soon as the forward is done.
+    """
+    mx.eval(a)
+    return mx.array(np.asarray(a)) if a.dtype == mx.float32 else a
+
+
 def _dequantize(w, scales, biases, group_size: int, bits: int, mode: str):
     out = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
     return out if out.dtype == mx.float32 else out.astype(mx.float32)
@@ -62,7 +74,7 @@ def _dequant_matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool):
     @mx.custom_function
     def f(x, *qargs):
         w, scales, biases = unpack(qargs)
-        return x @ _dequantize(w, scales, biases, group_size, bits, mode).T
+        return _detached(x @ _dequantize(w, scales, biases, group_size, bits, mode).T)
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
@@ -130,17 +142,17 @@ def _swiglu_np(gate, up):
 
 @_swiglu_np.vjp
 def _swiglu_np_vjp(primals, cotangent, output):
+    # Only the (already evaluated) primals go through NumPy; the cotangent stays lazy, since
+    # evaluating it here would pin the whole backward graph so far in memory until the step ends.
     g, u = _np_view(primals[0]), _np_view(primals[1])
-    c = _np_view(cotangent)
     s = _sigmoid_np(g)
-    du = c * g * s                               # d/du [silu(g) u] = silu(g)
-    dg = 1.0 - s                                 # d/dg silu(g) = s (1 + g (1 - s))
-    np.multiply(dg, g, out=dg)
-    np.add(dg, 1.0, out=dg)
-    np.multiply(dg, s, out=dg)
-    np.multiply(dg, u, out=dg)
-    np.multiply(dg, c, out=dg)
-    return mx.array(dg), mx.array(du)
+    fu = g * s                                   # d/du [silu(g) u] = silu(g)
+    fg = 1.0 - s                                 # d/dg silu(g) = s (1 + g (1 - s))
+    np.multiply(fg, g, out=fg)
+    np.add(fg, 1.0, out=fg)
+    np.multiply(fg, s, out=fg)
+    np.multiply(fg, u, out=fg)
+    return cotangent * mx.array(fg), cotangent * mx.array(fu)
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
@@ -250,9 +262,7 @@ def _ce_chunks(h, w, targets, grad: bool):
             losses.append(mx.array(_np_softmax_ce(buf, tc, grad)))
             if grad:
                 p = logits if shared else mx.array(buf)   # softmax - onehot, in place when shared
-                g = p @ w
-                mx.eval(g)   # free this chunk's logits before the next one
-                grads.append(g)
+                grads.append(_detached(p @ w))   # and drop this chunk's logits now
             continue
         tc = targets[start:start + CE_CHUNK_ROWS]
         loss, e, s = _chunk_loss(hc, w, tc)

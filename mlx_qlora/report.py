@@ -35,7 +35,7 @@ class Reporter:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True,
                  console: Console | None = None):
         self.out = Path(out_dir)
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.total, self.start_step = total_steps, start_step
         self.metrics_path = self.out / "metrics.jsonl"
         self._keep_metrics_before(start_step)

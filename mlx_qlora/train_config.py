@@ -108,7 +108,7 @@ class DataConfig:
     valid_fraction: float = 0.05     # share of train rows held out when no valid file is given
 
     def __post_init__(self):
-        require(isinstance(self.train, str) and self.train, "data.train is empty: give a JSONL file or a directory with train.jsonl")
+        require(isinstance(self.train, str), f"data.train={self.train!r}: give a JSONL file or a directory with train.jsonl")
         require(self.format in FORMATS, f"data.format={self.format!r}: use one of {', '.join(FORMATS)}")
         require(_is_int(self.max_seq_len) and self.max_seq_len >= 8, f"data.max_seq_len={self.max_seq_len!r}: use an integer >= 8, e.g. 2048")
         require(_is_num(self.valid_fraction) and 0 < self.valid_fraction < 1,
@@ -168,6 +168,7 @@ class TrainConfig:
             if isinstance(v, dict):
                 setattr(self, name, _build(cls, v, name + "."))
         require(isinstance(self.model, str) and self.model, "model is empty: give an MLX model directory (see `mlx_qlora convert`)")
+        require(self.data.train, "data.train is empty: give a JSONL file or a directory with train.jsonl (--data PATH)")
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
             require(_is_int(v) and v >= 1, f"{name}={v!r}: use a positive integer")

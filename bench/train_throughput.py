@@ -1,0 +1,331 @@
+"""QLoRA training throughput and memory: mlx_qlora vs stock mlx-lm (vs torch+PEFT when installed).
+
+Workload (the issue's): SmolLM2-135M-Instruct, WikiSQL train rows in file order, batch 4, LoRA
+rank 8 (alpha 16) on every linear of the last 16 of 30 layers (1.30M trainable), AdamW. Every
+system sees the same batches (padded to the longest row); tok/s counts real (non-pad) input
+tokens. Each system runs in its own process so peak RSS (ru_maxrss) is its own.
+
+  mlx_qlora      this project, 4-bit base (the embedded Q4_1 GGUF converted with group 32)
+  mlx-lm QLoRA   mlx_lm's LoRALinear on the same 4-bit model (quantized_matmul on CPU)
+  torch+PEFT     transformers + peft LoRA on the same weights dequantized to fp32
+
+Then a Llama-2-7B-shaped model (random 4-bit weights, group 64) takes QLoRA steps with batch 1,
+256 tokens and gradient checkpointing, and its peak RSS is printed.
+
+  python bench/train_throughput.py                 # everything (~15 min on 2 CPU cores)
+  python bench/train_throughput.py --skip-7b --steps 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+WIKISQL = ROOT.parent / "shared" / "data" / "wikisql"
+CACHE = ROOT / "runs" / "bench_cache"
+GIB = 1024 ** 3
+LAYERS, RANK, ALPHA, BATCH = 16, 8, 16.0, 4
+
+
+def peak_rss_gib() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / GIB if sys.platform == "darwin" else r * 1024 / GIB
+
+
+def wikisql_texts(n: int) -> list[str]:
+    rows = [json.loads(line)["text"] for line in open(WIKISQL / "train.jsonl")]
+    return rows[:n]
+
+
+def tokenized(tok, n: int) -> list[list[int]]:
+    out = []
+    for t in wikisql_texts(n):
+        ids = list(tok.encode(t))
+        out.append(ids + [tok.eos_token_id])
+    return out
+
+
+def batches(rows: list[list[int]]):
+    for i in range(0, len(rows) - BATCH + 1, BATCH):
+        yield rows[i:i + BATCH]
+
+
+def timed(step_fn, rows, warmup: int) -> dict:
+    """Run step_fn per batch; time everything after `warmup` batches."""
+    tokens, t0 = 0, None
+    for i, b in enumerate(batches(rows)):
+        if i == warmup:
+            t0, tokens = time.perf_counter(), 0
+        step_fn(b)
+        tokens += sum(len(r) - 1 for r in b)
+    dt = time.perf_counter() - t0
+    return {"tok_s": tokens / dt, "tokens": tokens, "seconds": dt, "peak_rss_gib": peak_rss_gib()}
+
+
+# ------------------------------------------------------------------ workers (one per process)
+def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int) -> dict:
+    import mlx_qlora  # noqa: F401  (BLAS before mlx.core)
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_map
+
+    from mlx_qlora.data import Example, collate
+    from mlx_qlora.lora import apply_lora, count_parameters
+    from mlx_qlora.train import load_base, make_loss, prepare_model
+    from mlx_qlora.train_config import LoraConfig
+
+    model, tok = load_base(model_dir)
+    prepare_model(model)
+    apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, layers=LAYERS))
+    value_and_grad = nn.value_and_grad(model, make_loss(model))
+    opt = optim.AdamW(learning_rate=1e-4)
+
+    def step(rows):
+        b = collate([Example(np.array(r, np.int32), np.ones(len(r), bool)) for r in rows])
+        loss, g = value_and_grad(model, mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_index))
+        opt.update(model, tree_map(lambda x: x / b.n_loss, g))
+        mx.eval(loss, model.trainable_parameters(), opt.state)
+
+    res = timed(step, tokenized(tok, n_rows), warmup)
+    res["trainable"] = count_parameters(model)[0]
+    return res
+
+
+def worker_mlx_lm(model_dir: str, n_rows: int, warmup: int) -> dict:
+    import mlx_qlora  # noqa: F401  (same BLAS, so the comparison is of the QLoRA code alone)
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.tuner.trainer import default_loss
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, tok = load(model_dir)
+    model.freeze()
+    linear_to_lora_layers(model, LAYERS, {"rank": RANK, "scale": ALPHA / RANK, "dropout": 0.0})
+    value_and_grad = nn.value_and_grad(model, default_loss)
+    opt = optim.AdamW(learning_rate=1e-4)
+
+    def step(rows):
+        t = max(len(r) for r in rows)
+        arr = np.zeros((len(rows), t), np.int32)
+        for i, r in enumerate(rows):
+            arr[i, :len(r)] = r
+        lengths = mx.array([[0, len(r) - 1] for r in rows])
+        (loss, _), g = value_and_grad(model, mx.array(arr), lengths)
+        opt.update(model, g)
+        mx.eval(loss, model.trainable_parameters(), opt.state)
+
+    res = timed(step, tokenized(tok, n_rows), warmup)
+    res["trainable"] = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return res
+
+
+def export_fp32_hf(model_dir: str) -> Path:
+    """The 4-bit model's weights dequantized to an fp32 HF directory, for torch (cached)."""
+    out = CACHE / "smollm2_fp32_hf"
+    if (out / "model.safetensors").exists():
+        return out
+    import mlx_qlora  # noqa: F401
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model
+    from safetensors.numpy import save_file
+
+    model, config = load_model(Path(model_dir))
+    weights = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits)
+            weights[f"{name}.weight"] = np.array(w.astype(mx.float32))
+    for k, v in tree_flatten(model.parameters()):
+        if not k.endswith((".scales", ".biases")) and k not in weights and v.dtype != mx.uint32:
+            weights[k] = np.array(v.astype(mx.float32))
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config.update(architectures=["LlamaForCausalLM"], torch_dtype="float32")
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in Path(model_dir).glob("tokenizer*"):
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def worker_torch(model_dir: str, n_rows: int, warmup: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = CACHE / "smollm2_fp32_hf"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
+    n_layers = model.config.num_hidden_layers
+    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
+                     layers_to_transform=list(range(n_layers - LAYERS, n_layers)), task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    tok = AutoTokenizer.from_pretrained(str(hf))
+
+    def step(rows):
+        t = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), t), dtype=torch.long)
+        att = torch.zeros((len(rows), t), dtype=torch.long)
+        labels = torch.full((len(rows), t), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            att[i, :len(r)] = 1
+            labels[i, :len(r)] = torch.tensor(r)
+        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    class Tok:  # same token ids as the MLX systems
+        eos_token_id = tok.eos_token_id
+
+        @staticmethod
+        def encode(t):
+            return tok.encode(t, add_special_tokens=False)
+
+    res = timed(step, tokenized(Tok, n_rows), warmup)
+    res["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return res
+
+
+def worker_7b(steps: int) -> dict:
+    """Llama-2-7B dims, random 4-bit weights built layer by layer (never a full fp32 copy)."""
+    import mlx_qlora  # noqa: F401
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_map
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    from mlx_qlora.lora import apply_lora, count_parameters
+    from mlx_qlora.train import grad_checkpoint, make_loss, prepare_model
+    from mlx_qlora.train_config import LoraConfig
+
+    args = ModelArgs(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
+                     num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, vocab_size=32000,
+                     rope_theta=10000.0, tie_word_embeddings=False)
+    mx.random.seed(0)
+    model = Model(args)
+    # Weights are lazy until evaluated: quantize the whole tree, then evaluate one block at a time,
+    # so only one block's fp32 random weights ever exist.
+    nn.quantize(model, group_size=64, bits=4)
+    for child in [model.model.embed_tokens, model.lm_head, model.model.norm] + list(model.layers):
+        mx.eval(child.parameters())
+    prepare_model(model)
+    apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, layers="all"))
+    grad_checkpoint(model)
+    value_and_grad = nn.value_and_grad(model, make_loss(model))
+    opt = optim.AdamW(learning_rate=1e-4)
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(steps):
+        toks = rng.integers(0, args.vocab_size, (1, 257)).astype(np.int32)
+        t0 = time.perf_counter()
+        loss, g = value_and_grad(model, mx.array(toks[:, :-1]), mx.array(toks[:, 1:]), mx.arange(256))
+        opt.update(model, tree_map(lambda x: x / 256, g))
+        mx.eval(loss, model.trainable_parameters(), opt.state)
+        times.append(time.perf_counter() - t0)
+    trainable, total = count_parameters(model)
+    return {"peak_rss_gib": peak_rss_gib(), "s_per_step": times, "loss": loss.item(), "trainable": trainable,
+            "params": total}
+
+
+WORKERS = {"mlx_qlora": worker_mlx_qlora, "mlx-lm": worker_mlx_lm, "torch": worker_torch}
+
+
+def run_worker(name: str, argv: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name] + argv
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(CACHE / "smollm2_q4"), help="4-bit MLX SmolLM2 dir (made if absent)")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per system (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--mlx-lm-steps", type=int, default=2, help="timed steps for stock mlx-lm (it is slow)")
+    ap.add_argument("--steps-7b", type=int, default=2)
+    ap.add_argument("--skip-7b", action="store_true")
+    ap.add_argument("--skip-mlx-lm", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    if a.worker == "7b":
+        print(json.dumps(worker_7b(a.steps_7b)))
+        return
+    if a.worker:
+        n_rows = BATCH * (a.warmup + a.steps)
+        print(json.dumps(WORKERS[a.worker](a.model, n_rows, a.warmup)))
+        return
+
+    if not (Path(a.model) / "config.json").exists():
+        from mlx_qlora.convert import ConvertConfig, run_convert
+        run_convert(ConvertConfig(source=None, out_dir=a.model, q_bits=4, q_group_size=32))
+    base = ["--model", a.model, "--warmup", str(a.warmup)]
+    results = {"mlx_qlora": run_worker("mlx_qlora", base + ["--steps", str(a.steps)])}
+    print(f"mlx_qlora: {results['mlx_qlora']}", flush=True)
+    if not a.skip_mlx_lm:
+        results["mlx-lm QLoRA"] = run_worker("mlx-lm", ["--model", a.model, "--warmup", "1", "--steps", str(a.mlx_lm_steps)])
+        print(f"mlx-lm QLoRA: {results['mlx-lm QLoRA']}", flush=True)
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    if have_torch:
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+                        f"from bench.train_throughput import export_fp32_hf; export_fp32_hf({a.model!r})"], check=True)
+        results["torch+PEFT fp32"] = run_worker("torch", base + ["--steps", str(a.steps)])
+        print(f"torch+PEFT fp32: {results['torch+PEFT fp32']}", flush=True)
+
+    torch_r, stock = results.get("torch+PEFT fp32", {}), results.get("mlx-lm QLoRA", {})
+    print(f"\nSmolLM2-135M, WikiSQL, batch {BATCH}, LoRA rank {RANK} on all linears of the last {LAYERS} layers "
+          f"({os.cpu_count()} CPU threads)\n")
+    print(f"| {'system':<16} | {'tok/s':>7} | {'peak RSS GiB':>12} | {'trainable':>9} | {'tok/s vs torch':>14} "
+          f"| {'RSS vs torch':>12} | {'tok/s vs mlx-lm':>15} |")
+    print(f"|{'-' * 18}|{'-' * 9}|{'-' * 14}|{'-' * 11}|{'-' * 16}|{'-' * 14}|{'-' * 17}|")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name:<16} | failed: {r['error']}")
+            continue
+        vs_t = f"{r['tok_s'] / torch_r['tok_s']:.2f}x" if "tok_s" in torch_r else "-"
+        rss_t = f"{r['peak_rss_gib'] / torch_r['peak_rss_gib']:.2f}x" if "tok_s" in torch_r else "-"
+        vs_m = f"{r['tok_s'] / stock['tok_s']:.1f}x" if "tok_s" in stock else "-"
+        print(f"| {name:<16} | {r['tok_s']:7.1f} | {r['peak_rss_gib']:12.2f} | {r['trainable']:9,} | {vs_t:>14} "
+              f"| {rss_t:>12} | {vs_m:>15} |")
+    if not a.skip_7b:
+        r = run_worker("7b", ["--steps-7b", str(a.steps_7b)])
+        if "error" in r:
+            print(f"\n7B-shaped llama: failed: {r['error']}")
+        else:
+            steps = ", ".join(f"{t:.0f}" for t in r["s_per_step"])
+            print(f"\n7B-shaped llama (Llama-2-7B dims, random 4-bit g64, {r['params'] / 1e9:.2f}B params, "
+                  f"LoRA r{RANK} all-linear all layers = {r['trainable']:,} trainable), batch 1 x 256 tokens, "
+                  f"gradient checkpointing: peak RSS {r['peak_rss_gib']:.2f} GiB, s/step: {steps}, loss {r['loss']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
