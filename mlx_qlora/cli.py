@@ -197,5 +197,50 @@ def serve(model, adapters, engine, gguf, n_ctx, threads, host, port, api_key, ma
 # ---- end chat / generate / serve ----------------------------------------------------------
 
 
+# --- fuse / export (export engineer) ---------------------------------------------------------
+@main.command()
+@click.argument("model")
+@click.argument("adapter")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Output MLX model directory.")
+@click.option("--dequantize", is_flag=True, help="Write float weights instead of re-quantizing with the base's settings.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def fuse(model, adapter, out_dir, dequantize, force):
+    """Merge ADAPTER (a LoRA directory from train) into MODEL (its MLX base) -> OUT."""
+    from .fuse import FuseConfig, run_fuse
+
+    run_fuse(FuseConfig(model=model, adapter=adapter, out_dir=out_dir, dequantize=dequantize, force=force))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--adapter", default=None, help="LoRA adapter directory: merged in, or exported alone.")
+@click.option("--to", "to", type=click.Choice(["gguf", "peft"]), default="gguf", show_default=True)
+@click.option("--type", "type_", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]), default=None,
+              help="GGUF tensor type [default: q4_1 for a 4-bit model (blocks copied exactly), else f16].")
+@click.option("--adapter-only", is_flag=True, help="GGUF: write a llama.cpp LoRA file (llama-cli --lora).")
+@click.option("--base-gguf", default=None, help="With --adapter-only: the base GGUF the Modelfile's FROM names.")
+@click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile beside the GGUF.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(), help="Output .gguf file or PEFT directory.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def export(model, adapter, to, type_, adapter_only, base_gguf, no_modelfile, out, force):
+    """Export MODEL (+ --adapter) to llama.cpp GGUF, or the adapter to Hugging Face PEFT."""
+    from .export import ExportConfig, run_export
+
+    run_export(ExportConfig(model=model, out=out, to=to, type=type_, adapter=adapter, adapter_only=adapter_only,
+                            base_gguf=base_gguf, modelfile=not no_modelfile, force=force))
+
+
+@main.command("import-peft")
+@click.argument("peft_dir")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Output adapter directory.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def import_peft(peft_dir, out_dir, force):
+    """Convert a Hugging Face PEFT LoRA adapter into an mlx_qlora adapter (for chat or more training)."""
+    from .export.peft import run_import_peft
+
+    run_import_peft(peft_dir, out_dir, force=force)
+# --- end fuse / export -----------------------------------------------------------------------
+
+
 if __name__ == "__main__":
     main()
