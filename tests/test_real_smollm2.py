@@ -38,7 +38,8 @@ def llama(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def mlx_model(smollm2_mlx):
-    return model_io.load(smollm2_mlx, dtype=mx.float32)
+    # exactly the dequantized blocks in fp32 (the same math as quantized_matmul, 5x faster on CPU)
+    return model_io.load(smollm2_mlx, dtype=mx.float32, dequantize=True)
 
 
 def test_config_is_what_mlx_lm_reads(smollm2_mlx):
