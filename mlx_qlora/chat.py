@@ -130,6 +130,9 @@ def run_chat(cfg: ChatConfig) -> None:
     adapters = ", ".join(engine.adapter_names) or "none"
     session.say(f"mlx_qlora chat: {engine.model_name} on {engine.name}; adapters: {adapters} "
                 f"(active: {engine.active_adapter or 'off'}). /help for commands, Ctrl-D to quit.")
+    if getattr(engine, "cpu_fast", False):
+        session.say("(MLX on CPU is slow to decode; with a GGUF of this model (--gguf FILE, from "
+                    "`mlx_qlora export`) --engine auto runs llama.cpp instead)")
     try:
         while True:
             try:

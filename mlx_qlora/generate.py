@@ -134,13 +134,13 @@ class KVSession:
     def feed(self, tokens: list[int]) -> mx.array:
         """Run ``tokens`` after the cached ones; returns the last position's logits (1, vocab)."""
         try:
-            for i in range(0, len(tokens) - 1, PREFILL_STEP):
-                chunk = tokens[i:min(i + PREFILL_STEP, len(tokens) - 1)]
-                self.model(mx.array(chunk)[None], cache=self.cache)
+            while len(tokens) > PREFILL_STEP:
+                self.model(mx.array(tokens[:PREFILL_STEP])[None], cache=self.cache)
                 mx.eval([c.state for c in self.cache])
-                self.tokens.extend(chunk)
-            logits = self.model(mx.array(tokens[-1:])[None], cache=self.cache)[:, -1, :]
-            self.tokens.append(tokens[-1])
+                self.tokens.extend(tokens[:PREFILL_STEP])
+                tokens = tokens[PREFILL_STEP:]
+            logits = self.model(mx.array(tokens)[None], cache=self.cache)[:, -1, :]
+            self.tokens.extend(tokens)
             return logits
         except BaseException:
             # interrupted inside the model: the cache may be half-updated, so forget it

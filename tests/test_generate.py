@@ -69,6 +69,16 @@ def test_prefix_reuse_gives_same_tokens(tiny_model):
     assert out3 == direct_greedy(model, turn3, 10)
 
 
+def test_chunked_prefill(tiny_model, monkeypatch):
+    import mlx_qlora.generate as g
+
+    _, model, _ = tiny_model
+    monkeypatch.setattr(g, "PREFILL_STEP", 4)  # 11 prompt tokens -> chunks of 4, 4, 3
+    prompt = [3, 77, 120, 45, 9, 200, 31, 8, 8, 150, 2]
+    assert list(generate_tokens(KVSession(model), prompt, SamplingConfig(max_tokens=10))) == \
+        direct_greedy(model, prompt, 10)
+
+
 def test_stop_ids_and_max_tokens(tiny_model):
     _, model, _ = tiny_model
     prompt = [3, 77, 120, 45]
