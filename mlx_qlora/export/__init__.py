@@ -109,3 +109,20 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     for line in report.lines():
         print(line)
     return report
+
+
+def export_and_answer(model: str, adapter: str | None, out: str, prompt: str, max_tokens: int = 64,
+                      force: bool = True) -> str:
+    """Export MODEL (+ adapter, merged; q4_1 for a 4-bit base) to ``out`` and answer ``prompt``
+    through llama.cpp with the GGUF's own chat template (greedy). The demo's last step."""
+    run_export(ExportConfig(model=model, out=out, adapter=adapter, force=force))
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise UserError("llama.cpp is not installed: pip install llama-cpp-python") from None
+    llm = Llama(model_path=out, n_ctx=1024, verbose=False)
+    reply = llm.create_chat_completion([{"role": "user", "content": prompt}], temperature=0.0,
+                                       max_tokens=max_tokens)
+    answer = reply["choices"][0]["message"]["content"].strip()
+    print(f"llama.cpp ({Path(out).name}) > {prompt}\n{answer}")
+    return answer

@@ -149,7 +149,7 @@ def export_merged_gguf(cfg: ExportConfig) -> ExportReport:
         weights, config = merge_weights(weights, config, load_adapter(cfg.adapter))
         kind = "merged GGUF (base + adapter)"
     vocab = vocab_from_model_dir(model_dir, config)
-    report = ExportReport(out=cfg.out, kind=kind)
+    report = ExportReport(out=cfg.out, kind=kind, notes=list(vocab.warnings))
     with atomic_file(cfg.out, cfg.force) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         write_model_metadata(writer, config, arch, type_name, model_dir.name)

@@ -64,6 +64,7 @@ class GGUFVocab:
     add_eos: bool = False
     add_space_prefix: bool | None = None
     chat_template: str | None = None
+    warnings: list[str] = field(default_factory=list)    # differences llama.cpp cannot reproduce
 
     def write(self, w) -> None:
         """Add the ``tokenizer.*`` keys to a gguf.GGUFWriter."""
@@ -155,7 +156,11 @@ def _sentencepiece_vocab(tok, path: Path, n_vocab: int) -> GGUFVocab:
         types.append((CONTROL if added[i] else USER_DEFINED) if i in added else UNUSED)
     # SentencePiece's dummy prefix ("hello" -> "▁hello"), read from behaviour not from the proto
     prefix = sp.encode("a", out_type=str)[0].startswith("\u2581")
-    return GGUFVocab("llama", tokens, types, scores=scores, add_space_prefix=prefix)
+    v = GGUFVocab("llama", tokens, types, scores=scores, add_space_prefix=prefix)
+    if sp.encode("a  b") == sp.encode("a b"):  # normalizer collapses spaces; llama.cpp's SPM never does
+        v.warnings.append("warning: this SentencePiece model removes extra whitespace, llama.cpp does not; "
+                          "texts with leading or repeated spaces will tokenize differently")
+    return v
 
 
 def _special_ids(tok, config: dict) -> dict[str, int]:
