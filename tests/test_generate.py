@@ -271,6 +271,24 @@ def _llama_logits(gguf, ids, lora):
 
 
 @pytest.mark.llamacpp
+def test_llamacpp_sampling_and_prefix_reuse(gguf_model):
+    from mlx_qlora.engines.llamacpp import LlamaCppEngine
+
+    eng = LlamaCppEngine(gguf_model[0], n_ctx=512)
+    prompt = eng.encode("the cat sat on the mat")
+
+    def sample(seed):
+        return eng.generate(prompt, SamplingConfig(temperature=1.5, top_k=40, top_p=0.95, seed=seed, max_tokens=20))
+
+    assert sample(1) == sample(1) != sample(2)
+    greedy = eng.generate(prompt, SamplingConfig(max_tokens=10))
+    longer = prompt + eng.encode(greedy)[:3]
+    eng.generate(longer, SamplingConfig(max_tokens=4))
+    assert eng.stats.reused_tokens >= len(prompt)  # the cached prompt was not recomputed
+    eng.close()
+
+
+@pytest.mark.llamacpp
 def test_engine_choice(llama_dir, gguf_model, tmp_path):
     from mlx_qlora.engines import EngineConfig, choose, load_engine, resolve
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -159,8 +160,8 @@ class LlamaCppEngine(Engine):
         max_tokens = min(cfg.max_tokens, self.n_ctx - len(prompt))
         llm = self.llm
         info["reused"] = min(common_prefix(llm.input_ids[:llm.n_tokens].tolist(), prompt), len(prompt) - 1)
-        if cfg.seed is not None:
-            llm.set_seed(cfg.seed)
+        # an unseeded request must not inherit the previous request's seed
+        llm.set_seed(cfg.seed if cfg.seed is not None else random.getrandbits(31))
         greedy = cfg.temperature == 0
         gen = llm.generate(prompt, temp=cfg.temperature, top_k=1 if greedy else cfg.top_k,
                            top_p=cfg.top_p, min_p=cfg.min_p, repeat_penalty=cfg.repetition_penalty)
@@ -168,13 +169,16 @@ class LlamaCppEngine(Engine):
         n = 0
         try:
             for token in gen:
-                if not cfg.ignore_eos and (token in self.stop_ids or self._lc.llama_vocab_is_eog(self._vocab, token)):
+                eog = token in self.stop_ids or self._lc.llama_vocab_is_eog(self._vocab, token)
+                if eog and not cfg.ignore_eos:
                     info["finish_reason"] = "stop"
                     return
                 yield token
                 n += 1
                 if n >= max_tokens:
                     return
+        except GeneratorExit:  # the caller stopped reading: the cache is consistent, keep it
+            raise
         except BaseException:
             llm.reset()  # interrupted inside a decode: the cache position is unknown
             raise
