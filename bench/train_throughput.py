@@ -173,7 +173,7 @@ def worker_torch(model_dir: str, n_rows: int, warmup: int) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
     n_layers = model.config.num_hidden_layers
-    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
+    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                      layers_to_transform=list(range(n_layers - LAYERS, n_layers)), task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     model.train()
