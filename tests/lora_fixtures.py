@@ -66,7 +66,9 @@ def mlx_model(model_dir: Path, adapter_dir: Path | None = None):
 
     import mlx.core as mx
 
-    model, tok = load(model_dir, dtype=mx.float32)
+    # exactly the dequantized weights in fp32: the same math as quantized_matmul, several times
+    # faster on CPU (MLX's CPU quantized_matmul is naive)
+    model, tok = load(model_dir, dtype=mx.float32, dequantize=True)
     if adapter_dir is not None:
         attach_adapter(model, load_adapter(adapter_dir))
     return model, tok
