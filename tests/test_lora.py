@@ -208,3 +208,27 @@ def test_fused_cross_entropy_matches_plain():
     (l0, g0), (l1, g1) = mx.value_and_grad(f_plain)(h), mx.value_and_grad(f_fused)(h)
     assert rel_err(l1, l0) < 1e-5 and rel_err(g1, g0) < 1e-4
     assert rel_err(fastpath.fused_cross_entropy(h, head, t, with_grad=False), l0) < 1e-5
+
+
+def test_numpy_swiglu_matches_mlx():
+    mx.random.seed(2)
+    g, u = 4 * mx.random.normal((3, 5, 40)), mx.random.normal((3, 5, 40))
+    w = mx.cos(mx.arange(40))
+
+    def fast(g, u):
+        return (fastpath.swiglu(g, u) * w).sum()
+
+    def plain(g, u):
+        return (nn.silu(g) * u * w).sum()
+
+    (l0, (g0, u0)), (l1, (g1, u1)) = (mx.value_and_grad(f, argnums=(0, 1))(g, u) for f in (plain, fast))
+    assert rel_err(l1, l0) < 1e-5 and rel_err(g1, g0) < 1e-5 and rel_err(u1, u0) < 1e-5
+
+
+def test_accelerate_swaps_classes_in_place(tiny_hf_llama):
+    model = load(tiny_hf_llama, 4)
+    names = sorted(k for k, _ in tree_flatten(model.parameters()))
+    # 2 layers x 7 quantized linears + 2 SwiGLU MLPs (the tied embedding is not a linear)
+    assert fastpath.accelerate(model) == 2 * 7 + 2
+    assert sorted(k for k, _ in tree_flatten(model.parameters())) == names
+    assert isinstance(model.layers[0].mlp.up_proj, nn.QuantizedLinear)
