@@ -148,18 +148,17 @@ def main():
     ap.add_argument("--gguf", type=Path, default=None, help="GGUF of the same model (default: embedded SmolLM2)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="llama.cpp threads (default: as chat picks them: idle cores, at least 1)")
     ap.add_argument("--skip-stock", action="store_true", help="skip stock mlx-lm (slow on CPU)")
     args = ap.parse_args()
-
-    import os
 
     import mlx.core as mx
 
     from mlx_qlora.adapters import AdapterSpec
     from mlx_qlora.embedded import embedded_gguf_path
     from mlx_qlora.engines import EngineConfig, choose
-    from mlx_qlora.engines.llamacpp import LlamaCppEngine
+    from mlx_qlora.engines.llamacpp import LlamaCppEngine, default_threads
     from mlx_qlora.engines.mlx_engine import MLXEngine
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_decode_"))
@@ -170,7 +169,7 @@ def main():
 
         model_dir = tmp / "smollm2_mlx"
         run_convert(ConvertConfig(source=str(gguf), out_dir=str(model_dir), q_group_size=32))
-    threads = args.threads or len(os.sched_getaffinity(0))
+    threads = args.threads or default_threads()  # what chat would use right now
     adapter = AdapterSpec("bench", make_random_adapter(model_dir, tmp / "adapter"))
     adapter2 = AdapterSpec("bench2", make_random_adapter(model_dir, tmp / "adapter2", seed=1))
     default = choose(EngineConfig(model=str(model_dir), gguf=str(gguf)), model_dir, gguf)

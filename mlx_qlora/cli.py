@@ -110,7 +110,7 @@ def _engine_options(f):
         click.option("--gguf", default=None, type=click.Path(),
                      help="GGUF of MODEL for the llama.cpp engine (default: MODEL/model.gguf)."),
         click.option("--ctx", "n_ctx", default=4096, show_default=True, help="llama.cpp context, tokens."),
-        click.option("--threads", default=None, type=int, help="llama.cpp threads (default: all cores)."),
+        click.option("--threads", default=None, type=int, help="llama.cpp threads (default: idle cores, at least 1)."),
     ]):
         f = opt(f)
     return f
