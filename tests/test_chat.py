@@ -93,12 +93,13 @@ def _engine(kind: str, model: Path, adapters: dict):
     """The engine the chat process runs, built in-process to compute the expected answers."""
     from mlx_qlora.engines import EngineConfig, load_engine
 
-    return load_engine(EngineConfig(model=str(model), engine=kind, n_ctx=512,
+    return load_engine(EngineConfig(model=str(model), engine=kind, n_ctx=512, threads=1,
                                     adapters=[f"{n}={p}" for n, p in adapters.items()]))
 
 
 def _cmd(model, adapters, *extra, engine="mlx") -> list[str]:
-    argv = [sys.executable, "-m", "mlx_qlora.cli", "chat", str(model), "--engine", engine, "--ctx", "512"]
+    argv = [sys.executable, "-m", "mlx_qlora.cli", "chat", str(model), "--engine", engine, "--ctx", "512",
+            "--threads", "1"]  # a busy CI box stalls multi-threaded llama.cpp (see engines/llamacpp.py)
     for name, path in adapters.items():
         argv += ["--adapter", f"{name}={path}"]
     return argv + list(extra)

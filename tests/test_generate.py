@@ -191,7 +191,7 @@ def _llama_direct_greedy(gguf, prompt, n, stop, lora=None):
 
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(gguf), n_ctx=512, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(str(gguf), n_ctx=512, logits_all=True, n_threads=1, n_threads_batch=1, verbose=False)
     if lora is not None:
         h = llama_cpp.llama_adapter_lora_init(llm.model, str(lora).encode())
         llama_cpp.llama_set_adapters_lora(llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(h), 1,
@@ -229,7 +229,7 @@ def test_llamacpp_engine_greedy_equals_direct_and_adapters_match_mlx(llama_dir, 
 
     gguf, sql = gguf_model
     specs = parse_adapter_specs([f"sql={sql}"])
-    eng = LlamaCppEngine(gguf, specs, n_ctx=512)
+    eng = LlamaCppEngine(gguf, specs, n_ctx=512, n_threads=1)
     ref = MLXEngine(llama_dir, specs, cpu_fast=False)
     msgs = [{"role": "user", "content": "the cat sat on"}]
     prompt = eng.chat_prompt(msgs)
@@ -260,7 +260,7 @@ def _llama_logits(gguf, ids, lora):
 
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(gguf), n_ctx=512, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(str(gguf), n_ctx=512, logits_all=True, n_threads=1, n_threads_batch=1, verbose=False)
     h = llama_cpp.llama_adapter_lora_init(llm.model, str(lora).encode())
     llama_cpp.llama_set_adapters_lora(llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(h), 1,
                                       (ctypes.c_float * 1)(1.0))
@@ -274,7 +274,7 @@ def _llama_logits(gguf, ids, lora):
 def test_llamacpp_sampling_and_prefix_reuse(gguf_model):
     from mlx_qlora.engines.llamacpp import LlamaCppEngine
 
-    eng = LlamaCppEngine(gguf_model[0], n_ctx=512)
+    eng = LlamaCppEngine(gguf_model[0], n_ctx=512, n_threads=1)
     prompt = eng.encode("the cat sat on the mat")
 
     def sample(seed):
@@ -315,7 +315,7 @@ def test_embedded_smollm2_on_llamacpp_greedy_equals_direct():
     gguf = find_embedded_gguf()
     if gguf is None:
         pytest.skip("embedded SmolLM2 not installed")
-    eng = LlamaCppEngine(gguf, n_ctx=512)
+    eng = LlamaCppEngine(gguf, n_ctx=512, n_threads=1)
     prompt = eng.chat_prompt([{"role": "user", "content": "What is the capital of France? Answer in one word."}])
     text = eng.generate(prompt, SamplingConfig(max_tokens=8))
     want = _llama_direct_greedy(gguf, prompt, 8, eng.stop_ids)
