@@ -44,7 +44,7 @@ def disabled():
         _ENABLED[0] = True
 
 
-def _detached(a: mx.array) -> mx.array:
+def detached(a: mx.array) -> mx.array:
     """``a`` evaluated and cut from its graph (a copy that has no inputs).
 
     Inside a custom function's forward the graph is never differentiated (the vjp is ours), but
@@ -74,7 +74,7 @@ def _dequant_matmul_fn(group_size: int, bits: int, mode: str, has_biases: bool):
     @mx.custom_function
     def f(x, *qargs):
         w, scales, biases = unpack(qargs)
-        return _detached(x @ _dequantize(w, scales, biases, group_size, bits, mode).T)
+        return detached(x @ _dequantize(w, scales, biases, group_size, bits, mode).T)
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
@@ -262,7 +262,7 @@ def _ce_chunks(h, w, targets, grad: bool):
             losses.append(mx.array(_np_softmax_ce(buf, tc, grad)))
             if grad:
                 p = logits if shared else mx.array(buf)   # softmax - onehot, in place when shared
-                grads.append(_detached(p @ w))   # and drop this chunk's logits now
+                grads.append(detached(p @ w))   # and drop this chunk's logits now
             continue
         tc = targets[start:start + CE_CHUNK_ROWS]
         loss, e, s = _chunk_loss(hc, w, tc)

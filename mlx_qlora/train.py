@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import fastpath
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
@@ -66,14 +66,34 @@ def output_head(model: nn.Module):
     return model["lm_head"] if "lm_head" in model else inner.embed_tokens
 
 
-def _checkpointed_call(self, *args, **kwargs):
+def _checkpointed_call(self, x, *args, **kwargs):
     base_call = type(self).__mro__[1].__call__
+    if not fastpath.on_cpu():
+        def inner(params, x):
+            self.update(params)
+            return base_call(self, x, *args, **kwargs)
 
-    def inner(params, *a, **kw):
-        self.update(params)
-        return base_call(self, *a, **kw)
+        return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
-    return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+    # CPU: the fast path evaluates inside the forward, and MLX keeps every intermediate of an
+    # array evaluated under a transformation alive; so the block's output is detached from its
+    # graph (keeping only the input) and the vjp recomputes the block, as mx.checkpoint does.
+    keys = [k for k, _ in tree_flatten(self.trainable_parameters())]
+
+    def run(x, *values):
+        self.update(tree_unflatten(list(zip(keys, values))))
+        return base_call(self, x, *args, **kwargs)
+
+    @mx.custom_function
+    def block(x, *values):
+        return fastpath.detached(run(x, *values))
+
+    @block.vjp
+    def block_vjp(primals, cotangent, output):
+        _, grads = mx.vjp(run, list(primals), [cotangent])
+        return tuple(grads)
+
+    return block(x, *[v for _, v in tree_flatten(self.trainable_parameters())])
 
 
 def grad_checkpoint(model: nn.Module) -> None:

@@ -137,6 +137,8 @@ def test_grad_checkpoint_same_result(tiny_q4, data_dir, tmp_path):
     a = train(cfg(tiny_q4, data_dir, tmp_path / "a", steps=2, eval_every=0))
     b = train(cfg(tiny_q4, data_dir, tmp_path / "b", steps=2, eval_every=0, grad_checkpoint=True))
     assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
+    wa, wb = weights(tmp_path / "a" / "adapters.safetensors"), weights(tmp_path / "b" / "adapters.safetensors")
+    assert max(np.abs(wa[k] - wb[k]).max() for k in wa) < 1e-6 and max(np.abs(wa[k]).max() for k in wa) > 0
 
 
 def test_cli_flags_override_recipe(tiny_q4, data_dir, tmp_path):
