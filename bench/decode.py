@@ -161,7 +161,8 @@ def main():
     from mlx_qlora.engines.llamacpp import LlamaCppEngine, default_threads
     from mlx_qlora.engines.mlx_engine import MLXEngine
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_decode_"))
+    tmp_dir = tempfile.TemporaryDirectory(prefix="bench_decode_")
+    tmp = Path(tmp_dir.name)
     gguf = args.gguf or embedded_gguf_path()
     model_dir = args.mlx_model
     if model_dir is None:
@@ -209,6 +210,7 @@ def main():
     for i, (p, ms, cached) in enumerate(conversation_ttft(dflt), 1):
         print(f"  turn {i}: prompt {p:4d} tokens ({cached:4d} from cache)  TTFT {ms:6.0f} ms")
     lc.close()
+    tmp_dir.cleanup()
 
 
 if __name__ == "__main__":
