@@ -152,3 +152,38 @@ def test_concurrent_requests_are_queued_safely(served):
     with ThreadPoolExecutor(max_workers=len(models)) as pool:
         got = list(pool.map(ask, enumerate(models)))
     assert got == [want[m] for m in models]
+
+
+def test_serve_command_starts_answers_and_stops(tmp_path):
+    """The real `mlx_qlora serve` process: prints its URL (port 0 = a free one), answers, and
+    exits cleanly on Ctrl-C (SIGINT), which the test sends in any case."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    model = write_untied_llama(tmp_path / "m")
+    adapter = make_adapter(model, tmp_path / "sql", seed=1)
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_qlora.cli", "serve", str(model), "--engine", "mlx",
+                             "--port", "0", "--adapter", f"sql={adapter}"], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert m, line
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{m.group(1)}/v1", api_key="none", max_retries=0)
+        assert [x.id for x in client.models.list().data] == ["m", "sql"]
+        r = client.chat.completions.create(model="sql", messages=MSGS, max_tokens=4)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    assert rc == 0
