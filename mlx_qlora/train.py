@@ -91,7 +91,9 @@ def _checkpointed_call(self, x, *args, **kwargs):
     @block.vjp
     def block_vjp(primals, cotangent, output):
         _, grads = mx.vjp(run, list(primals), [cotangent])
-        return tuple(grads)
+        # Computed now and detached, so this block's recomputed activations are freed before
+        # the next block's backward (the cotangent arriving here is itself detached).
+        return tuple(fastpath.detached(g) for g in grads)
 
     return block(x, *[v for _, v in tree_flatten(self.trainable_parameters())])
 
