@@ -66,11 +66,13 @@ def convert(source, out_dir, q_bits, q_group_size, no_quantize, dtype, requantiz
 
 @main.command()
 @click.option("-o", "--out", "out_dir", default="demo_out", show_default=True, type=click.Path())
-def demo(out_dir):
-    """Run the pipeline end to end on the embedded SmolLM2."""
+@click.option("--steps", default=60, show_default=True, help="QLoRA steps on the WikiSQL sample.")
+@click.option("--data", default=None, type=click.Path(), help="JSONL dir (default: bundled WikiSQL sample).")
+def demo(out_dir, steps, data):
+    """Run the pipeline end to end on the embedded SmolLM2: convert, train, switch, export."""
     from .demo import run_demo
 
-    run_demo(out_dir)
+    run_demo(out_dir, steps=steps, data=data)
 
 
 # ---- train (owner: training engine) -------------------------------------------------------
