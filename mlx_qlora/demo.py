@@ -49,7 +49,7 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 60, data: str | Path
     _stage(f"2. QLoRA: rank 8 on all linear layers of the last 16 blocks, {steps} steps of WikiSQL")
     summary = train(load_config(None, {
         "model": str(base), "out_dir": str(adapter), "steps": steps, "batch_size": 4,
-        "eval_every": steps, "eval_batches": 0, "checkpoint_every": 0,
+        "eval_every": max(1, steps // 3), "eval_batches": 0, "checkpoint_every": 0,
         "data": {"train": str(data or SAMPLE_DATA), "max_seq_len": 256},
         "lora": {"rank": 8, "alpha": 16, "layers": "last 16"},
         "optim": {"learning_rate": 3e-4, "warmup_steps": min(10, steps - 1)},
