@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError, require
-from .model_io import atomic_dir, check_model_dir, write_model_dir
+from .atomic import atomic_dir
+from .model_io import check_model_dir, write_model_dir
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

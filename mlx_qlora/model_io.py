@@ -9,12 +9,9 @@ interrupted or failed convert leaves nothing half-written and never clobbers a g
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError, require
+from .errors import require
 
 
 def normalize_config(cfg: dict) -> dict:
@@ -33,29 +30,6 @@ def normalize_config(cfg: dict) -> dict:
         if rtype not in (None, "default") and not cfg.get("rope_scaling"):
             cfg["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
     return cfg
-
-
-@contextmanager
-def atomic_dir(out_dir: str | Path, force: bool = False):
-    """Yield a temporary directory that becomes ``out_dir`` only if the block succeeds."""
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise UserError(f"output {out} already exists; choose another -o or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is an ordinary directory
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_model_dir(tmp: Path, weights: dict, config: dict, tokenizer=None) -> None:

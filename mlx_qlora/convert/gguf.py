@@ -14,7 +14,8 @@ import numpy as np
 
 from .. import names
 from ..errors import UserError
-from ..model_io import atomic_dir, write_model_dir
+from ..atomic import atomic_dir
+from ..model_io import write_model_dir
 from ..quant import GGUF_EXACT, GGUF_FLOAT, QuantStats, bits_per_weight, quantize, unpermute_qk
 from . import ConvertConfig, ConvertReport
 

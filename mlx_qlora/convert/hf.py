@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .. import names
 from ..errors import UserError, require
-from ..model_io import atomic_dir, normalize_config, write_model_dir
+from ..atomic import atomic_dir
+from ..model_io import normalize_config, write_model_dir
 from ..quant import QuantStats, bits_per_weight, quantize
 from . import ConvertConfig, ConvertReport
 

@@ -2,10 +2,7 @@
 -> Hugging Face PEFT. Every output file appears only when complete (temp file, then rename)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,24 +73,6 @@ def _compress(names: list[str]) -> str:
         if key not in seen:
             seen.append(key)
     return ", ".join(seen[:12]) + (f", ... ({len(seen) - 12} more)" if len(seen) > 12 else "")
-
-
-@contextmanager
-def atomic_file(path: str | Path, force: bool = False):
-    """Yield a temporary path beside ``path`` that becomes ``path`` only if the block succeeds."""
-    out = Path(path)
-    if out.exists() and not force:
-        raise UserError(f"output {out} already exists; choose another -o or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; an exported file is an ordinary file
-    os.replace(tmp, out)
 
 
 def run_export(cfg: ExportConfig) -> ExportReport:

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import names
+from ..atomic import atomic_file
 from ..errors import UserError, require
 from ..fuse import load_adapter, merge_weights, read_weights
 from ..model_io import check_model_dir
 from ..quant import permute_qk
-from . import ExportConfig, ExportReport, atomic_file
+from . import ExportConfig, ExportReport
 from .blocks import Packed, float_tensor, quantized_tensor
 
 # HF / mlx-lm model_type -> GGUF general.architecture (Mistral checkpoints are llama in GGUF).

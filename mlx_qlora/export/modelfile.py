@@ -55,7 +55,7 @@ def modelfile_text(gguf_name: str, vocab: GGUFVocab, base_name: str | None = Non
 
 def write_modelfile(gguf_path: Path, vocab: GGUFVocab, adapter_of: str | None = None) -> Path:
     """Write ``Modelfile`` beside ``gguf_path`` atomically; returns its path."""
-    from . import atomic_file
+    from ..atomic import atomic_file
 
     out = gguf_path.parent / "Modelfile"
     with atomic_file(out, force=True) as tmp:

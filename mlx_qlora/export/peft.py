@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import require
-from ..model_io import atomic_dir
+from ..atomic import atomic_dir
 from . import ExportConfig, ExportReport
 
 PREFIX = "base_model.model."
