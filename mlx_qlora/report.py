@@ -115,7 +115,7 @@ class Reporter:
 
     def summary(self, adapter_path: Path) -> dict:
         self.close()
-        size = sum(p.stat().st_size for p in Path(adapter_path).glob("adapters.safetensors"))
+        size = Path(adapter_path).stat().st_size if Path(adapter_path).is_file() else 0
         out = {"tokens": self.tokens, "seconds": round(time.perf_counter() - self.t0, 2),
                "tok_per_s": round(self.tok_per_s, 2), "peak_rss_gib": round(peak_rss_gib(), 3),
                "peak_mlx_gib": round(peak_mlx_gib(), 3), "train_loss": self.last_train,

@@ -64,6 +64,7 @@ def test_loss_falls_and_artifacts(tiny_q4, data_dir, tmp_path):
                   **{"optim.learning_rate": 1e-2, "optim.warmup_steps": 3}))
     assert s["val_loss"] < 0.7 * s["val_loss_start"], s
     assert s["trainable"] == 2 * 4 * 1024 and s["steps"] == 30 and s["tokens"] > 0
+    assert s["adapter_bytes"] == (out / "adapters.safetensors").stat().st_size > 4 * s["trainable"]
     for f in ("adapters.safetensors", "adapter_config.json", "metrics.jsonl", "loss_curve.png", "summary.json"):
         assert (out / f).is_file(), f
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
