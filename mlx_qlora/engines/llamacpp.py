@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ..adapters import AdapterSpec, read_adapter
+from ..adapters import AdapterSpec
 from ..errors import UserError, require
 from ..generate import ByteDetokenizer, SamplingConfig, common_prefix
 from .base import Engine
@@ -58,40 +58,15 @@ def find_lora_gguf(spec: AdapterSpec) -> Path | None:
 
 
 def write_lora_gguf(spec: AdapterSpec, meta: dict, out: Path) -> Path:
-    """Adapter dir (training format) -> LoRA GGUF for a base whose metadata is ``meta``."""
-    import gguf
-    import mlx.core as mx
-    import numpy as np
+    """Adapter dir (training format) -> LoRA GGUF for a base whose GGUF metadata is ``meta``:
+    the same writer as ``mlx_qlora export --adapter-only``, fed the head counts from the GGUF."""
+    from ..export.gguf import write_lora_gguf as write
+    from ..fuse import load_adapter
 
-    from ..names import PERMUTED_QK, mlx_to_gguf
-    from ..quant import permute_qk
-
-    files = read_adapter(spec.name, spec.path)
     arch = meta.get("general.architecture", "llama")
-    heads = {"q_proj": int(meta.get(f"{arch}.attention.head_count", 0)),
-             "k_proj": int(meta.get(f"{arch}.attention.head_count_kv", 0))}
-    w = gguf.GGUFWriter(str(out), arch)
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    rank = next(iter(files.weights.values()))[0].shape[1]
-    w.add_float32("adapter.lora.alpha", float(files.scale * rank))
-    for module, (a, b) in files.weights.items():
-        name = mlx_to_gguf(module + ".weight")
-        require(name is not None, f"adapter {spec.name!r}: no llama.cpp tensor for {module!r}")
-        a_np = np.array(a.astype(mx.float32))
-        b_np = np.array(b.astype(mx.float32))
-        require(a_np.shape[1] == rank, f"adapter {spec.name!r}: mixed ranks are not supported by llama.cpp LoRA")
-        bt = b_np.T.copy()  # (out, r)
-        kind = module.rsplit(".", 1)[-1]
-        if PERMUTED_QK.get(arch, False) and kind in heads and heads[kind]:
-            bt = permute_qk(bt, heads[kind])
-        w.add_tensor(name + ".lora_a", np.ascontiguousarray(a_np.T))
-        w.add_tensor(name + ".lora_b", np.ascontiguousarray(bt))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
+    heads = {"num_attention_heads": int(meta.get(f"{arch}.attention.head_count", 0)),
+             "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", 0))}
+    return write(load_adapter(spec.path), out, arch, heads)
 
 
 class LlamaCppEngine(Engine):

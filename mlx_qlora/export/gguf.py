@@ -182,24 +182,40 @@ def adapter_tensors(adapter, config: dict, arch: str, type_name: str):
         yield f"{gname}.lora_b", Packed(np.ascontiguousarray(lb, dtype=dtype), t, "float")
 
 
-def export_adapter_gguf(cfg: ExportConfig) -> ExportReport:
+def write_lora_gguf(adapter, path: Path, arch: str, config: dict, type_name: str = "f32",
+                    report: ExportReport | None = None) -> Path:
+    """Write ``adapter`` as a llama.cpp LoRA GGUF at ``path`` (the caller makes it atomic).
+
+    ``config`` needs only the head counts (num_attention_heads, num_key_value_heads) for the Q/K
+    permutation of lora_b, so a bare base GGUF's metadata is enough (the llama.cpp engine).
+    """
     import gguf
 
+    require(arch in names.PERMUTED_QK, f"architecture {arch!r} has no llama.cpp LoRA mapping here; "
+                                       f"supported: {', '.join(names.PERMUTED_QK)}")
+    ranks = {int(a.shape[1]) for a, _ in adapter.pairs.values()}
+    require(len(ranks) == 1, f"adapter {adapter.path} mixes ranks {sorted(ranks)}; llama.cpp needs one rank")
+    report = report or ExportReport(out=str(path), kind="LoRA GGUF")
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_type("adapter")
+    writer.add_name(adapter.path.name)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    # llama.cpp applies alpha / rank; ours is `scale`, so alpha = scale * rank (rsLoRA too)
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
+    for name, packed in adapter_tensors(adapter, config, arch, type_name):
+        _add(writer, report, name, packed)
+    _write(writer)
+    return Path(path)
+
+
+def export_adapter_gguf(cfg: ExportConfig) -> ExportReport:
     model_dir = check_model_dir(cfg.model)
     config = json.loads((model_dir / "config.json").read_text())
     arch = gguf_arch(config)
     adapter = load_adapter(cfg.adapter)
     report = ExportReport(out=cfg.out, kind="LoRA GGUF")
     with atomic_file(cfg.out, cfg.force) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
-        writer.add_type("adapter")
-        writer.add_name(adapter.path.name)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        # llama.cpp applies alpha / rank; ours is `scale`, so alpha = scale * rank (rsLoRA too)
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
-        for name, packed in adapter_tensors(adapter, config, arch, cfg.type or "f32"):
-            _add(writer, report, name, packed)
-        _write(writer)
+        write_lora_gguf(adapter, tmp, arch, config, cfg.type or "f32", report)
         report.size_bytes = tmp.stat().st_size
     report.notes.append(f"rank {adapter.rank}, alpha {adapter.alpha:g} (scale {adapter.scale:g}); "
                         f"use: llama-cli -m BASE.gguf --lora {cfg.out}")
