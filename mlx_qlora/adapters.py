@@ -5,23 +5,21 @@ untouched and holds every adapter's ``(lora_a, lora_b, scale)`` that targets it.
 adapters only sets the ``active`` name on each wrapper (a Python loop over ~200 objects for
 SmolLM2, well under a millisecond); the base weights are shared and never copied.
 
-Adapters are read straight from the on-disk contract written by training:
-``adapters.safetensors`` (``<module path>.lora_a`` (in, r), ``<module path>.lora_b`` (r, out))
-and ``adapter_config.json`` (mlx-lm keys plus ``scale``, ``use_dora``, ``format_version``), so
+Adapters are read by ``adapter_files.read_adapter`` (the directory training writes), so
 ``y = base(x) + scale * (x @ lora_a) @ lora_b``.
 """
 from __future__ import annotations
 
-import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import UserError, require
+from .adapter_files import Adapter, read_adapter
+from .errors import require
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 BASE = "base"  # the name that means "no adapter" in chat (/adapter off) and serve (model=base)
@@ -46,51 +44,6 @@ def parse_adapter_specs(specs: list[str] | tuple[str, ...]) -> list[AdapterSpec]
         require(all(s.name != name for s in out), f"adapter name {name!r} given twice in --adapter")
         out.append(AdapterSpec(name, Path(path).expanduser()))
     return out
-
-
-@dataclass
-class AdapterFiles:
-    """One adapter as read from disk: per-module ``(lora_a, lora_b)`` and its scale."""
-    name: str
-    path: Path
-    config: dict
-    scale: float
-    weights: dict[str, tuple[mx.array, mx.array]] = field(default_factory=dict)
-
-
-def read_adapter(name: str, path: str | Path) -> AdapterFiles:
-    """Read and validate an adapter directory; UserError names the file and the fix."""
-    path = Path(path)
-    cfg_file, w_file = path / "adapter_config.json", path / "adapters.safetensors"
-    require(path.is_dir(), f"adapter {name!r}: directory {str(path)!r} not found; pass --adapter NAME=DIR "
-                           f"with the directory written by `mlx_qlora train`")
-    require(cfg_file.is_file() and w_file.is_file(),
-            f"adapter {name!r}: {str(path)!r} lacks adapter_config.json or adapters.safetensors; "
-            f"pass the directory written by `mlx_qlora train`")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"adapter {name!r}: {cfg_file} is not valid JSON ({e})") from None
-    require(config.get("fine_tune_type", "lora") == "lora" and not config.get("use_dora", False),
-            f"adapter {name!r}: only LoRA adapters can be switched at run time (this one is "
-            f"{'DoRA' if config.get('use_dora') else config.get('fine_tune_type')}); fuse it with "
-            f"`mlx_qlora fuse` and load the fused model instead")
-    lp = config.get("lora_parameters", {})
-    scale = float(config.get("scale", lp.get("scale", 1.0)))
-    tensors = mx.load(str(w_file))
-    weights: dict[str, tuple[mx.array, mx.array]] = {}
-    for key, a in tensors.items():
-        if not key.endswith(".lora_a"):
-            continue
-        module = key[: -len(".lora_a")]
-        b = tensors.get(module + ".lora_b")
-        require(b is not None, f"adapter {name!r}: {w_file} has {key} but no {module}.lora_b")
-        require(a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0],
-                f"adapter {name!r}: {module} has lora_a {a.shape} and lora_b {b.shape}; expected "
-                f"(in, r) and (r, out)")
-        weights[module] = (a, b)
-    require(bool(weights), f"adapter {name!r}: {w_file} holds no '*.lora_a' tensors")
-    return AdapterFiles(name, path, config, scale, weights)
 
 
 def _linear_dims(layer: nn.Module) -> tuple[int, int]:
@@ -148,20 +101,20 @@ class AdapterSet:
         self.model = model
         self.wrappers: dict[str, MultiLoRALinear] = {}
         self.names: list[str] = []
-        self.files: dict[str, AdapterFiles] = {}
+        self.files: dict[str, Adapter] = {}
         self.active: str | None = None
 
-    def add(self, name: str, path: str | Path) -> AdapterFiles:
+    def add(self, name: str, path: str | Path) -> Adapter:
         require(name not in self.names, f"adapter {name!r} is already loaded")
-        files = read_adapter(name, path)
+        files = read_adapter(path, name)
         # validate every module before touching the model, so a bad adapter leaves no trace
-        for module, (a, b) in files.weights.items():
+        for module, (a, b) in files.pairs.items():
             layer = self._base_layer(name, module)
             in_f, out_f = _linear_dims(layer)
             require(a.shape[0] == in_f and b.shape[1] == out_f,
                     f"adapter {name!r}: {module} has lora_a {a.shape}, lora_b {b.shape} but the model's "
                     f"layer is {in_f} -> {out_f}; was it trained on a different base model?")
-        for module, (a, b) in files.weights.items():
+        for module, (a, b) in files.pairs.items():
             wrapper = self._wrap(module)
             wrapper.add(name, a, b, files.scale, _dtype_of(wrapper.base))
         mx.eval([w.loras[name] for w in self.wrappers.values() if name in w.loras])

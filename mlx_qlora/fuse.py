@@ -1,8 +1,6 @@
 """``mlx_qlora fuse``: merge a LoRA adapter into its base model, W' = W + scale * (A @ B)^T.
 
-Adapter layout (training's format, format_version 1): ``adapters.safetensors`` holds, for each
-adapted linear at module path P, ``P.lora_a`` (in, r) and ``P.lora_b`` (r, out), so that
-``y = x @ W.T + scale * (x @ A) @ B``; ``adapter_config.json`` gives ``scale`` (and rank, alpha).
+The adapter is read by ``adapter_files.read_adapter`` (``y = x @ W.T + scale * (x @ A) @ B``).
 
 Quantized modules are dequantized, merged in float32 and re-quantized with the base's bits and
 group size. The new scales and biases are rounded to fp16 values and the codes recomputed
@@ -12,64 +10,15 @@ config records the adapter's fingerprint; merging the same adapter again changes
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError, require
+from .adapter_files import Adapter, read_adapter
 from .atomic import atomic_dir
+from .errors import require
 from .model_io import check_model_dir, write_model_dir
-
-ADAPTER_WEIGHTS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-@dataclass
-class Adapter:
-    path: Path
-    pairs: dict          # module path -> (lora_a (in, r), lora_b (r, out)) as float32 mx.arrays
-    scale: float         # multiplies (x @ A) @ B
-    rank: int
-    config: dict
-    fingerprint: str     # sha256 of adapters.safetensors, hex
-
-    @property
-    def alpha(self) -> float:
-        """The alpha with alpha / rank == scale (what llama.cpp and PEFT without rsLoRA use)."""
-        return self.scale * self.rank
-
-
-def load_adapter(path: str | Path) -> Adapter:
-    import mlx.core as mx
-
-    p = Path(path)
-    require(p.is_dir(), f"adapter {p} is not a directory; give the directory training wrote "
-                        f"({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG})")
-    wfile, cfile = p / ADAPTER_WEIGHTS, p / ADAPTER_CONFIG
-    require(wfile.exists() and cfile.exists(), f"adapter {p} lacks {ADAPTER_WEIGHTS} or {ADAPTER_CONFIG}; "
-                                               "is it an adapter directory from mlx_qlora train?")
-    try:
-        config = json.loads(cfile.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfile} is not valid JSON ({e}); fix or re-create the adapter") from None
-    require(not config.get("use_dora"), f"adapter {p} is DoRA; fuse and export support plain LoRA only")
-    raw = mx.load(str(wfile))
-    pairs = {}
-    for key in raw:
-        if key.endswith(".lora_a"):
-            module = key[: -len(".lora_a")]
-            require(f"{module}.lora_b" in raw, f"{wfile} has {key} without {module}.lora_b; the file is damaged")
-            pairs[module] = (raw[key].astype(mx.float32), raw[f"{module}.lora_b"].astype(mx.float32))
-    require(bool(pairs), f"{wfile} holds no '*.lora_a'/'*.lora_b' tensors; is it a LoRA adapter?")
-    lp = config.get("lora_parameters", {})
-    scale = config.get("scale", lp.get("scale"))
-    require(scale is not None, f"{cfile} gives no 'scale'; add the LoRA scale (alpha / rank) to it")
-    rank = int(next(iter(pairs.values()))[0].shape[1])
-    digest = hashlib.sha256(wfile.read_bytes()).hexdigest()
-    return Adapter(p, pairs, float(scale), rank, config, digest)
-
 
 def _quant_of(config: dict, module: str) -> tuple[int, int]:
     q = config["quantization"]
@@ -164,7 +113,7 @@ class FuseConfig:
 
 def run_fuse(cfg: FuseConfig) -> Path:
     model_dir = check_model_dir(cfg.model)
-    adapter = load_adapter(cfg.adapter)
+    adapter = read_adapter(cfg.adapter)
     config = json.loads((model_dir / "config.json").read_text())
     already = adapter.fingerprint in config.get("fused_adapters", [])
     weights, config = merge_weights(read_weights(model_dir), config, adapter, cfg.dequantize)

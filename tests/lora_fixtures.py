@@ -61,7 +61,8 @@ def converted(tmp_path_factory, hf_dir: Path, name: str, **kw) -> Path:
 
 
 def mlx_model(model_dir: Path, adapter_dir: Path | None = None):
-    from mlx_qlora.fuse import attach_adapter, load_adapter
+    from mlx_qlora.adapter_files import read_adapter
+    from mlx_qlora.fuse import attach_adapter
     from mlx_qlora.model_io import load
 
     import mlx.core as mx
@@ -70,7 +71,7 @@ def mlx_model(model_dir: Path, adapter_dir: Path | None = None):
     # faster on CPU (MLX's CPU quantized_matmul is naive)
     model, tok = load(model_dir, dtype=mx.float32, dequantize=True)
     if adapter_dir is not None:
-        attach_adapter(model, load_adapter(adapter_dir))
+        attach_adapter(model, read_adapter(adapter_dir))
     return model, tok
 
 

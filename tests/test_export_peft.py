@@ -48,13 +48,13 @@ def test_import_round_trip(f32, adapter, tmp_path):
     from safetensors.numpy import load_file
 
     from mlx_qlora.export.peft import run_import_peft
-    from mlx_qlora.fuse import load_adapter
+    from mlx_qlora.adapter_files import read_adapter
 
     _export(f32, adapter, tmp_path / "peft")
     back = run_import_peft(str(tmp_path / "peft"), str(tmp_path / "back"))
     a, b = load_file(str(adapter / "adapters.safetensors")), load_file(str(back / "adapters.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    ad = load_adapter(back)
+    ad = read_adapter(back)
     assert ad.scale == 2.0 and ad.rank == 8 and ad.config["layers"] == [1]
     ref = mlx_logits(mlx_model(f32, adapter)[0], TOKENS)
     assert np.abs(mlx_logits(mlx_model(f32, back)[0], TOKENS) - ref).max() == 0.0

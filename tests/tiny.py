@@ -206,7 +206,6 @@ def train_sentencepiece(path: Path, vocab: int = 400) -> Path:
 
 def write_sp_gguf(path: Path, sp_model: Path, seed: int = 0) -> Path:
     """A tiny llama GGUF whose vocabulary is a SentencePiece model (tokenizer.ggml.model = llama)."""
-    import gguf
     import sentencepiece as spm
 
     from mlx_qlora.names import mlx_to_gguf

@@ -61,12 +61,12 @@ def write_lora_gguf(spec: AdapterSpec, meta: dict, out: Path) -> Path:
     """Adapter dir (training format) -> LoRA GGUF for a base whose GGUF metadata is ``meta``:
     the same writer as ``mlx_qlora export --adapter-only``, fed the head counts from the GGUF."""
     from ..export.gguf import write_lora_gguf as write
-    from ..fuse import load_adapter
+    from ..adapter_files import read_adapter
 
     arch = meta.get("general.architecture", "llama")
     heads = {"num_attention_heads": int(meta.get(f"{arch}.attention.head_count", 0)),
              "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", 0))}
-    return write(load_adapter(spec.path), out, arch, heads)
+    return write(read_adapter(spec.path, spec.name), out, arch, heads)
 
 
 class LlamaCppEngine(Engine):

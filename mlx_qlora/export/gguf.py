@@ -22,7 +22,8 @@ import numpy as np
 from .. import names
 from ..atomic import atomic_file
 from ..errors import UserError, require
-from ..fuse import load_adapter, merge_weights, read_weights
+from ..adapter_files import read_adapter
+from ..fuse import merge_weights, read_weights
 from ..model_io import check_model_dir
 from ..quant import permute_qk
 from . import ExportConfig, ExportReport
@@ -147,7 +148,7 @@ def export_merged_gguf(cfg: ExportConfig) -> ExportReport:
     weights = read_weights(model_dir)
     kind = "merged GGUF"
     if cfg.adapter:
-        weights, config = merge_weights(weights, config, load_adapter(cfg.adapter))
+        weights, config = merge_weights(weights, config, read_adapter(cfg.adapter))
         kind = "merged GGUF (base + adapter)"
     vocab = vocab_from_model_dir(model_dir, config)
     report = ExportReport(out=cfg.out, kind=kind, notes=list(vocab.warnings))
@@ -212,7 +213,7 @@ def export_adapter_gguf(cfg: ExportConfig) -> ExportReport:
     model_dir = check_model_dir(cfg.model)
     config = json.loads((model_dir / "config.json").read_text())
     arch = gguf_arch(config)
-    adapter = load_adapter(cfg.adapter)
+    adapter = read_adapter(cfg.adapter)
     report = ExportReport(out=cfg.out, kind="LoRA GGUF")
     with atomic_file(cfg.out, cfg.force) as tmp:
         write_lora_gguf(adapter, tmp, arch, config, cfg.type or "f32", report)

@@ -38,10 +38,10 @@ def _targets_and_layers(modules) -> tuple[list[str], list[int]]:
 def export_peft(cfg: ExportConfig) -> ExportReport:
     from safetensors.numpy import save_file
 
-    from ..fuse import load_adapter
+    from ..adapter_files import read_adapter
     from ..model_io import read_config
 
-    adapter = load_adapter(cfg.adapter)
+    adapter = read_adapter(cfg.adapter)
     config = read_config(cfg.model)
     targets, layers = _targets_and_layers(adapter.pairs)
     tensors = {}
