@@ -28,6 +28,9 @@ class Terminal:
         pid, fd = pty.fork()
         if pid == 0:  # child: becomes the session leader with the pty as controlling terminal
             os.chdir(ROOT)
+            # a shell gives its foreground job the default SIGINT; a test run started in the
+            # background (CI, `cmd &`) would otherwise pass on SIG_IGN and Ctrl-C would do nothing
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.execvpe(argv[0], argv, env)
         self.pid, self.fd, self.buf = pid, fd, b""
 

@@ -169,7 +169,10 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
     adapter = make_adapter(model, tmp_path / "sql", seed=1)
     proc = subprocess.Popen([sys.executable, "-m", "mlx_qlora.cli", "serve", str(model), "--engine", "mlx",
                              "--port", "0", "--adapter", f"sql={adapter}"], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(root)},
+                            # as from an interactive shell: SIGINT at its default even when this
+                            # test run itself was started in the background with SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
