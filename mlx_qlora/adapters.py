@@ -20,6 +20,7 @@ import mlx.nn as nn
 
 from .adapter_files import Adapter, read_adapter
 from .errors import require
+from .lora import linear_dims
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 BASE = "base"  # the name that means "no adapter" in chat (/adapter off) and serve (model=base)
@@ -44,14 +45,6 @@ def parse_adapter_specs(specs: list[str] | tuple[str, ...]) -> list[AdapterSpec]
         require(all(s.name != name for s in out), f"adapter name {name!r} given twice in --adapter")
         out.append(AdapterSpec(name, Path(path).expanduser()))
     return out
-
-
-def _linear_dims(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or QuantizedLinear."""
-    out_f, w_in = layer.weight.shape
-    if isinstance(layer, nn.QuantizedLinear):
-        return w_in * 32 // layer.bits, out_f
-    return w_in, out_f
 
 
 class MultiLoRALinear(nn.Module):
@@ -110,7 +103,7 @@ class AdapterSet:
         # validate every module before touching the model, so a bad adapter leaves no trace
         for module, (a, b) in files.pairs.items():
             layer = self._base_layer(name, module)
-            in_f, out_f = _linear_dims(layer)
+            in_f, out_f = linear_dims(layer)
             require(a.shape[0] == in_f and b.shape[1] == out_f,
                     f"adapter {name!r}: {module} has lora_a {a.shape}, lora_b {b.shape} but the model's "
                     f"layer is {in_f} -> {out_f}; was it trained on a different base model?")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .atomic import atomic_file
 from .errors import UserError, require
 from .fastpath import base_linear, dense_weight
 from .train_config import LoraConfig, parse_layers
@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 
 
-def _dims(linear: nn.Module) -> tuple[int, int]:
+def linear_dims(linear: nn.Module) -> tuple[int, int]:
     """(in, out) features of a Linear or QuantizedLinear (packed weights: 32 // bits per uint32)."""
     out_dims, in_dims = linear.weight.shape
     if isinstance(linear, nn.QuantizedLinear):
@@ -44,7 +44,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, linear: nn.Module, rank: int, scale: float, dropout: float = 0.0, dora: bool = False):
         super().__init__()
-        in_dims, out_dims = _dims(linear)
+        in_dims, out_dims = linear_dims(linear)
         self.linear = linear
         self.linear.freeze()
         self.scale = scale
@@ -172,17 +172,10 @@ def adapter_config(model: nn.Module, base_model: str) -> dict:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_weights(weights: dict[str, mx.array], path: Path) -> None:
     """safetensors written to a temp name then renamed, so a crash never leaves half a file."""
-    tmp = path.with_name(".tmp-" + path.name)           # mlx keeps a .safetensors suffix as is
-    mx.save_safetensors(str(tmp), weights)
-    os.replace(tmp, path)
+    with atomic_file(path, force=True) as tmp:
+        mx.save_safetensors(str(tmp), weights)
 
 
 def save_adapter(model: nn.Module, out_dir, cfg: LoraConfig | None = None, base_model: str = "") -> Path:
@@ -192,7 +185,8 @@ def save_adapter(model: nn.Module, out_dir, cfg: LoraConfig | None = None, base_
     if cfg is not None:
         model._lora_info["cfg"] = cfg
     save_weights(adapter_weights(model), out / ADAPTER_FILE)
-    _atomic_write_text(out / CONFIG_FILE, json.dumps(adapter_config(model, base_model), indent=2) + "\n")
+    with atomic_file(out / CONFIG_FILE, force=True) as tmp:
+        tmp.write_text(json.dumps(adapter_config(model, base_model), indent=2) + "\n")
     return out
 
 
