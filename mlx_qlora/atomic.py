@@ -44,10 +44,14 @@ def atomic_dir(out_dir: str | Path, force: bool = False):
 
 @contextmanager
 def atomic_file(path: str | Path, force: bool = False):
-    """Yield a temporary path beside ``path`` that becomes ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path`` that becomes ``path`` only if the block succeeds.
+
+    The temporary keeps ``path``'s suffix: ``mx.save_safetensors`` appends ``.safetensors`` to a
+    name without it, which would write beside the path this yields.
+    """
     out = Path(path)
     _check_target(out, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=out.suffix, dir=out.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import fastpath
+from .atomic import atomic_dir, atomic_file
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
 from .errors import UserError, require
 from .lora import apply_lora, count_parameters, save_adapter, save_weights
@@ -174,17 +174,13 @@ def save_checkpoint(out: Path, model, optimizer, state: dict, cfg: TrainConfig, 
     ck = out / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
     name = f"step_{state['step']:07d}"
-    tmp = ck / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, cfg.lora, base_model=cfg.model)
-    save_weights(dict(tree_flatten(optimizer.state)), tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
     final = ck / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    latest_tmp = ck / ".latest.tmp"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, ck / "latest")
+    with atomic_dir(final, force=True) as tmp:
+        save_adapter(model, tmp, cfg.lora, base_model=cfg.model)
+        save_weights(dict(tree_flatten(optimizer.state)), tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    with atomic_file(ck / "latest", force=True) as tmp:
+        tmp.write_text(name + "\n")
     for old in sorted(p for p in ck.glob("step_*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     save_adapter(model, out, cfg.lora, base_model=cfg.model)  # the current adapter for other commands
