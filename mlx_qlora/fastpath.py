@@ -365,7 +365,7 @@ def _attention_fn(scale: float, causal: bool):
 
 def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
     """mlx-lm's ``scaled_dot_product_attention``; BLAS + NumPy softmax on CPU for training shapes."""
-    L, S = queries.shape[2], keys.shape[2]
+    L = queries.shape[2]
     if (on_cpu() and sinks is None and not hasattr(cache, "bits") and L > 1
             and all(a.dtype == mx.float32 for a in (queries, keys, values))
             and queries.shape[1] % keys.shape[1] == 0 and (mask is None or (isinstance(mask, str) and mask == "causal"))):
