@@ -216,6 +216,7 @@ class Batch:
     loss_index: np.ndarray  # flat indices into (B*T) where the loss is on
     real_tokens: int       # non-pad input tokens
     padded_tokens: int     # B * T
+    lengths: np.ndarray | None = None  # (B,) real input tokens per row
 
     @property
     def n_loss(self) -> int:
@@ -229,13 +230,14 @@ def collate(examples: list[Example], pad_id: int = 0) -> Batch:
     targets = np.zeros((len(examples), t), np.int32)
     mask = np.zeros((len(examples), t), bool)
     real = 0
+    lengths = np.array([len(e.tokens) - 1 for e in examples], np.int64)
     for i, e in enumerate(examples):
         n = len(e.tokens) - 1
         inputs[i, :n] = e.tokens[:-1]
         targets[i, :n] = e.tokens[1:]
         mask[i, :n] = e.mask[1:]
         real += n
-    return Batch(inputs, targets, np.flatnonzero(mask.reshape(-1)).astype(np.int32), real, inputs.size)
+    return Batch(inputs, targets, np.flatnonzero(mask.reshape(-1)).astype(np.int32), real, inputs.size, lengths)
 
 
 def padding_waste(examples: list[Example], batch_size: int, seed: int) -> float:

@@ -119,7 +119,7 @@ class FastQuantizedLinear(nn.QuantizedLinear):
         return super().__call__(x)
 
 
-def _sigmoid_np(g: np.ndarray) -> np.ndarray:
+def sigmoid_np(g: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):          # exp(88+) = inf gives sigmoid 0, as it should
         s = np.exp(-g)
     np.add(s, 1.0, out=s)
@@ -134,7 +134,7 @@ def _np_view(a: mx.array) -> np.ndarray:
 @mx.custom_function
 def _swiglu_np(gate, up):
     g, u = _np_view(gate), _np_view(up)
-    out = _sigmoid_np(g)
+    out = sigmoid_np(g)
     np.multiply(out, g, out=out)
     np.multiply(out, u, out=out)
     return mx.array(out)
@@ -145,7 +145,7 @@ def _swiglu_np_vjp(primals, cotangent, output):
     # Only the (already evaluated) primals go through NumPy; the cotangent stays lazy, since
     # evaluating it here would pin the whole backward graph so far in memory until the step ends.
     g, u = _np_view(primals[0]), _np_view(primals[1])
-    s = _sigmoid_np(g)
+    s = sigmoid_np(g)
     fu = g * s                                   # d/du [silu(g) u] = silu(g)
     fg = 1.0 - s                                 # d/dg silu(g) = s (1 + g (1 - s))
     np.multiply(fg, g, out=fg)
@@ -231,7 +231,7 @@ def _writable(a: mx.array) -> tuple[np.ndarray, bool]:
     return np.array(v), False
 
 
-def _np_softmax_ce(logits: np.ndarray, targets: np.ndarray, grad: bool) -> np.ndarray:
+def softmax_ce(logits: np.ndarray, targets: np.ndarray, grad: bool) -> np.ndarray:
     """Row losses; with ``grad`` turns ``logits`` in place into softmax - onehot.
 
     NumPy's exp is vectorised (~400 M elements/s here) where MLX's CPU exp is scalar (~60 M/s);
@@ -260,7 +260,7 @@ def _ce_chunks(h, w, targets, grad: bool):
             logits = hc @ w.T
             buf, shared = _writable(logits)
             tc = np_targets[start:start + CE_CHUNK_ROWS]
-            losses.append(mx.array(_np_softmax_ce(buf, tc, grad)))
+            losses.append(mx.array(softmax_ce(buf, tc, grad)))
             if grad:
                 p = logits if shared else mx.array(buf)   # softmax - onehot, in place when shared
                 grads.append(detached(p @ w))   # and drop this chunk's logits now
@@ -316,11 +316,13 @@ def plain_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
 _CAUSAL_MASKS: dict[tuple[int, int, int], np.ndarray] = {}
 
 
-def _causal_mask(rep: int, L: int, S: int) -> np.ndarray:
+def causal_mask(rep: int, L: int, S: int) -> np.ndarray:
+    """(rep * L, S) True where a query row may not look (future keys), tiled over ``rep`` heads."""
     key = (rep, L, S)
     if key not in _CAUSAL_MASKS:
         m = np.triu(np.ones((L, S), bool), k=1 + S - L)
-        _CAUSAL_MASKS.clear()                  # shapes change per batch; keep one
+        if len(_CAUSAL_MASKS) > 64:            # row lengths vary per batch; keep a few
+            _CAUSAL_MASKS.clear()
         _CAUSAL_MASKS[key] = np.tile(m, (rep, 1))
     return _CAUSAL_MASKS[key]
 
@@ -335,7 +337,7 @@ def _attention_fn(scale: float, causal: bool):
         qg = q.reshape(B, hkv, rep * L, D)
         s, _ = _writable((qg * scale) @ k.swapaxes(-1, -2))      # (B, hkv, rep*L, S)
         if causal:
-            np.copyto(s, -np.inf, where=_causal_mask(rep, L, S))
+            np.copyto(s, -np.inf, where=causal_mask(rep, L, S))
         m = s.max(axis=-1, keepdims=True)
         np.subtract(s, m, out=s)
         np.exp(s, out=s)

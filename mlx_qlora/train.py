@@ -22,7 +22,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import fastpath
+from . import cpu_engine, fastpath
 from .atomic import atomic_dir, atomic_file
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
 from .errors import UserError, require
@@ -140,6 +140,40 @@ def _arrays(b: Batch):
     return mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_index)
 
 
+def make_step_fns(model: nn.Module, cfg: TrainConfig, say=print):
+    """(grad_fn(batch, seed) -> (loss sum, grads), loss_fn(batch) -> loss sum) for this device.
+
+    On CPU the NumPy/BLAS engine (``cpu_engine``) when it covers the model, else MLX autodiff
+    (the fast-path kernels of ``fastpath``; Metal/CUDA always take this path). Losses and
+    gradients are of the summed token loss; the caller divides by the loss-token count.
+    """
+    if fastpath.on_cpu() and cfg.cpu_engine:
+        why = cpu_engine.unsupported(model)
+        if why is None:
+            eng = cpu_engine.CpuEngine(model, cfg.grad_checkpoint, cfg.cpu_weight_cache_mb)
+            say(f"engine: CPU NumPy/BLAS, padding-free; {eng.cached_mb:,.1f} MiB of fp32 weight cache "
+                f"(cpu_weight_cache_mb={cfg.cpu_weight_cache_mb})")
+            return eng.loss_and_grad, eng.loss
+        say(f"engine: MLX autodiff (the CPU engine does not cover {why})")
+    if cfg.grad_checkpoint:
+        grad_checkpoint(model)
+    loss_fn = make_loss(model)
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def grad_fn(b: Batch, seed):
+        mx.random.seed(seed[0] * 1_000_003 + seed[1] * 1_009 + seed[2])   # dropout: a function of the step
+        loss, g = value_and_grad(model, *_arrays(b))
+        mx.eval(loss, g)
+        return loss.item(), g
+
+    def eval_fn(b: Batch):
+        loss = loss_fn(model, *_arrays(b), with_grad=False)
+        mx.eval(loss)
+        return loss.item()
+
+    return grad_fn, eval_fn
+
+
 # ---------------------------------------------------------------- optimizer
 def build_optimizer(o: OptimConfig, steps: int) -> optim.Optimizer:
     peak, end = o.learning_rate, o.learning_rate * o.min_lr_ratio
@@ -200,16 +234,15 @@ def load_checkpoint(out: Path, model, optimizer) -> dict:
 
 
 # ---------------------------------------------------------------- loop
-def evaluate(model, loss_fn, examples, batch_size: int, max_batches: int, seed: int) -> float:
+def evaluate(eval_fn, examples, batch_size: int, max_batches: int, seed: int) -> float:
+    """Mean token loss over (up to ``max_batches``) validation batches."""
     order = batch_order([len(e.tokens) for e in examples], batch_size, seed, 0)
     if max_batches:
         order = order[:max_batches]
     total, n = 0.0, 0
     for idx in order:
         b = collate([examples[i] for i in idx])
-        loss = loss_fn(model, *_arrays(b), with_grad=False)
-        mx.eval(loss)
-        total, n = total + loss.item(), n + b.n_loss
+        total, n = total + eval_fn(b), n + b.n_loss
     return total / max(n, 1)
 
 
@@ -222,8 +255,6 @@ def train(cfg: TrainConfig) -> dict:
     ds = load_dataset(cfg.data, tokenizer, cfg.seed)
     mx.random.seed(cfg.seed)
     apply_lora(model, cfg.lora)
-    if cfg.grad_checkpoint:
-        grad_checkpoint(model)
     optimizer = build_optimizer(cfg.optim, cfg.steps)
     state = {"step": 0, "epoch": 0, "batch_index": 0, "seed": cfg.seed}
     if cfg.resume:
@@ -240,13 +271,12 @@ def train(cfg: TrainConfig) -> dict:
                   f"truncated{f', {ds.dropped} dropped (no loss token left)' if ds.dropped else ''}; raise data.max_seq_len to keep them")
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    loss_fn = make_loss(model)
-    value_and_grad = nn.value_and_grad(model, loss_fn)
+    grad_fn, eval_fn = make_step_fns(model, cfg, rep.print)
     lengths = [len(e.tokens) for e in ds.train]
     order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"])
     last_ckpt = None
     if state["step"] == 0:
-        rep.valid(0, evaluate(model, loss_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed))
+        rep.valid(0, evaluate(eval_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed))
 
     def next_batch():
         nonlocal order
@@ -260,15 +290,15 @@ def train(cfg: TrainConfig) -> dict:
 
     try:
         while state["step"] < cfg.steps:
-            mx.random.seed(cfg.seed * 1_000_003 + state["step"])   # dropout: a function of the step
             pos = (state["epoch"], state["batch_index"])
             grads, loss_sum, n_loss, n_tok = None, 0.0, 0, 0
-            for _ in range(cfg.optim.grad_accum):
+            for micro in range(cfg.optim.grad_accum):
                 b = next_batch()
-                loss, g = value_and_grad(model, *_arrays(b))
+                # dropout masks are a function of (seed, step, micro-batch), so resuming replays them
+                loss, g = grad_fn(b, (cfg.seed, state["step"], micro))
                 grads = g if grads is None else tree_map(mx.add, grads, g)
-                mx.eval(loss, grads)
-                loss_sum, n_loss, n_tok = loss_sum + loss.item(), n_loss + b.n_loss, n_tok + b.real_tokens
+                mx.eval(grads)
+                loss_sum, n_loss, n_tok = loss_sum + loss, n_loss + b.n_loss, n_tok + b.real_tokens
             grads = tree_map(lambda g: g / n_loss, grads)
             if cfg.optim.max_grad_norm is not None:
                 grads, norm = optim.clip_grad_norm(grads, cfg.optim.max_grad_norm)
@@ -286,7 +316,7 @@ def train(cfg: TrainConfig) -> dict:
             step = state["step"]
             rep.step(step, mean_loss, n_tok, optimizer.learning_rate.item())  # the rate this step used
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                rep.valid(step, evaluate(model, loss_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed))
+                rep.valid(step, evaluate(eval_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed))
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                 last_ckpt = save_checkpoint(out, model, optimizer, state, cfg, cfg.keep_checkpoints)
     except KeyboardInterrupt:
@@ -298,7 +328,7 @@ def train(cfg: TrainConfig) -> dict:
     except BaseException:
         rep.close()
         raise
-    rep.valid(state["step"], evaluate(model, loss_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed))
+    rep.valid(state["step"], evaluate(eval_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed))
     summary = rep.summary(out / "adapters.safetensors")
     summary.update(trainable=trainable, steps=state["step"], out_dir=str(out))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -152,6 +152,9 @@ class TrainConfig:
     batch_size: int = 4              # rows per micro-batch
     seed: int = 0
     grad_checkpoint: bool = False    # recompute each layer in backward: less memory, ~30% slower
+    cpu_engine: bool = True          # CPU: NumPy/BLAS engine (cpu_engine.py); false: MLX autodiff
+    cpu_weight_cache_mb: int = 1024  # CPU engine: MiB of fp32 copies of frozen weights kept between
+                                     # steps (0: dequantize 4-bit weights at every use, least memory)
     checkpoint_every: int = 100      # steps between checkpoints (0: only at the end)
     eval_every: int = 50             # steps between validation losses (0: only at start and end)
     eval_batches: int = 25           # validation batches per evaluation (0: the whole set)
@@ -172,7 +175,7 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             v = getattr(self, name)
             require(_is_int(v) and v >= 1, f"{name}={v!r}: use a positive integer")
-        for name in ("checkpoint_every", "eval_every", "eval_batches", "seed"):
+        for name in ("checkpoint_every", "eval_every", "eval_batches", "seed", "cpu_weight_cache_mb"):
             v = getattr(self, name)
             require(_is_int(v) and v >= 0, f"{name}={v!r}: use an integer >= 0")
         require(_is_int(self.keep_checkpoints) and self.keep_checkpoints >= 1, "keep_checkpoints: use an integer >= 1")

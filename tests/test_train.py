@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_qlora import fastpath
 from mlx_qlora import train as train_mod
 from mlx_qlora.cli import main
 from mlx_qlora.errors import UserError
@@ -98,15 +97,19 @@ def test_resume_matches_uninterrupted_run(tiny_q4, data_dir, tmp_path, accum, dr
 
 def test_nan_stops_and_keeps_last_checkpoint(tiny_q4, data_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = fastpath.fused_cross_entropy
+    real = train_mod.make_step_fns
 
-    def poisoned(h, head, targets, with_grad=True, weight=None):
-        if with_grad:
+    def poisoned(*args, **kwargs):
+        grad_fn, eval_fn = real(*args, **kwargs)
+
+        def nan_from_step_5(b, seed):
             calls["n"] += 1
-        loss = real(h, head, targets, with_grad, weight)
-        return loss * float("nan") if calls["n"] >= 5 else loss
+            loss, grads = grad_fn(b, seed)
+            return (loss * float("nan") if calls["n"] >= 5 else loss), grads
 
-    monkeypatch.setattr(fastpath, "fused_cross_entropy", poisoned)
+        return nan_from_step_5, eval_fn
+
+    monkeypatch.setattr(train_mod, "make_step_fns", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(UserError, match=r"loss became nan .* at step 5: training stopped, the last good checkpoint is .*step_0000003"):
         train(cfg(tiny_q4, data_dir, out, steps=8))

@@ -1,0 +1,378 @@
+"""Padding-free QLoRA forward and backward for llama-family decoders on CPU, in NumPy + BLAS.
+
+Why: MLX's CPU backend runs one op at a time, single-threaded outside matmul, and its autodiff
+keeps every intermediate of an array evaluated inside a transformation alive until the step ends.
+On SmolLM2-135M that made a step ~2.3x its BLAS time and a 7B step need 10+ GiB. Here a decoder
+block is a short list of BLAS matmuls and vectorised NumPy passes whose backward is written out,
+so what is kept between forward and backward is chosen, not inferred:
+
+- the frozen base weights stay 4-bit; each projection is dequantized (``mx.dequantize``) right
+  before its matmul and dropped after it, in forward and again in backward;
+- the rows of a batch are packed into one (tokens, dim) matrix: projections never touch padding,
+  attention runs per row (block-diagonal), and RoPE positions restart per row;
+- blocks below the lowest adapted block only run forward and keep nothing;
+- the vocabulary projection and loss run only on loss rows, in chunks (``fastpath.softmax_ce``);
+- with ``grad_checkpoint`` a block keeps only its input and is recomputed in backward.
+
+Gradients are those of the summed token loss, exactly what ``nn.value_and_grad`` over
+``train.make_loss`` returns (tests/test_cpu_engine.py checks them against it to 1e-4).
+Supported: llama / mistral / qwen2 blocks (RMSNorm, plain RoPE, GQA, SwiGLU, optional biases)
+with LoRA (dropout, rsLoRA) on any of the seven projections; anything else (DoRA, other
+architectures, RoPE scaling, sliding windows) trains through MLX autodiff instead.
+"""
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+
+from .fastpath import CE_CHUNK_ROWS, causal_mask, dense_weight, sigmoid_np, softmax_ce
+from .lora import LoRALinear
+
+ENGINE_TYPES = {"llama", "mistral", "qwen2"}
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+F32 = np.float32
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why the engine can't train ``model`` (None when it can)."""
+    mtype = getattr(getattr(model, "args", None), "model_type", None)
+    if mtype not in ENGINE_TYPES:
+        return f"model_type {mtype!r} (the CPU engine covers {', '.join(sorted(ENGINE_TYPES))})"
+    for layer in model.layers:
+        if getattr(layer, "use_sliding", False):
+            return "sliding-window attention"
+        a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if a is None or m is None or not all(hasattr(a, n) for n in ATTN) or not all(hasattr(m, n) for n in MLP):
+            return "a block without q/k/v/o and gate/up/down projections"
+        if type(a.rope) is not nn.RoPE:
+            return f"RoPE variant {type(a.rope).__name__}"
+        if not all(type(n) is nn.RMSNorm for n in (layer.input_layernorm, layer.post_attention_layernorm)):
+            return "a norm other than RMSNorm"
+        for name in ATTN + MLP:
+            mod = (a if name in ATTN else m)[name]
+            if isinstance(mod, LoRALinear) and mod.is_dora:
+                return "DoRA"
+    lora_keys = {f"{n}.{p}" for n, mod in model.named_modules() if isinstance(mod, LoRALinear) for p in ("lora_a", "lora_b")}
+    if {k for k, _ in tree_flatten(model.trainable_parameters())} - lora_keys:
+        return "trainable parameters other than LoRA factors"
+    return None
+
+
+def _np(a: mx.array) -> np.ndarray:
+    """fp32 NumPy view of an MLX array (a copy only when a cast is needed)."""
+    a = a if a.dtype == mx.float32 else a.astype(mx.float32)
+    mx.eval(a)
+    return np.asarray(a)
+
+
+def _rms(x: np.ndarray, w: np.ndarray, eps: float):
+    r = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + eps)
+    n = x * r
+    return n * w, n, r
+
+
+def _rms_back(dy: np.ndarray, w: np.ndarray, n: np.ndarray, r: np.ndarray) -> np.ndarray:
+    g = dy * w
+    return r * (g - n * np.mean(g * n, axis=-1, keepdims=True))
+
+
+class _Proj:
+    """One frozen projection (4-bit or dense) with an optional LoRA branch."""
+
+    def __init__(self, module: nn.Module, path: str):
+        self.lora = module if isinstance(module, LoRALinear) else None
+        self.base = self.lora.linear if self.lora else module
+        self.path = path
+        self.bias = _np(self.base["bias"]) if "bias" in self.base else None
+        self.p = 1.0 - getattr(self.lora.dropout, "_p_1", 1.0) if self.lora else 0.0
+        self.cached: np.ndarray | None = None
+        self.nbytes = 4 * int(np.prod(self.base.weight.shape)) * (32 // getattr(self.base, "bits", 32))
+
+    def weight(self) -> np.ndarray:
+        """The (out, in) fp32 weight: the cached copy, or dequantized now and dropped after use."""
+        return self.cached if self.cached is not None else _np(dense_weight(self.base))
+
+    def forward(self, x: np.ndarray, rng, ctx: dict | None) -> np.ndarray:
+        y = x @ self.weight().T
+        if self.bias is not None:
+            y += self.bias
+        if self.lora is not None:
+            xd, keep = x, None
+            if self.p > 0 and rng is not None:       # no rng: evaluation, no dropout
+                keep = rng.random(x.shape, dtype=F32) >= self.p
+                xd = x * keep * F32(1.0 / (1.0 - self.p))
+            xa = xd @ _np(self.lora.lora_a)
+            y += xa @ (_np(self.lora.lora_b) * F32(self.lora.scale))
+            if ctx is not None:
+                ctx[self.path] = (xd, xa, keep)
+        return y
+
+    def backward(self, dy: np.ndarray, ctx: dict, grads: dict, need_dx: bool) -> np.ndarray | None:
+        dx = dy @ self.weight() if need_dx else None
+        if self.lora is not None:
+            xd, xa, keep = ctx.pop(self.path)
+            s = F32(self.lora.scale)
+            a, b = _np(self.lora.lora_a), _np(self.lora.lora_b)
+            grads[self.path + ".lora_b"] = (xa.T @ dy) * s
+            dxa = (dy @ b.T) * s
+            grads[self.path + ".lora_a"] = xd.T @ dxa
+            if need_dx:
+                dxl = dxa @ a.T
+                if keep is not None:
+                    dxl *= keep * F32(1.0 / (1.0 - self.p))
+                dx += dxl
+        return dx
+
+
+class _Geometry:
+    """Row segments of a packed batch and their RoPE tables (cached per rope setting)."""
+
+    def __init__(self, lengths: list[int]):
+        self.segments = []
+        start = 0
+        for n in lengths:
+            self.segments.append((start, n))
+            start += n
+        self.n = start
+        self.pos = np.concatenate([np.arange(n, dtype=F32) for n in lengths])
+        self._rope = {}
+
+    def rope_tables(self, dims: int, base: float, scale: float):
+        key = (dims, base, scale)
+        if key not in self._rope:
+            inv = base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
+            theta = (self.pos[:, None] * scale).astype(np.float64) * inv[None, :]
+            self._rope[key] = (np.cos(theta).astype(F32)[:, None, :], np.sin(theta).astype(F32)[:, None, :])
+        return self._rope[key]
+
+
+class _Block:
+    """One decoder block: forward (optionally keeping what backward needs) and backward."""
+
+    def __init__(self, layer: nn.Module, prefix: str):
+        a, m = layer.self_attn, layer.mlp
+        self.proj = {n: _Proj(a[n], f"{prefix}.self_attn.{n}") for n in ATTN}
+        self.proj.update({n: _Proj(m[n], f"{prefix}.mlp.{n}") for n in MLP})
+        self.trainable = any(p.lora is not None for p in self.proj.values())
+        self.h, self.hkv = a.n_heads, a.n_kv_heads
+        self.d = self.proj["q_proj"].base.weight.shape[0] // self.h
+        self.scale = F32(a.scale)
+        r = a.rope
+        self.rope = (r.dims, r.traditional, float(r.base), float(r.scale))
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.w1, self.eps1, self.w2, self.eps2 = _np(n1.weight), n1.eps, _np(n2.weight), n2.eps
+
+    # -- RoPE on (tokens, heads * d): rotate by +theta (forward) or -theta (its transpose)
+    def _rope(self, x: np.ndarray, heads: int, geo: _Geometry, inverse: bool) -> np.ndarray:
+        dims, trad, base, scale = self.rope
+        cos, sin = geo.rope_tables(dims, base, scale)
+        if inverse:
+            sin = -sin
+        x3 = x.reshape(-1, heads, self.d)
+        out = x3.copy()
+        i1, i2 = (slice(0, dims, 2), slice(1, dims, 2)) if trad else (slice(0, dims // 2), slice(dims // 2, dims))
+        x1, x2 = x3[..., i1], x3[..., i2]
+        out[..., i1] = x1 * cos - x2 * sin
+        out[..., i2] = x2 * cos + x1 * sin
+        return out.reshape(x.shape)
+
+    def _group(self, t: np.ndarray, s: int, n: int) -> np.ndarray:
+        """Query rows of one segment as (kv heads, rep * n, d): heads h = kv * rep + j."""
+        rep = self.h // self.hkv
+        return t[s:s + n].reshape(n, self.hkv, rep, self.d).transpose(1, 2, 0, 3).reshape(self.hkv, rep * n, self.d)
+
+    def _ungroup(self, t: np.ndarray, n: int) -> np.ndarray:
+        rep = self.h // self.hkv
+        return t.reshape(self.hkv, rep, n, self.d).transpose(2, 0, 1, 3).reshape(n, self.h * self.d)
+
+    def _kv(self, t: np.ndarray, s: int, n: int) -> np.ndarray:
+        return np.ascontiguousarray(t[s:s + n].reshape(n, self.hkv, self.d).transpose(1, 0, 2))
+
+    def _attention(self, q, k, v, geo: _Geometry, ctx: dict | None) -> np.ndarray:
+        out = np.empty((geo.n, self.h * self.d), F32)
+        probs = []
+        rep = self.h // self.hkv
+        for s, n in geo.segments:
+            sc = self._group(q, s, n) @ self._kv(k, s, n).transpose(0, 2, 1)      # (hkv, rep*n, n)
+            sc *= self.scale
+            np.copyto(sc, -np.inf, where=causal_mask(rep, n, n))
+            sc -= sc.max(axis=-1, keepdims=True)
+            np.exp(sc, out=sc)
+            sc *= 1.0 / sc.sum(axis=-1, keepdims=True)
+            out[s:s + n] = self._ungroup(sc @ self._kv(v, s, n), n)
+            if ctx is not None:
+                probs.append(sc)
+        if ctx is not None:
+            ctx["probs"] = probs
+        return out
+
+    def _attention_back(self, do, q, k, v, probs, geo: _Geometry):
+        dq = np.empty_like(q)
+        dk, dv = np.empty_like(k), np.empty_like(v)
+        for (s, n), p in zip(geo.segments, probs):
+            dos = self._group(do, s, n)
+            ks, vs = self._kv(k, s, n), self._kv(v, s, n)
+            dv[s:s + n] = (p.transpose(0, 2, 1) @ dos).transpose(1, 0, 2).reshape(n, -1)
+            dp = dos @ vs.transpose(0, 2, 1)
+            dp -= np.sum(dp * p, axis=-1, keepdims=True)
+            dp *= p                                   # d scores
+            dp *= self.scale
+            dq[s:s + n] = self._ungroup(dp @ ks, n)
+            dk[s:s + n] = (dp.transpose(0, 2, 1) @ self._group(q, s, n)).transpose(1, 0, 2).reshape(n, -1)
+        return dq, dk, dv
+
+    def forward(self, x: np.ndarray, geo: _Geometry, rng, ctx: dict | None) -> np.ndarray:
+        P = self.proj
+        a_in, n1, r1 = _rms(x, self.w1, self.eps1)
+        q = self._rope(P["q_proj"].forward(a_in, rng, ctx), self.h, geo, False)
+        k = self._rope(P["k_proj"].forward(a_in, rng, ctx), self.hkv, geo, False)
+        v = P["v_proj"].forward(a_in, rng, ctx)
+        o = self._attention(q, k, v, geo, ctx)
+        h = x + P["o_proj"].forward(o, rng, ctx)
+        del o
+        m_in, n2, r2 = _rms(h, self.w2, self.eps2)
+        g, u = P["gate_proj"].forward(m_in, rng, ctx), P["up_proj"].forward(m_in, rng, ctx)
+        act = g * sigmoid_np(g)
+        act *= u
+        out = h + P["down_proj"].forward(act, rng, ctx)
+        if ctx is not None:
+            ctx.update(n1=n1, r1=r1, q=q, k=k, v=v, n2=n2, r2=r2, g=g, u=u)
+        return out
+
+    def backward(self, dout: np.ndarray, ctx: dict, geo: _Geometry, grads: dict, need_dx: bool) -> np.ndarray | None:
+        P = self.proj
+        dact = P["down_proj"].backward(dout, ctx, grads, True)
+        g, u = ctx.pop("g"), ctx.pop("u")
+        s = sigmoid_np(g)
+        du = dact * g * s                             # d/du silu(g) u = silu(g)
+        dg = (1.0 - s) * g                            # d/dg silu(g) = s (1 + g (1 - s))
+        dg += 1.0
+        dg *= s
+        dg *= u
+        dg *= dact
+        del dact, g, u, s
+        dm = P["gate_proj"].backward(dg, ctx, grads, True)
+        dm += P["up_proj"].backward(du, ctx, grads, True)
+        dh = dout + _rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2"))
+        do = P["o_proj"].backward(dh, ctx, grads, True)
+        dq, dk, dv = self._attention_back(do, ctx.pop("q"), ctx.pop("k"), ctx.pop("v"), ctx.pop("probs"), geo)
+        dq = self._rope(dq, self.h, geo, True)
+        dk = self._rope(dk, self.hkv, geo, True)
+        da = P["q_proj"].backward(dq, ctx, grads, need_dx)
+        dka = P["k_proj"].backward(dk, ctx, grads, need_dx)
+        dva = P["v_proj"].backward(dv, ctx, grads, need_dx)
+        if not need_dx:
+            return None
+        da += dka
+        da += dva
+        return dh + _rms_back(da, self.w1, ctx.pop("n1"), ctx.pop("r1"))
+
+
+class CpuEngine:
+    """``loss_and_grad(batch, seed)`` and ``loss(batch)`` for a LoRA-wrapped mlx-lm model."""
+
+    def __init__(self, model: nn.Module, grad_checkpoint: bool = False, weight_cache_mb: float = 0):
+        why = unsupported(model)
+        if why:
+            raise ValueError(f"CPU engine: unsupported {why}")
+        self.model = model
+        self.grad_checkpoint = grad_checkpoint
+        inner = model.model
+        names = {id(m): n for n, m in model.named_modules()}
+        self.blocks = [_Block(layer, names[id(layer)]) for layer in model.layers]
+        trainable = [i for i, b in enumerate(self.blocks) if b.trainable]
+        self.first = trainable[0] if trainable else len(self.blocks)
+        self.embed = inner.embed_tokens
+        self.norm_w, self.norm_eps = _np(inner.norm.weight), inner.norm.eps
+        head = model["lm_head"] if "lm_head" in model else inner.embed_tokens
+        self._head_mx = dense_weight(head)          # frozen: dequantized once (vocab x dim fp32)
+        self.head = _np(self._head_mx)
+        self.cached_mb = self._fill_cache(weight_cache_mb)
+        self._paths = None
+
+    def _fill_cache(self, budget_mb: float) -> float:
+        """Keep fp32 copies of frozen weights up to ``budget_mb`` MiB, adapted blocks first (their
+        weights are used twice per step), top down. Returns the MiB used."""
+        used, budget = 0, budget_mb * 2 ** 20
+        order = self.blocks[self.first:][::-1] + self.blocks[:self.first][::-1]
+        for b in order:
+            for p in b.proj.values():
+                if used + p.nbytes > budget:
+                    return used / 2 ** 20
+                p.cached = np.array(p.weight())
+                used += p.nbytes
+        return used / 2 ** 20
+
+    def _pack(self, batch):
+        """(token ids, geometry, loss rows, loss targets) of the batch's real tokens, packed."""
+        lengths = [int(n) for n in batch.lengths]
+        T = batch.inputs.shape[1]
+        ids = np.concatenate([batch.inputs[i, :n] for i, n in enumerate(lengths)])
+        offsets = np.cumsum([0] + lengths[:-1])
+        row, col = np.divmod(batch.loss_index, T)
+        rows = (offsets[row] + col).astype(np.int64)
+        targets = batch.targets.reshape(-1)[batch.loss_index]
+        return ids, _Geometry(lengths), rows, targets
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return np.array(_np(self.embed(mx.array(ids.astype(np.int32)))))
+
+    def _head_loss(self, x: np.ndarray, rows: np.ndarray, targets: np.ndarray, grad: bool):
+        """Summed cross-entropy of the loss rows, and its gradient w.r.t. all of ``x``."""
+        hn, n, r = _rms(x[rows], self.norm_w, self.norm_eps)
+        total, dhn = 0.0, (np.empty_like(hn) if grad else None)
+        for s in range(0, hn.shape[0], CE_CHUNK_ROWS):
+            logits = hn[s:s + CE_CHUNK_ROWS] @ self.head.T
+            total += float(softmax_ce(logits, targets[s:s + CE_CHUNK_ROWS], grad).sum(dtype=np.float64))
+            if grad:
+                dhn[s:s + CE_CHUNK_ROWS] = logits @ self.head      # (softmax - onehot) @ W
+        if not grad:
+            return total, None
+        dx = np.zeros_like(x)
+        dx[rows] = _rms_back(dhn, self.norm_w, n, r)        # loss rows are distinct positions
+        return total, dx
+
+    def loss(self, batch) -> float:
+        """Summed token loss of ``batch`` (no gradient, nothing kept)."""
+        ids, geo, rows, targets = self._pack(batch)
+        x = self._embed(ids)
+        for b in self.blocks:
+            x = b.forward(x, geo, None, None)
+        return self._head_loss(x, rows, targets, grad=False)[0]
+
+    def loss_and_grad(self, batch, seed=(0,)):
+        """(summed token loss, gradient tree shaped like ``model.trainable_parameters()``).
+
+        ``seed``: int or tuple of ints; LoRA dropout masks are a function of it.
+        """
+        seed = tuple(seed) if isinstance(seed, (tuple, list)) else (seed,)
+        ids, geo, rows, targets = self._pack(batch)
+        x = self._embed(ids)
+        for b in self.blocks[:self.first]:
+            x = b.forward(x, geo, None, None)
+        kept = []
+        # one dropout seed per block, so a recomputed block draws the same masks
+        seeds = [seed + (i,) for i in range(self.first, len(self.blocks))]
+        for b, s in zip(self.blocks[self.first:], seeds):
+            if self.grad_checkpoint:
+                kept.append(x)
+                x = b.forward(x, geo, np.random.default_rng(s), None)
+            else:
+                ctx = {}
+                x = b.forward(x, geo, np.random.default_rng(s), ctx)
+                kept.append(ctx)
+        total, dx = self._head_loss(x, rows, targets, grad=True)
+        grads: dict[str, np.ndarray] = {}
+        for i in range(len(self.blocks) - 1, self.first - 1, -1):
+            b, ctx = self.blocks[i], kept.pop()
+            if self.grad_checkpoint:
+                x_in, ctx = ctx, {}
+                b.forward(x_in, geo, np.random.default_rng(seeds[i - self.first]), ctx)
+                del x_in
+            dx = b.backward(dx, ctx, geo, grads, need_dx=i > self.first)
+        if self._paths is None:    # the tree's shape, with leaf paths (walking modules costs ~25 ms)
+            self._paths = tree_map_with_path(lambda path, v: path, self.model.trainable_parameters())
+        return total, tree_map(lambda path: mx.array(grads[path]), self._paths)

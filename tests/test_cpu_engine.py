@@ -1,0 +1,134 @@
+"""The NumPy/BLAS CPU engine against MLX autodiff on the plain mlx-lm model (no fast path)."""
+from __future__ import annotations
+
+import mlx_qlora  # noqa: F401  (BLAS before mlx.core)
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.utils import load_model
+
+from mlx_qlora import cpu_engine, fastpath
+from mlx_qlora.cpu_engine import CpuEngine
+from mlx_qlora.data import Example, collate
+from mlx_qlora.lora import LoRALinear, apply_lora
+from mlx_qlora.train import make_loss
+from mlx_qlora.train_config import LoraConfig
+
+
+def rel_err(a, b) -> float:
+    a, b = np.array(a, dtype=np.float64), np.array(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def model_for(path, bits=4, lora=None, seed=0):
+    model, _ = load_model(path)
+    if bits:
+        nn.quantize(model, group_size=32, bits=bits)
+    mx.random.seed(seed)
+    apply_lora(model, lora or LoraConfig(rank=4, alpha=8, layers="all", targets="all-linear"))
+    for _, m in model.named_modules():     # a trained-looking adapter: lora_b != 0
+        if isinstance(m, LoRALinear):
+            m.lora_b = 0.05 * mx.random.normal(m.lora_b.shape)
+    mx.eval(model.parameters())
+    return model
+
+
+def batch(seed=0, lengths=(9, 5, 12), vocab=200, prompt=3):
+    """Rows of different lengths (so packing matters); loss only after a 3-token prompt."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for n in lengths:
+        mask = np.arange(n) >= prompt
+        rows.append(Example(rng.integers(1, vocab, n).astype(np.int32), mask))
+    return collate(rows)
+
+
+def reference(model, b):
+    """Loss sum and gradients from MLX autodiff over the plain model (quantized_matmul, MLX sdpa)."""
+    with fastpath.disabled():
+        loss_fn = make_loss(model)
+        vg = nn.value_and_grad(model, loss_fn)
+        loss, g = vg(model, mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_index))
+        mx.eval(loss, g)
+    return loss.item(), dict(tree_flatten(g))
+
+
+@pytest.mark.parametrize("arch,bits,layers,targets", [
+    ("llama", 4, "all", "all-linear"),
+    ("llama", None, "last 1", ["q_proj", "v_proj", "down_proj"]),
+    ("llama", 8, [0], ["k_proj", "o_proj", "up_proj"]),       # frozen block above the adapted one
+    ("qwen2", 4, "all", "all-linear"),                          # q/k/v biases, untied head
+])
+def test_loss_and_grads_match_mlx_autodiff(request, arch, bits, layers, targets):
+    path = request.getfixturevalue(f"tiny_hf_{arch}")
+    model = model_for(path, bits, LoraConfig(rank=4, alpha=8, layers=layers, targets=targets))
+    b = batch()
+    ref_loss, ref = reference(model, b)
+    loss, grads = CpuEngine(model).loss_and_grad(b)
+    grads = dict(tree_flatten(grads))
+    assert abs(loss - ref_loss) / abs(ref_loss) < 1e-5
+    assert set(grads) == set(ref) and len(ref) > 0
+    for k in ref:
+        assert grads[k].shape == ref[k].shape
+        assert rel_err(grads[k], ref[k]) < 1e-4, k
+    assert abs(CpuEngine(model).loss(b) - ref_loss) / abs(ref_loss) < 1e-5
+
+
+def test_fresh_adapter_loss_equals_base_model(tiny_hf_llama):
+    """B = 0: the engine's loss is the base model's (plain mlx-lm forward, no LoRA at all)."""
+    base, _ = load_model(tiny_hf_llama)
+    nn.quantize(base, group_size=32, bits=4)
+    b = batch(1)
+    with fastpath.disabled():
+        logits = base(mx.array(b.inputs)).reshape(-1, base.args.vocab_size)[mx.array(b.loss_index)]
+        want = nn.losses.cross_entropy(logits, mx.array(b.targets.reshape(-1)[b.loss_index]), reduction="sum").item()
+    mx.random.seed(0)
+    apply_lora(base, LoraConfig(rank=4, alpha=8, layers="all", targets="all-linear"))
+    assert abs(CpuEngine(base).loss(b) - want) / want < 1e-5
+
+
+def test_checkpointing_and_weight_cache_change_nothing(tiny_hf_llama):
+    """Recomputed blocks (same dropout masks) and cached fp32 weights give the same numbers."""
+    model = model_for(tiny_hf_llama, 4, LoraConfig(rank=4, alpha=8, layers="all", targets="all-linear", dropout=0.2))
+    b = batch(2)
+    runs = [CpuEngine(model, grad_checkpoint=ck, weight_cache_mb=mb).loss_and_grad(b, seed=(3, 1))
+            for ck, mb in ((False, 0), (True, 0), (False, 64), (True, 64))]
+    assert CpuEngine(model, weight_cache_mb=64).cached_mb > 0
+    l0, g0 = runs[0][0], dict(tree_flatten(runs[0][1]))
+    for loss, g in runs[1:]:
+        assert loss == pytest.approx(l0, rel=1e-6)
+        for k, v in tree_flatten(g):
+            assert rel_err(v, g0[k]) < 1e-6, k
+    # dropout is on: another seed draws other masks, and evaluation draws none
+    other = CpuEngine(model).loss_and_grad(b, seed=(3, 2))[0]
+    assert other != pytest.approx(l0, rel=1e-6)
+    assert CpuEngine(model).loss(b) == pytest.approx(CpuEngine(model).loss(b), rel=0)
+
+
+@pytest.mark.parametrize("traditional,dims", [(False, 16), (True, 16), (False, 8)])
+def test_rope_matches_mlx_fast_rope(tiny_hf_llama, traditional, dims):
+    model = model_for(tiny_hf_llama)
+    blk = CpuEngine(model).blocks[0]
+    blk.rope = (dims, traditional, 1000.0, 0.5)
+    heads, d, lengths = 3, blk.d, [7, 4]
+    geo = cpu_engine._Geometry(lengths)
+    x = np.random.default_rng(0).normal(size=(sum(lengths), heads * d)).astype(np.float32)
+    got = blk._rope(x, heads, geo, inverse=False)
+    for (s, n) in geo.segments:
+        seg = mx.array(x[s:s + n].reshape(n, heads, d).transpose(1, 0, 2))
+        want = mx.fast.rope(seg, dims, traditional=traditional, base=1000.0, scale=0.5, offset=0)
+        assert rel_err(got[s:s + n], np.array(want).transpose(1, 0, 2).reshape(n, -1)) < 1e-5
+    assert rel_err(blk._rope(got, heads, geo, inverse=True), x) < 1e-5     # the transpose undoes it
+
+
+def test_unsupported_models_fall_back(tiny_hf_llama):
+    model = model_for(tiny_hf_llama, lora=LoraConfig(rank=4, alpha=8, use_dora=True))
+    assert cpu_engine.unsupported(model) == "DoRA"
+    with pytest.raises(ValueError, match="DoRA"):
+        CpuEngine(model)
+    plain = model_for(tiny_hf_llama)
+    assert cpu_engine.unsupported(plain) is None
+    plain.model.norm.unfreeze()
+    assert "other than LoRA" in cpu_engine.unsupported(plain)
