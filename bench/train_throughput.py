@@ -70,30 +70,32 @@ def timed(step_fn, rows, warmup: int) -> dict:
 
 
 # ------------------------------------------------------------------ workers (one per process)
-def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int) -> dict:
+def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int, weight_cache_mb: float = 1024) -> dict:
     import mlx_qlora  # noqa: F401  (BLAS before mlx.core)
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
     import numpy as np
     from mlx.utils import tree_map
 
     from mlx_qlora.data import Example, collate
     from mlx_qlora.lora import apply_lora, count_parameters
-    from mlx_qlora.train import load_base, make_loss, prepare_model
+    from mlx_qlora.train import load_base, make_step_fns, prepare_model
     from mlx_qlora.train_config import LoraConfig
 
     model, tok = load_base(model_dir)
     prepare_model(model)
     apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, layers=LAYERS))
-    value_and_grad = nn.value_and_grad(model, make_loss(model))
+    # what `mlx_qlora train` runs: the CPU engine on CPU, MLX autodiff elsewhere
+    grad_fn, _ = make_step_fns(model, weight_cache_mb=weight_cache_mb, say=lambda m: print(m, file=sys.stderr))
     opt = optim.AdamW(learning_rate=1e-4)
+    step_no = [0]
 
     def step(rows):
         b = collate([Example(np.array(r, np.int32), np.ones(len(r), bool)) for r in rows])
-        loss, g = value_and_grad(model, mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_index))
+        loss, g = grad_fn(b, (0, step_no[0], 0))
         opt.update(model, tree_map(lambda x: x / b.n_loss, g))
-        mx.eval(loss, model.trainable_parameters(), opt.state)
+        mx.eval(model.trainable_parameters(), opt.state)
+        step_no[0] += 1
 
     res = timed(step, tokenized(tok, n_rows), warmup)
     res["trainable"] = count_parameters(model)[0]
@@ -217,7 +219,8 @@ def worker_7b(steps: int) -> dict:
     from mlx_lm.models.llama import Model, ModelArgs
 
     from mlx_qlora.lora import apply_lora, count_parameters
-    from mlx_qlora.train import grad_checkpoint, make_loss, prepare_model
+    from mlx_qlora.data import collate, Example
+    from mlx_qlora.train import make_step_fns, prepare_model
     from mlx_qlora.train_config import LoraConfig
 
     args = ModelArgs(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
@@ -232,20 +235,19 @@ def worker_7b(steps: int) -> dict:
         mx.eval(child.parameters())
     prepare_model(model)
     apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, layers="all"))
-    grad_checkpoint(model)
-    value_and_grad = nn.value_and_grad(model, make_loss(model))
+    grad_fn, _ = make_step_fns(model, grad_checkpointing=True, say=lambda m: print(m, file=sys.stderr))
     opt = optim.AdamW(learning_rate=1e-4)
     rng = np.random.default_rng(0)
     times = []
-    for _ in range(steps):
-        toks = rng.integers(0, args.vocab_size, (1, 257)).astype(np.int32)
+    for i in range(steps):
+        b = collate([Example(rng.integers(0, args.vocab_size, 257).astype(np.int32), np.ones(257, bool))])
         t0 = time.perf_counter()
-        loss, g = value_and_grad(model, mx.array(toks[:, :-1]), mx.array(toks[:, 1:]), mx.arange(256))
-        opt.update(model, tree_map(lambda x: x / 256, g))
-        mx.eval(loss, model.trainable_parameters(), opt.state)
+        loss, g = grad_fn(b, (0, i, 0))
+        opt.update(model, tree_map(lambda x: x / b.n_loss, g))
+        mx.eval(model.trainable_parameters(), opt.state)
         times.append(time.perf_counter() - t0)
     trainable, total = count_parameters(model)
-    return {"peak_rss_gib": peak_rss_gib(), "s_per_step": times, "loss": loss.item(), "trainable": trainable,
+    return {"peak_rss_gib": peak_rss_gib(), "s_per_step": times, "loss": loss / 256, "trainable": trainable,
             "params": total}
 
 
@@ -269,6 +271,7 @@ def main():
     ap.add_argument("--steps-7b", type=int, default=2)
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--skip-mlx-lm", action="store_true")
+    ap.add_argument("--weight-cache-mb", type=float, default=1024, help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
 
@@ -277,7 +280,8 @@ def main():
         return
     if a.worker:
         n_rows = BATCH * (a.warmup + a.steps)
-        print(json.dumps(WORKERS[a.worker](a.model, n_rows, a.warmup)))
+        extra = {"weight_cache_mb": a.weight_cache_mb} if a.worker == "mlx_qlora" else {}
+        print(json.dumps(WORKERS[a.worker](a.model, n_rows, a.warmup, **extra)))
         return
 
     if not (Path(a.model) / "config.json").exists():
@@ -286,6 +290,9 @@ def main():
     base = ["--model", a.model, "--warmup", str(a.warmup)]
     results = {"mlx_qlora": run_worker("mlx_qlora", base + ["--steps", str(a.steps)])}
     print(f"mlx_qlora: {results['mlx_qlora']}", flush=True)
+    # the same engine holding no fp32 weights at all (every use dequantizes the 4-bit weight)
+    results["mlx_qlora, cache 0"] = run_worker("mlx_qlora", base + ["--steps", str(a.steps), "--weight-cache-mb", "0"])
+    print(f"mlx_qlora, cache 0: {results['mlx_qlora, cache 0']}", flush=True)
     if not a.skip_mlx_lm:
         results["mlx-lm QLoRA"] = run_worker("mlx-lm", ["--model", a.model, "--warmup", "1", "--steps", str(a.mlx_lm_steps)])
         print(f"mlx-lm QLoRA: {results['mlx-lm QLoRA']}", flush=True)
@@ -304,17 +311,17 @@ def main():
     torch_r, stock = results.get("torch+PEFT fp32", {}), results.get("mlx-lm QLoRA", {})
     print(f"\nSmolLM2-135M, WikiSQL, batch {BATCH}, LoRA rank {RANK} on all linears of the last {LAYERS} layers "
           f"({os.cpu_count()} CPU threads)\n")
-    print(f"| {'system':<16} | {'tok/s':>7} | {'peak RSS GiB':>12} | {'trainable':>9} | {'tok/s vs torch':>14} "
+    print(f"| {'system':<18} | {'tok/s':>7} | {'peak RSS GiB':>12} | {'trainable':>9} | {'tok/s vs torch':>14} "
           f"| {'RSS vs torch':>12} | {'tok/s vs mlx-lm':>15} |")
-    print(f"|{'-' * 18}|{'-' * 9}|{'-' * 14}|{'-' * 11}|{'-' * 16}|{'-' * 14}|{'-' * 17}|")
+    print(f"|{'-' * 20}|{'-' * 9}|{'-' * 14}|{'-' * 11}|{'-' * 16}|{'-' * 14}|{'-' * 17}|")
     for name, r in results.items():
         if "error" in r:
-            print(f"| {name:<16} | failed: {r['error']}")
+            print(f"| {name:<18} | failed: {r['error']}")
             continue
         vs_t = f"{r['tok_s'] / torch_r['tok_s']:.2f}x" if "tok_s" in torch_r else "-"
         rss_t = f"{r['peak_rss_gib'] / torch_r['peak_rss_gib']:.2f}x" if "tok_s" in torch_r else "-"
         vs_m = f"{r['tok_s'] / stock['tok_s']:.1f}x" if "tok_s" in stock else "-"
-        print(f"| {name:<16} | {r['tok_s']:7.1f} | {r['peak_rss_gib']:12.2f} | {r['trainable']:9,} | {vs_t:>14} "
+        print(f"| {name:<18} | {r['tok_s']:7.1f} | {r['peak_rss_gib']:12.2f} | {r['trainable']:9,} | {vs_t:>14} "
               f"| {rss_t:>12} | {vs_m:>15} |")
     if not a.skip_7b:
         r = run_worker("7b", ["--steps-7b", str(a.steps_7b)])

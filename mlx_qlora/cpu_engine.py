@@ -27,7 +27,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from .fastpath import CE_CHUNK_ROWS, causal_mask, dense_weight, sigmoid_np, softmax_ce
+from . import cpu_ops as ops
+from .fastpath import CE_CHUNK_ROWS, dense_weight
 from .lora import LoRALinear
 
 ENGINE_TYPES = {"llama", "mistral", "qwen2"}
@@ -66,17 +67,6 @@ def _np(a: mx.array) -> np.ndarray:
     a = a if a.dtype == mx.float32 else a.astype(mx.float32)
     mx.eval(a)
     return np.asarray(a)
-
-
-def _rms(x: np.ndarray, w: np.ndarray, eps: float):
-    r = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + eps)
-    n = x * r
-    return n * w, n, r
-
-
-def _rms_back(dy: np.ndarray, w: np.ndarray, n: np.ndarray, r: np.ndarray) -> np.ndarray:
-    g = dy * w
-    return r * (g - n * np.mean(g * n, axis=-1, keepdims=True))
 
 
 class _Proj:
@@ -159,106 +149,45 @@ class _Block:
         self.trainable = any(p.lora is not None for p in self.proj.values())
         self.h, self.hkv = a.n_heads, a.n_kv_heads
         self.d = self.proj["q_proj"].base.weight.shape[0] // self.h
-        self.scale = F32(a.scale)
+        self.heads = ops.Heads(self.h, self.hkv, self.d, a.scale)
         r = a.rope
         self.rope = (r.dims, r.traditional, float(r.base), float(r.scale))
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.w1, self.eps1, self.w2, self.eps2 = _np(n1.weight), n1.eps, _np(n2.weight), n2.eps
 
-    # -- RoPE on (tokens, heads * d): rotate by +theta (forward) or -theta (its transpose)
     def _rope(self, x: np.ndarray, heads: int, geo: _Geometry, inverse: bool) -> np.ndarray:
         dims, trad, base, scale = self.rope
         cos, sin = geo.rope_tables(dims, base, scale)
-        if inverse:
-            sin = -sin
-        x3 = x.reshape(-1, heads, self.d)
-        out = x3.copy()
-        i1, i2 = (slice(0, dims, 2), slice(1, dims, 2)) if trad else (slice(0, dims // 2), slice(dims // 2, dims))
-        x1, x2 = x3[..., i1], x3[..., i2]
-        out[..., i1] = x1 * cos - x2 * sin
-        out[..., i2] = x2 * cos + x1 * sin
-        return out.reshape(x.shape)
-
-    def _group(self, t: np.ndarray, s: int, n: int) -> np.ndarray:
-        """Query rows of one segment as (kv heads, rep * n, d): heads h = kv * rep + j."""
-        rep = self.h // self.hkv
-        return t[s:s + n].reshape(n, self.hkv, rep, self.d).transpose(1, 2, 0, 3).reshape(self.hkv, rep * n, self.d)
-
-    def _ungroup(self, t: np.ndarray, n: int) -> np.ndarray:
-        rep = self.h // self.hkv
-        return t.reshape(self.hkv, rep, n, self.d).transpose(2, 0, 1, 3).reshape(n, self.h * self.d)
-
-    def _kv(self, t: np.ndarray, s: int, n: int) -> np.ndarray:
-        return np.ascontiguousarray(t[s:s + n].reshape(n, self.hkv, self.d).transpose(1, 0, 2))
-
-    def _attention(self, q, k, v, geo: _Geometry, ctx: dict | None) -> np.ndarray:
-        out = np.empty((geo.n, self.h * self.d), F32)
-        probs = []
-        rep = self.h // self.hkv
-        for s, n in geo.segments:
-            sc = self._group(q, s, n) @ self._kv(k, s, n).transpose(0, 2, 1)      # (hkv, rep*n, n)
-            sc *= self.scale
-            np.copyto(sc, -np.inf, where=causal_mask(rep, n, n))
-            sc -= sc.max(axis=-1, keepdims=True)
-            np.exp(sc, out=sc)
-            sc *= 1.0 / sc.sum(axis=-1, keepdims=True)
-            out[s:s + n] = self._ungroup(sc @ self._kv(v, s, n), n)
-            if ctx is not None:
-                probs.append(sc)
-        if ctx is not None:
-            ctx["probs"] = probs
-        return out
-
-    def _attention_back(self, do, q, k, v, probs, geo: _Geometry):
-        dq = np.empty_like(q)
-        dk, dv = np.empty_like(k), np.empty_like(v)
-        for (s, n), p in zip(geo.segments, probs):
-            dos = self._group(do, s, n)
-            ks, vs = self._kv(k, s, n), self._kv(v, s, n)
-            dv[s:s + n] = (p.transpose(0, 2, 1) @ dos).transpose(1, 0, 2).reshape(n, -1)
-            dp = dos @ vs.transpose(0, 2, 1)
-            dp -= np.sum(dp * p, axis=-1, keepdims=True)
-            dp *= p                                   # d scores
-            dp *= self.scale
-            dq[s:s + n] = self._ungroup(dp @ ks, n)
-            dk[s:s + n] = (dp.transpose(0, 2, 1) @ self._group(q, s, n)).transpose(1, 0, 2).reshape(n, -1)
-        return dq, dk, dv
+        return ops.rope(x, heads, cos, sin, dims, trad, inverse)
 
     def forward(self, x: np.ndarray, geo: _Geometry, rng, ctx: dict | None) -> np.ndarray:
         P = self.proj
-        a_in, n1, r1 = _rms(x, self.w1, self.eps1)
+        a_in, n1, r1 = ops.rms(x, self.w1, self.eps1)
         q = self._rope(P["q_proj"].forward(a_in, rng, ctx), self.h, geo, False)
         k = self._rope(P["k_proj"].forward(a_in, rng, ctx), self.hkv, geo, False)
         v = P["v_proj"].forward(a_in, rng, ctx)
-        o = self._attention(q, k, v, geo, ctx)
+        o, probs = ops.attention(q, k, v, geo.segments, self.heads, ctx is not None)
         h = x + P["o_proj"].forward(o, rng, ctx)
         del o
-        m_in, n2, r2 = _rms(h, self.w2, self.eps2)
+        m_in, n2, r2 = ops.rms(h, self.w2, self.eps2)
         g, u = P["gate_proj"].forward(m_in, rng, ctx), P["up_proj"].forward(m_in, rng, ctx)
-        act = g * sigmoid_np(g)
-        act *= u
+        act, sig = ops.swiglu(g, u, keep_sigmoid=ctx is not None)
         out = h + P["down_proj"].forward(act, rng, ctx)
         if ctx is not None:
-            ctx.update(n1=n1, r1=r1, q=q, k=k, v=v, n2=n2, r2=r2, g=g, u=u)
+            ctx.update(n1=n1, r1=r1, q=q, k=k, v=v, probs=probs, n2=n2, r2=r2, g=g, u=u, sig=sig)
         return out
 
     def backward(self, dout: np.ndarray, ctx: dict, geo: _Geometry, grads: dict, need_dx: bool) -> np.ndarray | None:
         P = self.proj
         dact = P["down_proj"].backward(dout, ctx, grads, True)
-        g, u = ctx.pop("g"), ctx.pop("u")
-        s = sigmoid_np(g)
-        du = dact * g * s                             # d/du silu(g) u = silu(g)
-        dg = (1.0 - s) * g                            # d/dg silu(g) = s (1 + g (1 - s))
-        dg += 1.0
-        dg *= s
-        dg *= u
-        dg *= dact
-        del dact, g, u, s
+        dg, du = ops.swiglu_back(dact, ctx.pop("g"), ctx.pop("u"), ctx.pop("sig"))
+        del dact
         dm = P["gate_proj"].backward(dg, ctx, grads, True)
         dm += P["up_proj"].backward(du, ctx, grads, True)
-        dh = dout + _rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2"))
+        dh = dout + ops.rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2"))
         do = P["o_proj"].backward(dh, ctx, grads, True)
-        dq, dk, dv = self._attention_back(do, ctx.pop("q"), ctx.pop("k"), ctx.pop("v"), ctx.pop("probs"), geo)
+        dq, dk, dv = ops.attention_back(do, ctx.pop("q"), ctx.pop("k"), ctx.pop("v"), ctx.pop("probs"), geo.segments,
+                                        self.heads)
         dq = self._rope(dq, self.h, geo, True)
         dk = self._rope(dk, self.hkv, geo, True)
         da = P["q_proj"].backward(dq, ctx, grads, need_dx)
@@ -268,7 +197,7 @@ class _Block:
             return None
         da += dka
         da += dva
-        return dh + _rms_back(da, self.w1, ctx.pop("n1"), ctx.pop("r1"))
+        return dh + ops.rms_back(da, self.w1, ctx.pop("n1"), ctx.pop("r1"))
 
 
 class CpuEngine:
@@ -322,17 +251,17 @@ class CpuEngine:
 
     def _head_loss(self, x: np.ndarray, rows: np.ndarray, targets: np.ndarray, grad: bool):
         """Summed cross-entropy of the loss rows, and its gradient w.r.t. all of ``x``."""
-        hn, n, r = _rms(x[rows], self.norm_w, self.norm_eps)
+        hn, n, r = ops.rms(x[rows], self.norm_w, self.norm_eps)
         total, dhn = 0.0, (np.empty_like(hn) if grad else None)
         for s in range(0, hn.shape[0], CE_CHUNK_ROWS):
             logits = hn[s:s + CE_CHUNK_ROWS] @ self.head.T
-            total += float(softmax_ce(logits, targets[s:s + CE_CHUNK_ROWS], grad).sum(dtype=np.float64))
+            total += float(ops.softmax_ce_rows(logits, targets[s:s + CE_CHUNK_ROWS], grad).sum(dtype=np.float64))
             if grad:
                 dhn[s:s + CE_CHUNK_ROWS] = logits @ self.head      # (softmax - onehot) @ W
         if not grad:
             return total, None
         dx = np.zeros_like(x)
-        dx[rows] = _rms_back(dhn, self.norm_w, n, r)        # loss rows are distinct positions
+        dx[rows] = ops.rms_back(dhn, self.norm_w, n, r)        # loss rows are distinct positions
         return total, dx
 
     def loss(self, batch) -> float:

@@ -140,22 +140,23 @@ def _arrays(b: Batch):
     return mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_index)
 
 
-def make_step_fns(model: nn.Module, cfg: TrainConfig, say=print):
+def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_engine: bool = True,
+                  weight_cache_mb: float = 1024, say=print):
     """(grad_fn(batch, seed) -> (loss sum, grads), loss_fn(batch) -> loss sum) for this device.
 
     On CPU the NumPy/BLAS engine (``cpu_engine``) when it covers the model, else MLX autodiff
     (the fast-path kernels of ``fastpath``; Metal/CUDA always take this path). Losses and
     gradients are of the summed token loss; the caller divides by the loss-token count.
     """
-    if fastpath.on_cpu() and cfg.cpu_engine:
+    if fastpath.on_cpu() and use_cpu_engine:
         why = cpu_engine.unsupported(model)
         if why is None:
-            eng = cpu_engine.CpuEngine(model, cfg.grad_checkpoint, cfg.cpu_weight_cache_mb)
+            eng = cpu_engine.CpuEngine(model, grad_checkpointing, weight_cache_mb)
             say(f"engine: CPU NumPy/BLAS, padding-free; {eng.cached_mb:,.1f} MiB of fp32 weight cache "
-                f"(cpu_weight_cache_mb={cfg.cpu_weight_cache_mb})")
+                f"(cpu_weight_cache_mb={weight_cache_mb})")
             return eng.loss_and_grad, eng.loss
         say(f"engine: MLX autodiff (the CPU engine does not cover {why})")
-    if cfg.grad_checkpoint:
+    if grad_checkpointing:
         grad_checkpoint(model)
     loss_fn = make_loss(model)
     value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -271,7 +272,7 @@ def train(cfg: TrainConfig) -> dict:
                   f"truncated{f', {ds.dropped} dropped (no loss token left)' if ds.dropped else ''}; raise data.max_seq_len to keep them")
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    grad_fn, eval_fn = make_step_fns(model, cfg, rep.print)
+    grad_fn, eval_fn = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb, rep.print)
     lengths = [len(e.tokens) for e in ds.train]
     order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"])
     last_ckpt = None

@@ -1,0 +1,188 @@
+"""NumPy kernels of the CPU engine: RMSNorm, RoPE, SwiGLU, causal GQA attention and their backward.
+
+Activations are (tokens, features) fp32 matrices of a packed batch; ``segments`` are the
+(start, length) row ranges of its sequences. BLAS matmuls use every core by themselves; the
+elementwise passes (exp above all) are single-threaded in NumPy, so the large ones are split by
+rows over a small thread pool (NumPy releases the GIL inside its loops): on 2 cores the
+SwiGLU, attention softmax and vocabulary softmax passes take about half the time.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .fastpath import causal_mask, sigmoid_np, softmax_ce
+
+F32 = np.float32
+THREADS = max(1, min(os.cpu_count() or 1, 8))
+MIN_SPLIT = 1 << 16            # elements below which a pass runs on the calling thread
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def parallel(tasks: list) -> list:
+    """Run zero-argument callables on the pool (the first on this thread); their results in order."""
+    if len(tasks) <= 1 or THREADS == 1:
+        return [t() for t in tasks]
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(THREADS - 1, thread_name_prefix="mlx_qlora_cpu"))
+    futures = [_POOL[0].submit(t) for t in tasks[1:]]
+    first = tasks[0]()
+    return [first] + [f.result() for f in futures]
+
+
+def row_parts(rows: int, cols: int) -> list[tuple[int, int]]:
+    """Split ``rows`` into up to THREADS contiguous ranges (one when the matrix is small)."""
+    k = min(THREADS, max(1, rows * cols // MIN_SPLIT), rows)
+    bounds = [rows * i // k for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+# ------------------------------------------------------------------ RMSNorm
+def rms(x: np.ndarray, w: np.ndarray, eps: float):
+    """(x / rms(x) * w, x / rms(x), 1 / rms(x)) over the last axis."""
+    r = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + eps)
+    n = x * r
+    return n * w, n, r
+
+
+def rms_back(dy: np.ndarray, w: np.ndarray, n: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """dL/dx of ``rms`` given dL/dy, the normalized rows ``n`` and ``r``."""
+    g = dy * w
+    return r * (g - n * np.mean(g * n, axis=-1, keepdims=True))
+
+
+# ------------------------------------------------------------------ RoPE
+def rope(x: np.ndarray, heads: int, cos: np.ndarray, sin: np.ndarray, dims: int, traditional: bool,
+         inverse: bool = False) -> np.ndarray:
+    """Rotate the first ``dims`` features of each head by +theta (or -theta: the transpose, for
+    gradients). ``x`` is (tokens, heads * d); ``cos``/``sin`` are (tokens, 1, dims / 2)."""
+    x3 = x.reshape(x.shape[0], heads, -1)
+    out = x3.copy()
+    if inverse:
+        sin = -sin
+    i1, i2 = (slice(0, dims, 2), slice(1, dims, 2)) if traditional else (slice(0, dims // 2), slice(dims // 2, dims))
+    x1, x2 = x3[..., i1], x3[..., i2]
+    out[..., i1] = x1 * cos - x2 * sin
+    out[..., i2] = x2 * cos + x1 * sin
+    return out.reshape(x.shape)
+
+
+# ------------------------------------------------------------------ SwiGLU
+def swiglu(g: np.ndarray, u: np.ndarray, keep_sigmoid: bool):
+    """(silu(g) * u, sigmoid(g) or None)."""
+    out = np.empty_like(g)
+    sig = np.empty_like(g) if keep_sigmoid else None
+
+    def part(lo, hi):
+        s = sigmoid_np(g[lo:hi])
+        if sig is not None:
+            sig[lo:hi] = s
+        s *= g[lo:hi]
+        s *= u[lo:hi]
+        out[lo:hi] = s
+
+    parallel([lambda lo=lo, hi=hi: part(lo, hi) for lo, hi in row_parts(*g.shape)])
+    return out, sig
+
+
+def swiglu_back(dact: np.ndarray, g: np.ndarray, u: np.ndarray, sig: np.ndarray | None):
+    """(dL/dg, dL/du) of silu(g) * u; ``sig`` is sigmoid(g) when kept by the forward."""
+    dg, du = np.empty_like(g), np.empty_like(u)
+
+    def part(lo, hi):
+        gs, us, ds = g[lo:hi], u[lo:hi], dact[lo:hi]
+        s = sigmoid_np(gs) if sig is None else sig[lo:hi]
+        fu = gs * s                          # d/du silu(g) u = silu(g)
+        np.multiply(ds, fu, out=du[lo:hi])
+        t = 1.0 - s                          # d/dg silu(g) = s (1 + g (1 - s))
+        t *= gs
+        t += 1.0
+        t *= s
+        t *= us
+        np.multiply(t, ds, out=dg[lo:hi])
+
+    parallel([lambda lo=lo, hi=hi: part(lo, hi) for lo, hi in row_parts(*g.shape)])
+    return dg, du
+
+
+# ------------------------------------------------------------------ attention (causal, GQA)
+class Heads:
+    """Head layout: ``h`` query heads share ``hkv`` key/value heads (query head i uses kv head
+    i // rep), each of ``d`` features; scores are scaled by ``scale``."""
+
+    def __init__(self, h: int, hkv: int, d: int, scale: float):
+        self.h, self.hkv, self.d, self.rep, self.scale = h, hkv, d, h // hkv, F32(scale)
+
+    def group(self, t: np.ndarray, s: int, n: int) -> np.ndarray:
+        """Query-shaped rows of one segment as (hkv, rep * n, d)."""
+        return t[s:s + n].reshape(n, self.hkv, self.rep, self.d).transpose(1, 2, 0, 3).reshape(self.hkv, self.rep * n, self.d)
+
+    def ungroup(self, t: np.ndarray, n: int) -> np.ndarray:
+        return t.reshape(self.hkv, self.rep, n, self.d).transpose(2, 0, 1, 3).reshape(n, self.h * self.d)
+
+    def kv(self, t: np.ndarray, s: int, n: int) -> np.ndarray:
+        return np.ascontiguousarray(t[s:s + n].reshape(n, self.hkv, self.d).transpose(1, 0, 2))
+
+    def kv_rows(self, t: np.ndarray, n: int) -> np.ndarray:
+        return t.transpose(1, 0, 2).reshape(n, self.hkv * self.d)
+
+
+def _balanced(segments: list[tuple[int, int]]) -> list[list[int]]:
+    """Segment indices split over the threads, balancing the n^2 attention work."""
+    groups, load = [[] for _ in range(min(THREADS, len(segments)))], None
+    load = [0] * len(groups)
+    for i in sorted(range(len(segments)), key=lambda i: -segments[i][1]):
+        j = load.index(min(load))
+        groups[j].append(i)
+        load[j] += segments[i][1] ** 2
+    return [g for g in groups if g]
+
+
+def attention(q, k, v, segments, hd: Heads, keep_probs: bool):
+    """Causal softmax(q k^T * scale) v per segment; also the probabilities when ``keep_probs``."""
+    out = np.empty((q.shape[0], hd.h * hd.d), F32)
+    probs = [None] * len(segments)
+
+    def one(i):
+        s, n = segments[i]
+        sc = hd.group(q, s, n) @ hd.kv(k, s, n).transpose(0, 2, 1)        # (hkv, rep*n, n)
+        sc *= hd.scale
+        np.copyto(sc, -np.inf, where=causal_mask(hd.rep, n, n))
+        sc -= sc.max(axis=-1, keepdims=True)
+        np.exp(sc, out=sc)
+        sc *= 1.0 / sc.sum(axis=-1, keepdims=True)
+        out[s:s + n] = hd.ungroup(sc @ hd.kv(v, s, n), n)
+        if keep_probs:
+            probs[i] = sc
+
+    parallel([lambda g=g: [one(i) for i in g] for g in _balanced(segments)])
+    return out, probs
+
+
+def attention_back(do, q, k, v, probs, segments, hd: Heads):
+    """(dq, dk, dv) of ``attention`` from dL/d out and the kept probabilities."""
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+
+    def one(i):
+        (s, n), p = segments[i], probs[i]
+        dos = hd.group(do, s, n)
+        dv[s:s + n] = hd.kv_rows(p.transpose(0, 2, 1) @ dos, n)
+        dp = dos @ hd.kv(v, s, n).transpose(0, 2, 1)
+        dp -= np.sum(dp * p, axis=-1, keepdims=True)
+        dp *= p                                           # d scores
+        dp *= hd.scale
+        dq[s:s + n] = hd.ungroup(dp @ hd.kv(k, s, n), n)
+        dk[s:s + n] = hd.kv_rows(dp.transpose(0, 2, 1) @ hd.group(q, s, n), n)
+
+    parallel([lambda g=g: [one(i) for i in g] for g in _balanced(segments)])
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------ loss
+def softmax_ce_rows(logits: np.ndarray, targets: np.ndarray, grad: bool) -> np.ndarray:
+    """``fastpath.softmax_ce`` split by rows over the threads (in place on ``logits``)."""
+    parts = row_parts(*logits.shape)
+    losses = parallel([lambda lo=lo, hi=hi: softmax_ce(logits[lo:hi], targets[lo:hi], grad) for lo, hi in parts])
+    return np.concatenate(losses)
