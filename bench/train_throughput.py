@@ -71,6 +71,8 @@ def timed(step_fn, rows, warmup: int) -> dict:
 
 # ------------------------------------------------------------------ workers (one per process)
 def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int, weight_cache_mb: float = 1024) -> dict:
+    from mlx_qlora.lean_imports import hide_torch
+    hide_torch()            # as the `mlx_qlora train` command does (transformers would import torch)
     import mlx_qlora  # noqa: F401  (BLAS before mlx.core)
     import mlx.core as mx
     import mlx.optimizers as optim

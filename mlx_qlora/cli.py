@@ -244,5 +244,17 @@ def import_peft(peft_dir, out_dir, force):
 # --- end fuse / export -----------------------------------------------------------------------
 
 
-if __name__ == "__main__":
+# Commands that compute with MLX and NumPy only: their process keeps torch out (lean_imports).
+TORCH_FREE = {"train", "chat", "generate", "serve"}
+
+
+def entry():
+    """The console script: ``main``, with torch hidden from the commands that never use it."""
+    if len(sys.argv) > 1 and sys.argv[1] in TORCH_FREE:
+        from .lean_imports import hide_torch
+        hide_torch()
     main()
+
+
+if __name__ == "__main__":
+    entry()
