@@ -88,7 +88,7 @@ def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int, weight_cache_mb: 
     prepare_model(model)
     apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, layers=LAYERS))
     # what `mlx_qlora train` runs: the CPU engine on CPU, MLX autodiff elsewhere
-    grad_fn, _ = make_step_fns(model, weight_cache_mb=weight_cache_mb, say=lambda m: print(m, file=sys.stderr))
+    grad_fn = make_step_fns(model, weight_cache_mb=weight_cache_mb, say=lambda m: print(m, file=sys.stderr)).grad
     opt = optim.AdamW(learning_rate=1e-4)
     step_no = [0]
 
@@ -237,7 +237,7 @@ def worker_7b(steps: int) -> dict:
         mx.eval(child.parameters())
     prepare_model(model)
     apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, layers="all"))
-    grad_fn, _ = make_step_fns(model, grad_checkpointing=True, say=lambda m: print(m, file=sys.stderr))
+    grad_fn = make_step_fns(model, grad_checkpointing=True, say=lambda m: print(m, file=sys.stderr)).grad
     opt = optim.AdamW(learning_rate=1e-4)
     rng = np.random.default_rng(0)
     times = []

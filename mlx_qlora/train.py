@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -140,9 +141,15 @@ def _arrays(b: Batch):
     return mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_index)
 
 
+class StepFns(NamedTuple):
+    grad: Callable        # (batch, seed) -> (summed token loss, gradient tree)
+    loss: Callable        # batch -> summed token loss
+    packed: bool          # rows packed without padding (the CPU engine)
+
+
 def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_engine: bool = True,
                   weight_cache_mb: float = 1024, say=print):
-    """(grad_fn(batch, seed) -> (loss sum, grads), loss_fn(batch) -> loss sum) for this device.
+    """The step functions for this device (``StepFns``).
 
     On CPU the NumPy/BLAS engine (``cpu_engine``) when it covers the model, else MLX autodiff
     (the fast-path kernels of ``fastpath``; Metal/CUDA always take this path). Losses and
@@ -154,7 +161,7 @@ def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_en
             eng = cpu_engine.CpuEngine(model, grad_checkpointing, weight_cache_mb)
             say(f"engine: CPU NumPy/BLAS, padding-free; {eng.cached_mb:,.1f} MiB of fp32 weight cache "
                 f"(cpu_weight_cache_mb={weight_cache_mb})")
-            return eng.loss_and_grad, eng.loss
+            return StepFns(eng.loss_and_grad, eng.loss, True)
         say(f"engine: MLX autodiff (the CPU engine does not cover {why})")
     if grad_checkpointing:
         grad_checkpoint(model)
@@ -172,7 +179,7 @@ def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_en
         mx.eval(loss)
         return loss.item()
 
-    return grad_fn, eval_fn
+    return StepFns(grad_fn, eval_fn, False)
 
 
 # ---------------------------------------------------------------- optimizer
@@ -265,14 +272,16 @@ def train(cfg: TrainConfig) -> dict:
     rep = Reporter(out, cfg.steps, state["step"], progress=cfg.progress)
     trainable, total = count_parameters(model)
     rep.print(f"model {cfg.model}: {total / 1e6:.2f}M parameters, trainable {trainable:,} ({100 * trainable / total:.3f}%)")
-    rep.print(f"data: {len(ds.train)} train / {len(ds.valid)} valid rows ({ds.fmt}), padding waste "
-              f"{100 * padding_waste(ds.train, cfg.batch_size, cfg.seed):.1f}% with length bucketing")
+    grad_fn, eval_fn, packed = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb,
+                                             rep.print)
+    waste = "no padding (the CPU engine packs rows)" if packed else \
+        f"padding waste {100 * padding_waste(ds.train, cfg.batch_size, cfg.seed):.1f}% with length bucketing"
+    rep.print(f"data: {len(ds.train)} train / {len(ds.valid)} valid rows ({ds.fmt}), {waste}")
     if ds.truncated or ds.dropped:
         rep.print(f"[yellow]warning: {ds.truncated} row(s) longer than max_seq_len={cfg.data.max_seq_len} tokens were "
                   f"truncated{f', {ds.dropped} dropped (no loss token left)' if ds.dropped else ''}; raise data.max_seq_len to keep them")
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    grad_fn, eval_fn = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb, rep.print)
     lengths = [len(e.tokens) for e in ds.train]
     order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"])
     last_ckpt = None

@@ -57,9 +57,10 @@ def weights(path) -> dict:
     return {k: np.array(v) for k, v in mx.load(str(path)).items()}
 
 
-def test_loss_falls_and_artifacts(tiny_q4, data_dir, tmp_path):
+@pytest.mark.parametrize("cpu_engine", [True, False])
+def test_loss_falls_and_artifacts(tiny_q4, data_dir, tmp_path, cpu_engine):
     out = tmp_path / "run"
-    s = train(cfg(tiny_q4, data_dir, out, steps=30, eval_every=10, checkpoint_every=10,
+    s = train(cfg(tiny_q4, data_dir, out, steps=30, eval_every=10, checkpoint_every=10, cpu_engine=cpu_engine,
                   **{"optim.learning_rate": 1e-2, "optim.warmup_steps": 3}))
     assert s["val_loss"] < 0.7 * s["val_loss_start"], s
     assert s["trainable"] == 2 * 4 * 1024 and s["steps"] == 30 and s["tokens"] > 0
@@ -77,10 +78,11 @@ def test_loss_falls_and_artifacts(tiny_q4, data_dir, tmp_path):
     load_adapter(model, out)   # the directory alone is enough
 
 
-@pytest.mark.parametrize("accum,dropout", [(1, 0.0), (2, 0.1)])
-def test_resume_matches_uninterrupted_run(tiny_q4, data_dir, tmp_path, accum, dropout):
-    """2N steps in one run == N steps, then --resume for N more (data position, optimizer, RNG)."""
-    kw = {"optim.schedule": "constant", "optim.warmup_steps": 2, "optim.grad_accum": accum,
+@pytest.mark.parametrize("accum,dropout,cpu_engine", [(1, 0.0, True), (2, 0.1, True), (2, 0.1, False)])
+def test_resume_matches_uninterrupted_run(tiny_q4, data_dir, tmp_path, accum, dropout, cpu_engine):
+    """2N steps in one run == N steps, then --resume for N more (data position, optimizer, RNG),
+    on the CPU engine and on MLX autodiff."""
+    kw = {"optim.schedule": "constant", "optim.warmup_steps": 2, "optim.grad_accum": accum, "cpu_engine": cpu_engine,
           "lora.dropout": dropout, "batch_size": 3, "eval_every": 0, "checkpoint_every": 0}
     train(cfg(tiny_q4, data_dir, tmp_path / "full", steps=8, **kw))
     train(cfg(tiny_q4, data_dir, tmp_path / "half", steps=4, **kw))
@@ -100,14 +102,14 @@ def test_nan_stops_and_keeps_last_checkpoint(tiny_q4, data_dir, tmp_path, monkey
     real = train_mod.make_step_fns
 
     def poisoned(*args, **kwargs):
-        grad_fn, eval_fn = real(*args, **kwargs)
+        fns = real(*args, **kwargs)
 
         def nan_from_step_5(b, seed):
             calls["n"] += 1
-            loss, grads = grad_fn(b, seed)
+            loss, grads = fns.grad(b, seed)
             return (loss * float("nan") if calls["n"] >= 5 else loss), grads
 
-        return nan_from_step_5, eval_fn
+        return fns._replace(grad=nan_from_step_5)
 
     monkeypatch.setattr(train_mod, "make_step_fns", poisoned)
     out = tmp_path / "nan"
