@@ -5,7 +5,10 @@ rank 8 (alpha 16) on every linear of the last 16 of 30 layers (1.30M trainable),
 system sees the same batches (padded to the longest row); tok/s counts real (non-pad) input
 tokens. Each system runs in its own process so peak RSS (ru_maxrss) is its own.
 
-  mlx_qlora      this project, 4-bit base (the embedded Q4_1 GGUF converted with group 32)
+  mlx_qlora      this project, 4-bit base (the embedded Q4_1 GGUF converted with group 32), as
+                 `mlx_qlora train` runs it: the CPU engine (rows packed, so it never computes on
+                 the padding), default fp32 weight cache; torch kept out of the process
+  mlx_qlora, cache 0   the same with cpu_weight_cache_mb=0 (no fp32 weight kept)
   mlx-lm QLoRA   mlx_lm's LoRALinear on the same 4-bit model (quantized_matmul on CPU)
   torch+PEFT     transformers + peft LoRA on the same weights dequantized to fp32
 

@@ -163,3 +163,25 @@ def test_cli_flags_override_recipe(tiny_q4, data_dir, tmp_path):
     r = CliRunner().invoke(main, ["train", "-c", str(recipe), "--data", str(bad), "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "bad.jsonl line 2: not valid JSON" in r.output
     shutil.rmtree(out)
+
+
+def test_train_process_keeps_torch_out():
+    """`mlx_qlora train` hides torch from transformers (it would import it: ~0.25 GiB RSS);
+    a process that never ran such a command still sees torch when it is installed."""
+    import subprocess
+    import sys
+
+    probe = ("import importlib.util, sys\n"
+             "sys.argv = ['mlx_qlora', {cmd!r}, '--help']\n"
+             "from mlx_qlora.cli import entry\n"
+             "try:\n    entry()\nexcept SystemExit:\n    pass\n"
+             "import transformers.configuration_utils\n"
+             "print('TORCH', sys.modules.get('torch') is not None)\n")
+    seen = {}
+    for cmd in ("train", "convert"):
+        out = subprocess.run([sys.executable, "-c", probe.format(cmd=cmd)], capture_output=True, text=True, check=True).stdout
+        seen[cmd] = out.split("TORCH")[-1].strip()
+    assert seen["train"] == "False"
+    import importlib.util
+    if importlib.util.find_spec("torch") is not None:
+        assert seen["convert"] == "True"
