@@ -9,6 +9,7 @@ tokens. Each system runs in its own process so peak RSS (ru_maxrss) is its own.
                  `mlx_qlora train` runs it: the CPU engine (rows packed, so it never computes on
                  the padding), default fp32 weight cache; torch kept out of the process
   mlx_qlora, cache 0   the same with cpu_weight_cache_mb=0 (no fp32 weight kept)
+  mlx_qlora, lean      cache 0 and grad_checkpoint (blocks keep only their input)
   mlx-lm QLoRA   mlx_lm's LoRALinear on the same 4-bit model (quantized_matmul on CPU)
   torch+PEFT     transformers + peft LoRA on the same weights dequantized to fp32
 
@@ -73,7 +74,8 @@ def timed(step_fn, rows, warmup: int) -> dict:
 
 
 # ------------------------------------------------------------------ workers (one per process)
-def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int, weight_cache_mb: float = 1024) -> dict:
+def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int, weight_cache_mb: float = 1024,
+                     grad_checkpoint: bool = False) -> dict:
     from mlx_qlora.lean_imports import hide_torch
     hide_torch()            # as the `mlx_qlora train` command does (transformers would import torch)
     import mlx_qlora  # noqa: F401  (BLAS before mlx.core)
@@ -91,7 +93,8 @@ def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int, weight_cache_mb: 
     prepare_model(model)
     apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, layers=LAYERS))
     # what `mlx_qlora train` runs: the CPU engine on CPU, MLX autodiff elsewhere
-    grad_fn = make_step_fns(model, weight_cache_mb=weight_cache_mb, say=lambda m: print(m, file=sys.stderr)).grad
+    grad_fn = make_step_fns(model, grad_checkpoint, weight_cache_mb=weight_cache_mb,
+                            say=lambda m: print(m, file=sys.stderr)).grad
     opt = optim.AdamW(learning_rate=1e-4)
     step_no = [0]
 
@@ -277,6 +280,7 @@ def main():
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--weight-cache-mb", type=float, default=1024, help=argparse.SUPPRESS)
+    ap.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
 
@@ -285,7 +289,8 @@ def main():
         return
     if a.worker:
         n_rows = BATCH * (a.warmup + a.steps)
-        extra = {"weight_cache_mb": a.weight_cache_mb} if a.worker == "mlx_qlora" else {}
+        extra = {"weight_cache_mb": a.weight_cache_mb, "grad_checkpoint": a.grad_checkpoint} \
+            if a.worker == "mlx_qlora" else {}
         print(json.dumps(WORKERS[a.worker](a.model, n_rows, a.warmup, **extra)))
         return
 
@@ -298,6 +303,10 @@ def main():
     # the same engine holding no fp32 weights at all (every use dequantizes the 4-bit weight)
     results["mlx_qlora, cache 0"] = run_worker("mlx_qlora", base + ["--steps", str(a.steps), "--weight-cache-mb", "0"])
     print(f"mlx_qlora, cache 0: {results['mlx_qlora, cache 0']}", flush=True)
+    # least memory: nothing cached and only block inputs kept (blocks recomputed in backward)
+    results["mlx_qlora, lean"] = run_worker("mlx_qlora", base + ["--steps", str(a.steps), "--weight-cache-mb", "0",
+                                                                 "--grad-checkpoint"])
+    print(f"mlx_qlora, lean: {results['mlx_qlora, lean']}", flush=True)
     if not a.skip_mlx_lm:
         results["mlx-lm QLoRA"] = run_worker("mlx-lm", ["--model", a.model, "--warmup", "1", "--steps", str(a.mlx_lm_steps)])
         print(f"mlx-lm QLoRA: {results['mlx-lm QLoRA']}", flush=True)

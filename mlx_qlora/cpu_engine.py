@@ -56,6 +56,8 @@ def unsupported(model: nn.Module) -> str | None:
             mod = (a if name in ATTN else m)[name]
             if isinstance(mod, LoRALinear) and mod.is_dora:
                 return "DoRA"
+    if "lm_head" in model and "bias" in model["lm_head"]:
+        return "an output head with a bias"
     lora_keys = {f"{n}.{p}" for n, mod in model.named_modules() if isinstance(mod, LoRALinear) for p in ("lora_a", "lora_b")}
     if {k for k, _ in tree_flatten(model.trainable_parameters())} - lora_keys:
         return "trainable parameters other than LoRA factors"
@@ -217,22 +219,23 @@ class CpuEngine:
         self.embed = inner.embed_tokens
         self.norm_w, self.norm_eps = _np(inner.norm.weight), inner.norm.eps
         head = model["lm_head"] if "lm_head" in model else inner.embed_tokens
-        self._head_mx = dense_weight(head)          # frozen: dequantized once (vocab x dim fp32)
-        self.head = _np(self._head_mx)
+        self.head = _Proj(head, "head")             # frozen; its fp32 weight may be cached too
         self.cached_mb = self._fill_cache(weight_cache_mb)
         self._paths = None
 
     def _fill_cache(self, budget_mb: float) -> float:
-        """Keep fp32 copies of frozen weights up to ``budget_mb`` MiB, adapted blocks first (their
-        weights are used twice per step), top down. Returns the MiB used."""
+        """Keep fp32 copies of frozen weights up to ``budget_mb`` MiB: first the adapted blocks'
+        (used twice per step, three times with checkpointing), top down, then the output head and
+        the blocks below (once per step each). Returns the MiB used."""
         used, budget = 0, budget_mb * 2 ** 20
-        order = self.blocks[self.first:][::-1] + self.blocks[:self.first][::-1]
-        for b in order:
-            for p in b.proj.values():
-                if used + p.nbytes > budget:
-                    return used / 2 ** 20
-                p.cached = np.array(p.weight())
-                used += p.nbytes
+        order = [p for b in self.blocks[self.first:][::-1] for p in b.proj.values()] + [self.head] + \
+                [p for b in self.blocks[:self.first][::-1] for p in b.proj.values()]
+        for p in order:
+            if used + p.nbytes > budget:
+                break
+            p.cached = np.array(p.weight())
+            used += p.nbytes
+        mx.clear_cache()      # the dequantized originals were copied; don't keep their buffers
         return used / 2 ** 20
 
     def _pack(self, batch):
@@ -252,12 +255,13 @@ class CpuEngine:
     def _head_loss(self, x: np.ndarray, rows: np.ndarray, targets: np.ndarray, grad: bool):
         """Summed cross-entropy of the loss rows, and its gradient w.r.t. all of ``x``."""
         hn, n, r = ops.rms(x[rows], self.norm_w, self.norm_eps)
+        w = self.head.weight()                                    # (vocab, dim): one dequantize per step
         total, dhn = 0.0, (np.empty_like(hn) if grad else None)
         for s in range(0, hn.shape[0], CE_CHUNK_ROWS):
-            logits = hn[s:s + CE_CHUNK_ROWS] @ self.head.T
+            logits = hn[s:s + CE_CHUNK_ROWS] @ w.T
             total += float(ops.softmax_ce_rows(logits, targets[s:s + CE_CHUNK_ROWS], grad).sum(dtype=np.float64))
             if grad:
-                dhn[s:s + CE_CHUNK_ROWS] = logits @ self.head      # (softmax - onehot) @ W
+                dhn[s:s + CE_CHUNK_ROWS] = logits @ w      # (softmax - onehot) @ W
         if not grad:
             return total, None
         dx = np.zeros_like(x)
