@@ -240,8 +240,8 @@ class CpuEngine:
 
     def _pack(self, batch):
         """(token ids, geometry, loss rows, loss targets) of the batch's real tokens, packed."""
-        lengths = [int(n) for n in batch.lengths]
         T = batch.inputs.shape[1]
+        lengths = [int(n) for n in batch.lengths] if batch.lengths is not None else [T] * batch.inputs.shape[0]
         ids = np.concatenate([batch.inputs[i, :n] for i, n in enumerate(lengths)])
         offsets = np.cumsum([0] + lengths[:-1])
         row, col = np.divmod(batch.loss_index, T)
