@@ -11,7 +11,7 @@ so what is kept between forward and backward is chosen, not inferred:
 - the rows of a batch are packed into one (tokens, dim) matrix: projections never touch padding,
   attention runs per row (block-diagonal), and RoPE positions restart per row;
 - blocks below the lowest adapted block only run forward and keep nothing;
-- the vocabulary projection and loss run only on loss rows, in chunks (``fastpath.softmax_ce``);
+- the vocabulary projection and loss run only on loss rows, in chunks (``cpu_ops.softmax_ce``);
 - with ``grad_checkpoint`` a block keeps only its input and is recomputed in backward.
 
 Gradients are those of the summed token loss, exactly what ``nn.value_and_grad`` over

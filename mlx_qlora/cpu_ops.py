@@ -1,4 +1,8 @@
-"""NumPy kernels of the CPU engine: RMSNorm, RoPE, SwiGLU, causal GQA attention and their backward.
+"""NumPy kernels for CPU training: RMSNorm, RoPE, SwiGLU, causal GQA attention, softmax
+cross-entropy, and their backward. The CPU engine (``cpu_engine``) is built from them, and the
+MLX-autodiff fast path (``fastpath``) calls the softmax, SwiGLU and loss kernels from inside its
+custom functions. NumPy's ``exp`` is vectorised (~400 M elements/s here) where MLX's CPU ``exp``
+is scalar (~60 M/s).
 
 Activations are (tokens, features) fp32 matrices of a packed batch; ``segments`` are the
 (start, length) row ranges of its sequences. BLAS matmuls use every core by themselves; the
@@ -12,8 +16,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-
-from .fastpath import causal_mask, sigmoid_np, softmax_ce
 
 F32 = np.float32
 THREADS = max(1, min(os.cpu_count() or 1, 8))
@@ -37,6 +39,39 @@ def row_parts(rows: int, cols: int) -> list[tuple[int, int]]:
     k = min(THREADS, max(1, rows * cols // MIN_SPLIT), rows)
     bounds = [rows * i // k for i in range(k + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+# ------------------------------------------------------------------ elementwise
+def sigmoid_np(g: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):          # exp(88+) = inf gives sigmoid 0, as it should
+        s = np.exp(-g)
+    np.add(s, 1.0, out=s)
+    return np.reciprocal(s, out=s)
+
+
+def softmax_(s: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Softmax over the last axis, in place; entries where ``mask`` is True get probability 0
+    (every row keeps at least one entry)."""
+    if mask is not None:
+        np.copyto(s, -np.inf, where=mask)
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s *= 1.0 / s.sum(axis=-1, keepdims=True)
+    return s
+
+
+_CAUSAL_MASKS: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def causal_mask(rep: int, L: int, S: int) -> np.ndarray:
+    """(rep * L, S) True where a query row may not look (future keys), tiled over ``rep`` heads."""
+    key = (rep, L, S)
+    if key not in _CAUSAL_MASKS:
+        m = np.triu(np.ones((L, S), bool), k=1 + S - L)
+        if len(_CAUSAL_MASKS) > 64:            # row lengths vary per batch; keep a few
+            _CAUSAL_MASKS.clear()
+        _CAUSAL_MASKS[key] = np.tile(m, (rep, 1))
+    return _CAUSAL_MASKS[key]
 
 
 # ------------------------------------------------------------------ RMSNorm
@@ -87,21 +122,27 @@ def swiglu(g: np.ndarray, u: np.ndarray, keep_sigmoid: bool):
     return out, sig
 
 
+def swiglu_factors(g: np.ndarray, u: np.ndarray, sig: np.ndarray | None = None):
+    """(d/dg, d/du) of silu(g) * u, elementwise: (s (1 + g (1 - s)) u, g s) with s = sigmoid(g)
+    (``sig`` when the forward kept it)."""
+    s = sigmoid_np(g) if sig is None else sig
+    fu = g * s
+    fg = 1.0 - s
+    fg *= g
+    fg += 1.0
+    fg *= s
+    fg *= u
+    return fg, fu
+
+
 def swiglu_back(dact: np.ndarray, g: np.ndarray, u: np.ndarray, sig: np.ndarray | None):
     """(dL/dg, dL/du) of silu(g) * u; ``sig`` is sigmoid(g) when kept by the forward."""
     dg, du = np.empty_like(g), np.empty_like(u)
 
     def part(lo, hi):
-        gs, us, ds = g[lo:hi], u[lo:hi], dact[lo:hi]
-        s = sigmoid_np(gs) if sig is None else sig[lo:hi]
-        fu = gs * s                          # d/du silu(g) u = silu(g)
-        np.multiply(ds, fu, out=du[lo:hi])
-        t = 1.0 - s                          # d/dg silu(g) = s (1 + g (1 - s))
-        t *= gs
-        t += 1.0
-        t *= s
-        t *= us
-        np.multiply(t, ds, out=dg[lo:hi])
+        fg, fu = swiglu_factors(g[lo:hi], u[lo:hi], None if sig is None else sig[lo:hi])
+        np.multiply(fg, dact[lo:hi], out=dg[lo:hi])
+        np.multiply(fu, dact[lo:hi], out=du[lo:hi])
 
     parallel([lambda lo=lo, hi=hi: part(lo, hi) for lo, hi in row_parts(*g.shape)])
     return dg, du
@@ -131,7 +172,7 @@ class Heads:
 
 def _balanced(segments: list[tuple[int, int]]) -> list[list[int]]:
     """Segment indices split over the threads, balancing the n^2 attention work."""
-    groups, load = [[] for _ in range(min(THREADS, len(segments)))], None
+    groups = [[] for _ in range(min(THREADS, len(segments)))]
     load = [0] * len(groups)
     for i in sorted(range(len(segments)), key=lambda i: -segments[i][1]):
         j = load.index(min(load))
@@ -149,10 +190,7 @@ def attention(q, k, v, segments, hd: Heads, keep_probs: bool):
         s, n = segments[i]
         sc = hd.group(q, s, n) @ hd.kv(k, s, n).transpose(0, 2, 1)        # (hkv, rep*n, n)
         sc *= hd.scale
-        np.copyto(sc, -np.inf, where=causal_mask(hd.rep, n, n))
-        sc -= sc.max(axis=-1, keepdims=True)
-        np.exp(sc, out=sc)
-        sc *= 1.0 / sc.sum(axis=-1, keepdims=True)
+        softmax_(sc, causal_mask(hd.rep, n, n))
         out[s:s + n] = hd.ungroup(sc @ hd.kv(v, s, n), n)
         if keep_probs:
             probs[i] = sc
@@ -181,8 +219,24 @@ def attention_back(do, q, k, v, probs, segments, hd: Heads):
 
 
 # ------------------------------------------------------------------ loss
+def softmax_ce(logits: np.ndarray, targets: np.ndarray, grad: bool) -> np.ndarray:
+    """Row losses of (rows, vocab) fp32 logits; with ``grad`` turns ``logits`` in place into
+    softmax - onehot (the gradient of the summed loss w.r.t. the logits)."""
+    rows = np.arange(logits.shape[0])
+    m = logits.max(axis=1, keepdims=True)
+    target_logit = logits[rows, targets]
+    np.subtract(logits, m, out=logits)
+    np.exp(logits, out=logits)
+    s = logits.sum(axis=1, keepdims=True, dtype=np.float64)
+    loss = (m[:, 0] + np.log(s[:, 0])) - target_logit
+    if grad:
+        np.multiply(logits, (1.0 / s).astype(np.float32), out=logits)
+        logits[rows, targets] -= 1.0
+    return loss.astype(np.float32)
+
+
 def softmax_ce_rows(logits: np.ndarray, targets: np.ndarray, grad: bool) -> np.ndarray:
-    """``fastpath.softmax_ce`` split by rows over the threads (in place on ``logits``)."""
+    """``softmax_ce`` split by rows over the threads (in place on ``logits``)."""
     parts = row_parts(*logits.shape)
     losses = parallel([lambda lo=lo, hi=hi: softmax_ce(logits[lo:hi], targets[lo:hi], grad) for lo, hi in parts])
     return np.concatenate(losses)

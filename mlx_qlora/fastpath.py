@@ -22,6 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import cpu_ops
+
 # Rows of the (tokens, vocab) logits handled at once by the fused loss: 256 x 49,152 fp32 is
 # 48 MiB, large enough that the matmul runs at full BLAS speed, small enough to stay cheap.
 CE_CHUNK_ROWS = 256
@@ -119,13 +121,6 @@ class FastQuantizedLinear(nn.QuantizedLinear):
         return super().__call__(x)
 
 
-def sigmoid_np(g: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):          # exp(88+) = inf gives sigmoid 0, as it should
-        s = np.exp(-g)
-    np.add(s, 1.0, out=s)
-    return np.reciprocal(s, out=s)
-
-
 def _np_view(a: mx.array) -> np.ndarray:
     mx.eval(a)
     return np.asarray(a)
@@ -134,24 +129,15 @@ def _np_view(a: mx.array) -> np.ndarray:
 @mx.custom_function
 def _swiglu_np(gate, up):
     g, u = _np_view(gate), _np_view(up)
-    out = sigmoid_np(g)
-    np.multiply(out, g, out=out)
-    np.multiply(out, u, out=out)
-    return mx.array(out)
+    out, _ = cpu_ops.swiglu(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1]), keep_sigmoid=False)
+    return mx.array(out.reshape(g.shape))
 
 
 @_swiglu_np.vjp
 def _swiglu_np_vjp(primals, cotangent, output):
     # Only the (already evaluated) primals go through NumPy; the cotangent stays lazy, since
     # evaluating it here would pin the whole backward graph so far in memory until the step ends.
-    g, u = _np_view(primals[0]), _np_view(primals[1])
-    s = sigmoid_np(g)
-    fu = g * s                                   # d/du [silu(g) u] = silu(g)
-    fg = 1.0 - s                                 # d/dg silu(g) = s (1 + g (1 - s))
-    np.multiply(fg, g, out=fg)
-    np.add(fg, 1.0, out=fg)
-    np.multiply(fg, s, out=fg)
-    np.multiply(fg, u, out=fg)
+    fg, fu = cpu_ops.swiglu_factors(_np_view(primals[0]), _np_view(primals[1]))
     return cotangent * mx.array(fg), cotangent * mx.array(fu)
 
 
@@ -231,25 +217,6 @@ def _writable(a: mx.array) -> tuple[np.ndarray, bool]:
     return np.array(v), False
 
 
-def softmax_ce(logits: np.ndarray, targets: np.ndarray, grad: bool) -> np.ndarray:
-    """Row losses; with ``grad`` turns ``logits`` in place into softmax - onehot.
-
-    NumPy's exp is vectorised (~400 M elements/s here) where MLX's CPU exp is scalar (~60 M/s);
-    over a 49,152-word vocabulary this is most of the loss's cost.
-    """
-    rows = np.arange(logits.shape[0])
-    m = logits.max(axis=1, keepdims=True)
-    target_logit = logits[rows, targets]
-    np.subtract(logits, m, out=logits)
-    np.exp(logits, out=logits)
-    s = logits.sum(axis=1, keepdims=True, dtype=np.float64)
-    loss = (m[:, 0] + np.log(s[:, 0])) - target_logit
-    if grad:
-        np.multiply(logits, (1.0 / s).astype(np.float32), out=logits)
-        logits[rows, targets] -= 1.0
-    return loss.astype(np.float32)
-
-
 def _ce_chunks(h, w, targets, grad: bool):
     """(sum of losses, dL/dh or None) in row chunks; NumPy for the softmax on CPU."""
     losses, grads = [], []
@@ -260,7 +227,7 @@ def _ce_chunks(h, w, targets, grad: bool):
             logits = hc @ w.T
             buf, shared = _writable(logits)
             tc = np_targets[start:start + CE_CHUNK_ROWS]
-            losses.append(mx.array(softmax_ce(buf, tc, grad)))
+            losses.append(mx.array(cpu_ops.softmax_ce(buf, tc, grad)))
             if grad:
                 p = logits if shared else mx.array(buf)   # softmax - onehot, in place when shared
                 grads.append(detached(p @ w))   # and drop this chunk's logits now
@@ -313,20 +280,6 @@ def plain_cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
 # SmolLM2 (batch 4 x 111 tokens) it took 8.7 ms of an 18 ms attention block. Here the two
 # products are BLAS matmuls and the softmax is NumPy's (vectorised exp); the probabilities are
 # a second output, so the backward needs no exp at all.
-_CAUSAL_MASKS: dict[tuple[int, int, int], np.ndarray] = {}
-
-
-def causal_mask(rep: int, L: int, S: int) -> np.ndarray:
-    """(rep * L, S) True where a query row may not look (future keys), tiled over ``rep`` heads."""
-    key = (rep, L, S)
-    if key not in _CAUSAL_MASKS:
-        m = np.triu(np.ones((L, S), bool), k=1 + S - L)
-        if len(_CAUSAL_MASKS) > 64:            # row lengths vary per batch; keep a few
-            _CAUSAL_MASKS.clear()
-        _CAUSAL_MASKS[key] = np.tile(m, (rep, 1))
-    return _CAUSAL_MASKS[key]
-
-
 @lru_cache(maxsize=None)
 def _attention_fn(scale: float, causal: bool):
     @mx.custom_function
@@ -336,12 +289,7 @@ def _attention_fn(scale: float, causal: bool):
         rep = H // hkv
         qg = q.reshape(B, hkv, rep * L, D)
         s, _ = _writable((qg * scale) @ k.swapaxes(-1, -2))      # (B, hkv, rep*L, S)
-        if causal:
-            np.copyto(s, -np.inf, where=causal_mask(rep, L, S))
-        m = s.max(axis=-1, keepdims=True)
-        np.subtract(s, m, out=s)
-        np.exp(s, out=s)
-        np.multiply(s, 1.0 / s.sum(axis=-1, keepdims=True), out=s)
+        cpu_ops.softmax_(s, cpu_ops.causal_mask(rep, L, S) if causal else None)
         p = mx.array(s)
         o = detached(p @ v).reshape(B, H, L, D)
         return o, p
