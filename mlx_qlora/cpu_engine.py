@@ -22,6 +22,8 @@ architectures, RoPE scaling, sliding windows) trains through MLX autodiff instea
 """
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -29,7 +31,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from . import cpu_ops as ops
 from .fastpath import CE_CHUNK_ROWS, dense_weight
-from .lora import LoRALinear
+from .lora import LoRALinear, linear_dims
 
 ENGINE_TYPES = {"llama", "mistral", "qwen2"}
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -81,7 +83,7 @@ class _Proj:
         self.bias = _np(self.base["bias"]) if "bias" in self.base else None
         self.p = 1.0 - getattr(self.lora.dropout, "_p_1", 1.0) if self.lora else 0.0
         self.cached: np.ndarray | None = None
-        self.nbytes = 4 * int(np.prod(self.base.weight.shape)) * (32 // getattr(self.base, "bits", 32))
+        self.nbytes = 4 * math.prod(linear_dims(self.base))      # of its fp32 weight
 
     def weight(self) -> np.ndarray:
         """The (out, in) fp32 weight: the cached copy, or dequantized now and dropped after use."""
@@ -149,15 +151,15 @@ class _Block:
         self.proj = {n: _Proj(a[n], f"{prefix}.self_attn.{n}") for n in ATTN}
         self.proj.update({n: _Proj(m[n], f"{prefix}.mlp.{n}") for n in MLP})
         self.trainable = any(p.lora is not None for p in self.proj.values())
-        self.h, self.hkv = a.n_heads, a.n_kv_heads
-        self.d = self.proj["q_proj"].base.weight.shape[0] // self.h
-        self.heads = ops.Heads(self.h, self.hkv, self.d, a.scale)
+        self.heads = ops.Heads(a.n_heads, a.n_kv_heads, linear_dims(self.proj["q_proj"].base)[1] // a.n_heads,
+                               a.scale)
         r = a.rope
         self.rope = (r.dims, r.traditional, float(r.base), float(r.scale))
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.w1, self.eps1, self.w2, self.eps2 = _np(n1.weight), n1.eps, _np(n2.weight), n2.eps
 
     def _rope(self, x: np.ndarray, heads: int, geo: _Geometry, inverse: bool) -> np.ndarray:
+        """RoPE on (tokens, heads * d): +theta, or -theta (its transpose) for gradients."""
         dims, trad, base, scale = self.rope
         cos, sin = geo.rope_tables(dims, base, scale)
         return ops.rope(x, heads, cos, sin, dims, trad, inverse)
@@ -165,8 +167,8 @@ class _Block:
     def forward(self, x: np.ndarray, geo: _Geometry, rng, ctx: dict | None) -> np.ndarray:
         P = self.proj
         a_in, n1, r1 = ops.rms(x, self.w1, self.eps1)
-        q = self._rope(P["q_proj"].forward(a_in, rng, ctx), self.h, geo, False)
-        k = self._rope(P["k_proj"].forward(a_in, rng, ctx), self.hkv, geo, False)
+        q = self._rope(P["q_proj"].forward(a_in, rng, ctx), self.heads.h, geo, False)
+        k = self._rope(P["k_proj"].forward(a_in, rng, ctx), self.heads.hkv, geo, False)
         v = P["v_proj"].forward(a_in, rng, ctx)
         o, probs = ops.attention(q, k, v, geo.segments, self.heads, ctx is not None)
         h = x + P["o_proj"].forward(o, rng, ctx)
@@ -190,8 +192,8 @@ class _Block:
         do = P["o_proj"].backward(dh, ctx, grads, True)
         dq, dk, dv = ops.attention_back(do, ctx.pop("q"), ctx.pop("k"), ctx.pop("v"), ctx.pop("probs"), geo.segments,
                                         self.heads)
-        dq = self._rope(dq, self.h, geo, True)
-        dk = self._rope(dk, self.hkv, geo, True)
+        dq = self._rope(dq, self.heads.h, geo, True)
+        dk = self._rope(dk, self.heads.hkv, geo, True)
         da = P["q_proj"].backward(dq, ctx, grads, need_dx)
         dka = P["k_proj"].backward(dk, ctx, grads, need_dx)
         dva = P["v_proj"].backward(dv, ctx, grads, need_dx)

@@ -229,15 +229,13 @@ def collate(examples: list[Example], pad_id: int = 0) -> Batch:
     inputs = np.full((len(examples), t), pad_id, np.int32)
     targets = np.zeros((len(examples), t), np.int32)
     mask = np.zeros((len(examples), t), bool)
-    real = 0
     lengths = np.array([len(e.tokens) - 1 for e in examples], np.int64)
-    for i, e in enumerate(examples):
-        n = len(e.tokens) - 1
+    for i, (e, n) in enumerate(zip(examples, lengths)):
         inputs[i, :n] = e.tokens[:-1]
         targets[i, :n] = e.tokens[1:]
         mask[i, :n] = e.mask[1:]
-        real += n
-    return Batch(inputs, targets, np.flatnonzero(mask.reshape(-1)).astype(np.int32), real, inputs.size, lengths)
+    return Batch(inputs, targets, np.flatnonzero(mask.reshape(-1)).astype(np.int32), int(lengths.sum()), inputs.size,
+                 lengths)
 
 
 def padding_waste(examples: list[Example], batch_size: int, seed: int) -> float:

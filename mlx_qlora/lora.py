@@ -32,9 +32,10 @@ LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 
 
 def linear_dims(linear: nn.Module) -> tuple[int, int]:
-    """(in, out) features of a Linear or QuantizedLinear (packed weights: 32 // bits per uint32)."""
+    """(in, out) features of a Linear or QuantizedLinear (packed weights: 32 // bits per uint32);
+    an (Quantized)Embedding used as output head maps dim -> vocab."""
     out_dims, in_dims = linear.weight.shape
-    if isinstance(linear, nn.QuantizedLinear):
+    if isinstance(linear, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         in_dims = in_dims * 32 // linear.bits
     return in_dims, out_dims
 

@@ -112,7 +112,7 @@ def test_rope_matches_mlx_fast_rope(tiny_hf_llama, traditional, dims):
     model = model_for(tiny_hf_llama)
     blk = CpuEngine(model).blocks[0]
     blk.rope = (dims, traditional, 1000.0, 0.5)
-    heads, d, lengths = 3, blk.d, [7, 4]
+    heads, d, lengths = 3, blk.heads.d, [7, 4]
     geo = cpu_engine._Geometry(lengths)
     x = np.random.default_rng(0).normal(size=(sum(lengths), heads * d)).astype(np.float32)
     got = blk._rope(x, heads, geo, inverse=False)
