@@ -49,8 +49,10 @@ def write_adapter(out: Path, model_dir: Path, targets=ATTN, rank: int = 8, alpha
 
 
 def converted(tmp_path_factory, hf_dir: Path, name: str, **kw) -> Path:
-    """HF dir -> MLX dir, once per session (kw: quantize, q_group_size, q_bits)."""
-    key = (str(hf_dir), name)
+    """HF dir -> MLX dir, once per session per conversion (kw: quantize, q_group_size, q_bits,
+    dtype): modules asking for the same conversion under other names share it (tests only read
+    it); ``name`` labels the directory of the first."""
+    key = (str(hf_dir), tuple(sorted(kw.items())))
     if key not in _CACHE:
         from mlx_qlora.convert import ConvertConfig, run_convert
 
