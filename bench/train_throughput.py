@@ -255,10 +255,14 @@ def worker_7b(steps: int) -> dict:
         mx.eval(model.trainable_parameters(), opt.state)
         times.append(time.perf_counter() - t0)
     trainable, total = count_parameters(model)
-    return {"peak_rss_gib": peak_rss_gib(), "s_per_step": times, "loss": loss / 256, "trainable": trainable,
+    return {"peak_rss_gib": peak_rss_gib(), "s_per_step": times, "loss": loss / b.n_loss, "trainable": trainable,
             "params": total}
 
 
+# Rows for this project (worker flags): the default; no fp32 weight kept between steps (every use
+# dequantizes the 4-bit weight); least memory (that, and blocks recomputed in backward).
+MLX_QLORA_ROWS = {"mlx_qlora": [], "mlx_qlora, cache 0": ["--weight-cache-mb", "0"],
+                  "mlx_qlora, lean": ["--weight-cache-mb", "0", "--grad-checkpoint"]}
 WORKERS = {"mlx_qlora": worker_mlx_qlora, "mlx-lm": worker_mlx_lm, "torch": worker_torch}
 
 
@@ -298,15 +302,10 @@ def main():
         from mlx_qlora.convert import ConvertConfig, run_convert
         run_convert(ConvertConfig(source=None, out_dir=a.model, q_bits=4, q_group_size=32))
     base = ["--model", a.model, "--warmup", str(a.warmup)]
-    results = {"mlx_qlora": run_worker("mlx_qlora", base + ["--steps", str(a.steps)])}
-    print(f"mlx_qlora: {results['mlx_qlora']}", flush=True)
-    # the same engine holding no fp32 weights at all (every use dequantizes the 4-bit weight)
-    results["mlx_qlora, cache 0"] = run_worker("mlx_qlora", base + ["--steps", str(a.steps), "--weight-cache-mb", "0"])
-    print(f"mlx_qlora, cache 0: {results['mlx_qlora, cache 0']}", flush=True)
-    # least memory: nothing cached and only block inputs kept (blocks recomputed in backward)
-    results["mlx_qlora, lean"] = run_worker("mlx_qlora", base + ["--steps", str(a.steps), "--weight-cache-mb", "0",
-                                                                 "--grad-checkpoint"])
-    print(f"mlx_qlora, lean: {results['mlx_qlora, lean']}", flush=True)
+    results = {}
+    for name, flags in MLX_QLORA_ROWS.items():
+        results[name] = run_worker("mlx_qlora", base + ["--steps", str(a.steps)] + flags)
+        print(f"{name}: {results[name]}", flush=True)
     if not a.skip_mlx_lm:
         results["mlx-lm QLoRA"] = run_worker("mlx-lm", ["--model", a.model, "--warmup", "1", "--steps", str(a.mlx_lm_steps)])
         print(f"mlx-lm QLoRA: {results['mlx-lm QLoRA']}", flush=True)
