@@ -91,7 +91,7 @@ def bench_stock_mlx(model_dir: Path, prompt_text: str, n: int):
 
 
 def bench_engine(engine, prompt_text: str, n: int, adapter: str | None = None):
-    from mlx_qlora.generate import SamplingConfig
+    from mlx_qlora.infer.generate import SamplingConfig
 
     cfg = SamplingConfig(max_tokens=n, ignore_eos=True)
     ids = engine.encode(prompt_text)
@@ -128,7 +128,7 @@ def switch_ms(engine, names: list[str], k: int = 20) -> float:
 
 def conversation_ttft(engine, turns: int = 5) -> list[tuple[int, float, int]]:
     """(prompt tokens, TTFT ms, cached tokens) per turn of one chat, 32-token answers."""
-    from mlx_qlora.generate import SamplingConfig
+    from mlx_qlora.infer.generate import SamplingConfig
 
     engine.set_adapter(None)
     engine.reset()
@@ -155,18 +155,18 @@ def main():
 
     import mlx.core as mx
 
-    from mlx_qlora.adapters import AdapterSpec
-    from mlx_qlora.embedded import embedded_gguf_path
-    from mlx_qlora.engines import EngineConfig, choose
-    from mlx_qlora.engines.llamacpp import LlamaCppEngine, default_threads
-    from mlx_qlora.engines.mlx_engine import MLXEngine
+    from mlx_qlora.infer.adapters import AdapterSpec
+    from mlx_qlora.model.embedded import embedded_gguf_path
+    from mlx_qlora.infer.engines import EngineConfig, choose
+    from mlx_qlora.infer.engines.llamacpp import LlamaCppEngine, default_threads
+    from mlx_qlora.infer.engines.mlx_engine import MLXEngine
 
     tmp_dir = tempfile.TemporaryDirectory(prefix="bench_decode_")
     tmp = Path(tmp_dir.name)
     gguf = args.gguf or embedded_gguf_path()
     model_dir = args.mlx_model
     if model_dir is None:
-        from mlx_qlora.convert import ConvertConfig, run_convert
+        from mlx_qlora.model.convert import ConvertConfig, run_convert
 
         model_dir = tmp / "smollm2_mlx"
         run_convert(ConvertConfig(source=str(gguf), out_dir=str(model_dir), q_group_size=32))

@@ -84,10 +84,10 @@ def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int, weight_cache_mb: 
     import numpy as np
     from mlx.utils import tree_map
 
-    from mlx_qlora.data import Example, collate
-    from mlx_qlora.lora import apply_lora, count_parameters
-    from mlx_qlora.train import load_base, make_step_fns, prepare_model
-    from mlx_qlora.train_config import LoraConfig
+    from mlx_qlora.train.data import Example, collate
+    from mlx_qlora.train.lora import apply_lora, count_parameters
+    from mlx_qlora.train.loop import load_base, make_step_fns, prepare_model
+    from mlx_qlora.train.config import LoraConfig
 
     model, tok = load_base(model_dir)
     prepare_model(model)
@@ -226,10 +226,10 @@ def worker_7b(steps: int) -> dict:
     from mlx.utils import tree_map
     from mlx_lm.models.llama import Model, ModelArgs
 
-    from mlx_qlora.lora import apply_lora, count_parameters
-    from mlx_qlora.data import collate, Example
-    from mlx_qlora.train import make_step_fns, prepare_model
-    from mlx_qlora.train_config import LoraConfig
+    from mlx_qlora.train.lora import apply_lora, count_parameters
+    from mlx_qlora.train.data import collate, Example
+    from mlx_qlora.train.loop import make_step_fns, prepare_model
+    from mlx_qlora.train.config import LoraConfig
 
     args = ModelArgs(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
                      num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, vocab_size=32000,
@@ -299,7 +299,7 @@ def main():
         return
 
     if not (Path(a.model) / "config.json").exists():
-        from mlx_qlora.convert import ConvertConfig, run_convert
+        from mlx_qlora.model.convert import ConvertConfig, run_convert
         run_convert(ConvertConfig(source=None, out_dir=a.model, q_bits=4, q_group_size=32))
     base = ["--model", a.model, "--warmup", str(a.warmup)]
     results = {}

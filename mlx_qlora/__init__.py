@@ -1,16 +1,16 @@
 """mlx_qlora: QLoRA fine-tuning on MLX with export to llama.cpp.
 
-Importing the package binds a real CBLAS first (see ``_blas``), so import ``mlx_qlora`` before
+Importing the package binds a real CBLAS first (see ``model.blas``), so import ``mlx_qlora`` before
 ``mlx.core`` anywhere speed on CPU matters. Nothing heavy is imported here.
 """
 import os
 
-from . import _blas
+from .model import blas
 
 # transformers prints an advisory on import when torch is absent; we never need torch models.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-_blas.load()
+blas.load()
 
 __version__ = "0.1.0"

@@ -58,7 +58,7 @@ def convert(source, out_dir, q_bits, q_group_size, no_quantize, dtype, requantiz
 
     With no SOURCE (or 'smollm2') the embedded SmolLM2-135M-Instruct GGUF is used.
     """
-    from .convert import ConvertConfig, run_convert
+    from .model.convert import ConvertConfig, run_convert
 
     run_convert(ConvertConfig(source=source, out_dir=out_dir, q_bits=q_bits, q_group_size=q_group_size,
                               quantize=not no_quantize, dtype=dtype, requantize=requantize, force=force))
@@ -88,8 +88,8 @@ def train(ctx, config_path, model, out_dir, resume):
     Any setting can be given as a flag, by dotted path or unique name, e.g.
     --lora.rank 16, --steps 200, --learning_rate 2e-4, --data PATH, --grad_checkpoint.
     """
-    from .train import train as run_train
-    from .train_config import load_config
+    from .train.loop import train as run_train
+    from .train.config import load_config
 
     extra = list(ctx.args)
     for flag, value in (("--model", model), ("--out_dir", out_dir)):
@@ -134,14 +134,14 @@ def _sampling_options(f):
 
 
 def _engine_config(model, adapters, engine, gguf, n_ctx, threads):
-    from .engines import EngineConfig
+    from .infer.engines import EngineConfig
 
     return EngineConfig(model=model, adapters=list(adapters), engine=engine, gguf=gguf, n_ctx=n_ctx,
                         threads=threads)
 
 
 def _sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed, max_tokens):
-    from .generate import SamplingConfig
+    from .infer.generate import SamplingConfig
 
     return SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                           repetition_penalty=repetition_penalty, seed=seed, max_tokens=max_tokens)
@@ -156,7 +156,7 @@ def _sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed, max_to
 def chat(model, adapters, engine, gguf, n_ctx, threads, temperature, top_p, top_k, min_p,
          repetition_penalty, seed, max_tokens, system, active, stats):
     """Chat with MODEL (MLX dir, .gguf, or none = embedded SmolLM2); /help inside."""
-    from .chat import ChatConfig, run_chat
+    from .infer.chat import ChatConfig, run_chat
 
     run_chat(ChatConfig(engine=_engine_config(model, adapters, engine, gguf, n_ctx, threads),
                         sampling=_sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed,
@@ -175,7 +175,7 @@ def chat(model, adapters, engine, gguf, n_ctx, threads, temperature, top_p, top_
 def generate(model, adapters, engine, gguf, n_ctx, threads, temperature, top_p, top_k, min_p,
              repetition_penalty, seed, max_tokens, prompt, system, active, raw, stats):
     """One answer from MODEL to --prompt (or stdin), streamed to stdout."""
-    from .chat import GenerateConfig, run_generate
+    from .infer.chat import GenerateConfig, run_generate
 
     run_generate(GenerateConfig(engine=_engine_config(model, adapters, engine, gguf, n_ctx, threads),
                                 prompt=prompt, system=system, adapter=active, raw=raw, stats=stats,
@@ -192,7 +192,7 @@ def generate(model, adapters, engine, gguf, n_ctx, threads, temperature, top_p, 
 @click.option("--max-tokens", "max_tokens", default=512, show_default=True, help="Default per request.")
 def serve(model, adapters, engine, gguf, n_ctx, threads, host, port, api_key, max_tokens):
     """OpenAI-compatible HTTP server; the request's `model` picks base or an adapter."""
-    from .serve import ServeConfig, run_serve
+    from .infer.serve import ServeConfig, run_serve
 
     run_serve(ServeConfig(engine=_engine_config(model, adapters, engine, gguf, n_ctx, threads),
                           host=host, port=port, api_key=api_key, max_tokens=max_tokens))
@@ -208,7 +208,7 @@ def serve(model, adapters, engine, gguf, n_ctx, threads, host, port, api_key, ma
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def fuse(model, adapter, out_dir, dequantize, force):
     """Merge ADAPTER (a LoRA directory from train) into MODEL (its MLX base) -> OUT."""
-    from .fuse import FuseConfig, run_fuse
+    from .export.fuse import FuseConfig, run_fuse
 
     run_fuse(FuseConfig(model=model, adapter=adapter, out_dir=out_dir, dequantize=dequantize, force=force))
 

@@ -24,19 +24,19 @@ def _stage(title: str) -> None:
 
 def _complete(engine, prompt: str, max_tokens: int = 48) -> str:
     """Greedy raw-text continuation up to the end of the line (WikiSQL answers are one line)."""
-    from .generate import SamplingConfig
+    from .infer.generate import SamplingConfig
 
     return engine.generate(engine.encode(prompt), SamplingConfig(max_tokens=max_tokens), stop=("\n",)).strip()
 
 
 def run_demo(out_dir: str | Path = "demo_out", steps: int = 60, data: str | Path | None = None) -> dict:
     """Run every stage into ``out_dir``; returns what each produced (paths, losses, answers)."""
-    from .convert import ConvertConfig, run_convert
-    from .engines import EngineConfig, load_engine
+    from .model.convert import ConvertConfig, run_convert
+    from .infer.engines import EngineConfig, load_engine
     from .export import ExportConfig, run_export
-    from .generate import SamplingConfig
-    from .train import train
-    from .train_config import load_config
+    from .infer.generate import SamplingConfig
+    from .train.loop import train
+    from .train.config import load_config
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +88,6 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 60, data: str | Path
 
 def _embedded_gguf() -> Path:
     """The base model's GGUF: the embedded file itself, which convert copied block for block."""
-    from .embedded import embedded_gguf_path
+    from .model.embedded import embedded_gguf_path
 
     return embedded_gguf_path()

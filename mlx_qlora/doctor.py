@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from . import _blas
+from .model import blas as blas_loader
 
 
 @dataclass
@@ -60,10 +60,10 @@ def _backend() -> tuple[str, str]:
 def collect() -> DoctorReport:
     import mlx.core as mx
 
-    from .embedded import INSTALL_HINT, find_embedded_gguf
+    from .model.embedded import INSTALL_HINT, find_embedded_gguf
 
     device, backend = _backend()
-    state = _blas.STATE
+    state = blas_loader.STATE
     blas = state.path if state.path else f"MLX's bundled BLAS ({state.reason})"
     gguf = find_embedded_gguf()
     try:

@@ -29,7 +29,7 @@ def tiny_hf_qwen2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from mlx_qlora.embedded import find_embedded_gguf
+    from mlx_qlora.model.embedded import find_embedded_gguf
 
     path = find_embedded_gguf()
     if path is None:
@@ -40,7 +40,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_mlx(tmp_path_factory, smollm2_gguf) -> Path:
     """The embedded SmolLM2 converted to MLX (Q4_1/Q8_0 blocks kept exactly), once per session."""
-    from mlx_qlora.convert import ConvertConfig, run_convert
+    from mlx_qlora.model.convert import ConvertConfig, run_convert
 
     out = tmp_path_factory.mktemp("smollm2") / "mlx"
     run_convert(ConvertConfig(source=str(smollm2_gguf), out_dir=str(out)))

@@ -21,7 +21,7 @@ def write_adapter(out: Path, model_dir: Path, targets=ATTN, rank: int = 8, alpha
     """A random LoRA adapter in training's format (nonzero lora_b) for the model at model_dir."""
     import mlx.core as mx
 
-    from mlx_qlora.model_io import load
+    from mlx_qlora.model.model_io import load
 
     cfg = json.loads((model_dir / "config.json").read_text())
     model, _ = load(model_dir, lazy=True)
@@ -54,7 +54,7 @@ def converted(tmp_path_factory, hf_dir: Path, name: str, **kw) -> Path:
     it); ``name`` labels the directory of the first."""
     key = (str(hf_dir), tuple(sorted(kw.items())))
     if key not in _CACHE:
-        from mlx_qlora.convert import ConvertConfig, run_convert
+        from mlx_qlora.model.convert import ConvertConfig, run_convert
 
         out = tmp_path_factory.mktemp(name) / "model"
         run_convert(ConvertConfig(source=str(hf_dir) if hf_dir else None, out_dir=str(out), **kw))
@@ -63,9 +63,9 @@ def converted(tmp_path_factory, hf_dir: Path, name: str, **kw) -> Path:
 
 
 def mlx_model(model_dir: Path, adapter_dir: Path | None = None):
-    from mlx_qlora.adapter_files import read_adapter
-    from mlx_qlora.fuse import attach_adapter
-    from mlx_qlora.model_io import load
+    from mlx_qlora.train.adapter_files import read_adapter
+    from mlx_qlora.export.fuse import attach_adapter
+    from mlx_qlora.model.model_io import load
 
     import mlx.core as mx
 

@@ -13,7 +13,7 @@ import pytest
 import mlx_qlora  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
-from mlx_qlora.adapters import AdapterSet, parse_adapter_specs
+from mlx_qlora.infer.adapters import AdapterSet, parse_adapter_specs
 from mlx_qlora.errors import UserError
 
 ALL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -64,7 +64,7 @@ def fused_model(model_dir: Path, adapter_dir: Path):
     """A second copy of the base with W += scale * (a @ b).T: the reference for one adapter."""
     from mlx.utils import tree_flatten
 
-    from mlx_qlora.model_io import load
+    from mlx_qlora.model.model_io import load
 
     model, _ = load(model_dir)
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -93,7 +93,7 @@ def _logits(model, ids):
 
 
 def test_each_adapter_gives_its_fused_model_logits(tiny_hf_llama, two_adapters):
-    from mlx_qlora.model_io import load
+    from mlx_qlora.model.model_io import load
 
     model, _ = load(tiny_hf_llama)
     plain, _ = load(tiny_hf_llama)
@@ -117,7 +117,7 @@ def test_each_adapter_gives_its_fused_model_logits(tiny_hf_llama, two_adapters):
 
 
 def test_switching_is_cheap_and_shares_base_weights(tiny_hf_llama, two_adapters):
-    from mlx_qlora.model_io import load
+    from mlx_qlora.model.model_io import load
 
     model, _ = load(tiny_hf_llama)
     q = model.model.layers[0].self_attn.q_proj.weight
@@ -146,7 +146,7 @@ def test_parse_adapter_specs():
 
 
 def test_bad_adapters_are_user_errors(tiny_hf_llama, tmp_path, two_adapters):
-    from mlx_qlora.model_io import load
+    from mlx_qlora.model.model_io import load
 
     model, _ = load(tiny_hf_llama)
     aset = AdapterSet(model)

@@ -94,7 +94,7 @@ def chat_model(tmp_path_factory):
 
 def _engine(kind: str, model: Path, adapters: dict):
     """The engine the chat process runs, built in-process to compute the expected answers."""
-    from mlx_qlora.engines import EngineConfig, load_engine
+    from mlx_qlora.infer.engines import EngineConfig, load_engine
 
     return load_engine(EngineConfig(model=str(model), engine=kind, n_ctx=512, threads=1,
                                     adapters=[f"{n}={p}" for n, p in adapters.items()]))
@@ -115,7 +115,7 @@ def _screen(text: str) -> str:
 
 @pytest.mark.parametrize("engine", ["mlx", pytest.param("llama.cpp", marks=pytest.mark.llamacpp)])
 def test_chat_turns_and_adapter_switch_in_a_terminal(chat_model, tmp_path, engine):
-    from mlx_qlora.generate import SamplingConfig
+    from mlx_qlora.infer.generate import SamplingConfig
 
     model, adapters = chat_model
     if engine == "llama.cpp":
@@ -182,11 +182,11 @@ def test_ctrl_c_stops_the_answer_not_the_session(chat_model):
 def test_generate_one_shot_matches_chat_engine(chat_model, capsys, monkeypatch):
     import io
 
-    from mlx_qlora.adapters import parse_adapter_specs
-    from mlx_qlora.chat import GenerateConfig, run_generate
-    from mlx_qlora.engines import EngineConfig
-    from mlx_qlora.engines.mlx_engine import MLXEngine
-    from mlx_qlora.generate import SamplingConfig
+    from mlx_qlora.infer.adapters import parse_adapter_specs
+    from mlx_qlora.infer.chat import GenerateConfig, run_generate
+    from mlx_qlora.infer.engines import EngineConfig
+    from mlx_qlora.infer.engines.mlx_engine import MLXEngine
+    from mlx_qlora.infer.generate import SamplingConfig
 
     model, adapters = chat_model
     specs = [f"{n}={p}" for n, p in adapters.items()]

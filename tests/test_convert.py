@@ -8,9 +8,9 @@ import mlx_qlora  # noqa: F401
 import mlx.core as mx
 
 import tiny
-from mlx_qlora import model_io
-from mlx_qlora.convert import ConvertConfig, run_convert
-from mlx_qlora.quant import GGUF_EXACT, unpermute_qk
+from mlx_qlora.model import model_io
+from mlx_qlora.model.convert import ConvertConfig, run_convert
+from mlx_qlora.model.quant import GGUF_EXACT, unpermute_qk
 
 TOKENS = [[257, 108, 111, 276, 69, 67, 84, 32, 120, 5, 99, 284, 10]]
 
@@ -79,7 +79,7 @@ def _dequant_gguf_reference(gguf_path, hf_dir, tmp_path):
     import gguf
     from safetensors.numpy import save_file
 
-    from mlx_qlora import names
+    from mlx_qlora.model import names
 
     cfg = json.loads((hf_dir / "config.json").read_text())
     reader = gguf.GGUFReader(str(gguf_path))

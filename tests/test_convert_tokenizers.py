@@ -3,8 +3,8 @@ SentencePiece, like the sentencepiece library itself)."""
 import pytest
 
 import tiny
-from mlx_qlora import model_io
-from mlx_qlora.convert import ConvertConfig, run_convert
+from mlx_qlora.model import model_io
+from mlx_qlora.model.convert import ConvertConfig, run_convert
 
 TRICKY = ["Hello world", "  leading and  double  spaces", "digits 1234567 and 3.14159", "tabs\tand\nnewlines\n",
           "unicode: naïve café 日本語 🤖 ✓", "SELECT name FROM users WHERE age > 30;", "don't we'll", ""]

@@ -9,12 +9,12 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
-from mlx_qlora import cpu_engine, fastpath
-from mlx_qlora.cpu_engine import CpuEngine
-from mlx_qlora.data import Example, collate
-from mlx_qlora.lora import LoRALinear, apply_lora
-from mlx_qlora.train import make_loss
-from mlx_qlora.train_config import LoraConfig
+from mlx_qlora.train import mlx_cpu_kernels, numpy_engine
+from mlx_qlora.train.numpy_engine import CpuEngine
+from mlx_qlora.train.data import Example, collate
+from mlx_qlora.train.lora import LoRALinear, apply_lora
+from mlx_qlora.train.loop import make_loss
+from mlx_qlora.train.config import LoraConfig
 
 
 def rel_err(a, b) -> float:
@@ -47,7 +47,7 @@ def batch(seed=0, lengths=(9, 5, 12), vocab=200, prompt=3):
 
 def reference(model, b):
     """Loss sum and gradients from MLX autodiff over the plain model (quantized_matmul, MLX sdpa)."""
-    with fastpath.disabled():
+    with mlx_cpu_kernels.disabled():
         loss_fn = make_loss(model)
         vg = nn.value_and_grad(model, loss_fn)
         loss, g = vg(model, mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_index))
@@ -81,7 +81,7 @@ def test_fresh_adapter_loss_equals_base_model(tiny_hf_llama):
     base, _ = load_model(tiny_hf_llama)
     nn.quantize(base, group_size=32, bits=4)
     b = batch(1)
-    with fastpath.disabled():
+    with mlx_cpu_kernels.disabled():
         logits = base(mx.array(b.inputs)).reshape(-1, base.args.vocab_size)[mx.array(b.loss_index)]
         want = nn.losses.cross_entropy(logits, mx.array(b.targets.reshape(-1)[b.loss_index]), reduction="sum").item()
     mx.random.seed(0)
@@ -113,7 +113,7 @@ def test_rope_matches_mlx_fast_rope(tiny_hf_llama, traditional, dims):
     blk = CpuEngine(model).blocks[0]
     blk.rope = (dims, traditional, 1000.0, 0.5)
     heads, d, lengths = 3, blk.heads.d, [7, 4]
-    geo = cpu_engine._Geometry(lengths)
+    geo = numpy_engine._Geometry(lengths)
     x = np.random.default_rng(0).normal(size=(sum(lengths), heads * d)).astype(np.float32)
     got = blk._rope(x, heads, geo, inverse=False)
     for (s, n) in geo.segments:
@@ -125,10 +125,10 @@ def test_rope_matches_mlx_fast_rope(tiny_hf_llama, traditional, dims):
 
 def test_unsupported_models_fall_back(tiny_hf_llama):
     model = model_for(tiny_hf_llama, lora=LoraConfig(rank=4, alpha=8, use_dora=True))
-    assert cpu_engine.unsupported(model) == "DoRA"
+    assert numpy_engine.unsupported(model) == "DoRA"
     with pytest.raises(ValueError, match="DoRA"):
         CpuEngine(model)
     plain = model_for(tiny_hf_llama)
-    assert cpu_engine.unsupported(plain) is None
+    assert numpy_engine.unsupported(plain) is None
     plain.model.norm.unfreeze()
-    assert "other than LoRA" in cpu_engine.unsupported(plain)
+    assert "other than LoRA" in numpy_engine.unsupported(plain)

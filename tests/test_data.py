@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-from mlx_qlora.data import batch_order, collate, load_dataset, padding_waste, read_jsonl
+from mlx_qlora.train.data import batch_order, collate, load_dataset, padding_waste, read_jsonl
 from mlx_qlora.errors import UserError
-from mlx_qlora.train_config import DataConfig
+from mlx_qlora.train.config import DataConfig
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_batches_deterministic_cover_all_and_pad_little():
 
 
 def test_collate_shifts_and_masks():
-    from mlx_qlora.data import Example
+    from mlx_qlora.train.data import Example
     exs = [Example(np.array([1, 2, 3, 4], np.int32), np.array([0, 0, 1, 1], bool)),
            Example(np.array([5, 6], np.int32), np.array([0, 1], bool))]
     b = collate(exs, pad_id=0)

@@ -3,15 +3,15 @@ import sys
 
 import pytest
 
-from mlx_qlora import _blas
+from mlx_qlora.model import blas
 from mlx_qlora.doctor import collect
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CBLAS binding is for Linux")
 def test_real_blas_in_use_and_fast():
     report = collect()
-    assert _blas.STATE.reason == "loaded", _blas.STATE.reason
-    assert report.blas == _blas.STATE.path and "blas" in report.blas.lower()
+    assert blas.STATE.reason == "loaded", blas.STATE.reason
+    assert report.blas == blas.STATE.path and "blas" in report.blas.lower()
     assert report.sgemm_gflops > 20, report.sgemm_gflops  # reference BLAS gives ~1
 
 
@@ -26,10 +26,10 @@ def test_report_names_components():
 def test_blas_off_switch(tmp_path):
     import subprocess
 
-    code = "import mlx_qlora, mlx_qlora._blas as b; print(b.STATE.reason)"
+    code = "import mlx_qlora, mlx_qlora.model.blas as b; print(b.STATE.reason)"
     out = subprocess.run([sys.executable, "-c", code], env={"MLX_QLORA_BLAS": "off", "PATH": "/usr/bin"},
                          capture_output=True, text=True)
     assert "disabled" in out.stdout, out.stderr
-    out = subprocess.run([sys.executable, "-c", "import mlx.core, mlx_qlora, mlx_qlora._blas as b; print(b.STATE.reason)"],
+    out = subprocess.run([sys.executable, "-c", "import mlx.core, mlx_qlora, mlx_qlora.model.blas as b; print(b.STATE.reason)"],
                          capture_output=True, text=True)
     assert "imported before" in out.stdout, out.stderr

@@ -117,7 +117,7 @@ def qwen_q4(tmp_path_factory, qwen_tied_hf):
 def test_merged_float_and_q8(arch, request, tmp_path):
     model_dir = request.getfixturevalue("llama_f32" if arch == "llama" else "qwen_tied_f32")
     adapter = write_adapter(tmp_path / "ad", model_dir, targets=ALL, seed=3)
-    from mlx_qlora.fuse import FuseConfig, run_fuse
+    from mlx_qlora.export.fuse import FuseConfig, run_fuse
 
     fused = run_fuse(FuseConfig(model=str(model_dir), adapter=str(adapter), out_dir=str(tmp_path / "fused")))
     toks = _prompts(mlx_model(model_dir)[1])
@@ -129,7 +129,7 @@ def test_merged_float_and_q8(arch, request, tmp_path):
         if t == "q8_0":
             # re-quantized: greedy identity is checked against MLX running the file's own weights
             # (converted back GGUF -> MLX, Q8_0 blocks kept exactly); logits against the fused model
-            from mlx_qlora.convert import ConvertConfig, run_convert
+            from mlx_qlora.model.convert import ConvertConfig, run_convert
 
             back = tmp_path / "back_q8"
             run_convert(ConvertConfig(source=str(out), out_dir=str(back)))
@@ -140,7 +140,7 @@ def test_merged_float_and_q8(arch, request, tmp_path):
 def test_merged_q4_1_from_4bit_base_is_lossless(arch, request, tmp_path):
     model_dir = request.getfixturevalue("llama_q4" if arch == "llama" else "qwen_q4")
     adapter = write_adapter(tmp_path / "ad", model_dir, targets=ATTN, seed=4)
-    from mlx_qlora.fuse import FuseConfig, run_fuse
+    from mlx_qlora.export.fuse import FuseConfig, run_fuse
 
     fused = run_fuse(FuseConfig(model=str(model_dir), adapter=str(adapter), out_dir=str(tmp_path / "fused")))
     out = tmp_path / "m.gguf"
@@ -156,7 +156,7 @@ def test_merged_q4_1_from_4bit_base_is_lossless(arch, request, tmp_path):
     import mlx.core as mx
     from gguf.quants import dequantize
 
-    from mlx_qlora.quant import unpermute_qk
+    from mlx_qlora.model.quant import unpermute_qk
 
     w = mx.load(str(fused / "model.safetensors"))
     t = {x.name: x for x in gguf.GGUFReader(str(out)).tensors}["blk.1.attn_q.weight"]
@@ -222,7 +222,7 @@ def smol(tmp_path_factory):
 def test_smollm2_gguf_mlx_gguf_round_trip_is_bit_identical(smol, tmp_path):
     import gguf
 
-    from mlx_qlora.embedded import embedded_gguf_path
+    from mlx_qlora.model.embedded import embedded_gguf_path
 
     out = tmp_path / "smol.gguf"
     report = _export(smol, out)  # default q4_1: the Q8_0 embedding stays Q8_0 (more precise, exact)
@@ -245,7 +245,7 @@ def test_smollm2_fine_tuned_q4_1_in_llamacpp(smol, tmp_path):
     """A SmolLM2 adapter (random, standing in for a short fine-tune: the training loop is not this
     module's) fused and exported: every 4-bit block copied exactly, llama.cpp agrees with MLX."""
     adapter = write_adapter(tmp_path / "ad", smol, targets=ATTN, b_std=0.01, seed=1)
-    from mlx_qlora.fuse import FuseConfig, run_fuse
+    from mlx_qlora.export.fuse import FuseConfig, run_fuse
 
     fused = run_fuse(FuseConfig(model=str(smol), adapter=str(adapter), out_dir=str(tmp_path / "fused")))
     out = tmp_path / "smol_ft.gguf"

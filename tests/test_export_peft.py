@@ -48,7 +48,7 @@ def test_import_round_trip(f32, adapter, tmp_path):
     from safetensors.numpy import load_file
 
     from mlx_qlora.export.peft import run_import_peft
-    from mlx_qlora.adapter_files import read_adapter
+    from mlx_qlora.train.adapter_files import read_adapter
 
     _export(f32, adapter, tmp_path / "peft")
     back = run_import_peft(str(tmp_path / "peft"), str(tmp_path / "back"))

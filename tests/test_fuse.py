@@ -27,7 +27,7 @@ def adapter(tmp_path_factory, q4):
 
 
 def _fuse(model, adapter, out, **kw):
-    from mlx_qlora.fuse import FuseConfig, run_fuse
+    from mlx_qlora.export.fuse import FuseConfig, run_fuse
 
     return run_fuse(FuseConfig(model=str(model), adapter=str(adapter), out_dir=str(out), **kw))
 
@@ -58,7 +58,7 @@ def test_fused_quantized_close_to_base_plus_adapter(q4, adapter, tmp_path):
     # weight level: the re-quantization error is 4-bit rounding of the exact merge, no more
     import mlx.core as mx
 
-    from mlx_qlora.adapter_files import read_adapter
+    from mlx_qlora.train.adapter_files import read_adapter
 
     ad, b = read_adapter(adapter), _weights(q4)
     for m, (a, bb) in ad.pairs.items():

@@ -9,7 +9,7 @@ import mlx_qlora  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
 from mlx_qlora.errors import UserError
-from mlx_qlora.generate import Detokenizer, KVSession, SamplingConfig, generate_tokens
+from mlx_qlora.infer.generate import Detokenizer, KVSession, SamplingConfig, generate_tokens
 from test_adapters import make_adapter, write_untied_llama
 
 
@@ -32,7 +32,7 @@ def llama_dir(tmp_path_factory):
 
 @pytest.fixture(params=["llama_dir", "tiny_hf_qwen2"])
 def tiny_model(request):
-    from mlx_qlora.model_io import load
+    from mlx_qlora.model.model_io import load
 
     d = request.getfixturevalue(request.param)
     model, tok = load(d)
@@ -70,7 +70,7 @@ def test_prefix_reuse_gives_same_tokens(tiny_model):
 
 
 def test_chunked_prefill(tiny_model, monkeypatch):
-    import mlx_qlora.generate as g
+    import mlx_qlora.infer.generate as g
 
     _, model, _ = tiny_model
     monkeypatch.setattr(g, "PREFILL_STEP", 4)  # 11 prompt tokens -> chunks of 4, 4, 3
@@ -109,7 +109,7 @@ def test_seeded_sampling_is_reproducible(tiny_model):
 
 
 def test_detokenizer_streams_exact_text(tiny_hf_llama):
-    from mlx_qlora.model_io import load
+    from mlx_qlora.model.model_io import load
 
     _, tok = load(tiny_hf_llama)
     text = "SELECT naïve café FROM t WHERE x = '🙂 ok' 日本"
@@ -122,9 +122,9 @@ def test_detokenizer_streams_exact_text(tiny_hf_llama):
 
 def test_engine_matches_direct_greedy_with_adapters_and_cpu_rewrite(llama_dir, tmp_path):
     """The chat engine (CPU rewrite on, adapters loaded) vs reference models computed directly."""
-    from mlx_qlora.adapters import parse_adapter_specs
-    from mlx_qlora.engines.mlx_engine import MLXEngine
-    from mlx_qlora.model_io import load
+    from mlx_qlora.infer.adapters import parse_adapter_specs
+    from mlx_qlora.infer.engines.mlx_engine import MLXEngine
+    from mlx_qlora.model.model_io import load
     from test_adapters import fused_model
 
     a = make_adapter(llama_dir, tmp_path / "a", seed=5)
@@ -151,7 +151,7 @@ def test_engine_matches_direct_greedy_with_adapters_and_cpu_rewrite(llama_dir, t
 
 
 def test_stop_strings_are_cut(llama_dir):
-    from mlx_qlora.engines.mlx_engine import MLXEngine
+    from mlx_qlora.infer.engines.mlx_engine import MLXEngine
 
     eng = MLXEngine(llama_dir, cpu_fast=False)
     prompt = eng.encode("the cat")
@@ -166,8 +166,8 @@ def test_stop_strings_are_cut(llama_dir):
 def test_cpu_rewrite_keeps_logits(which, request):
     import mlx.nn as nn
 
-    from mlx_qlora.engines.cpu_decode import prepare
-    from mlx_qlora.model_io import load
+    from mlx_qlora.infer.engines.cpu_decode import prepare
+    from mlx_qlora.model.model_io import load
 
     model, _ = load(request.getfixturevalue(which))
     nn.quantize(model, group_size=32, bits=4)  # the rewrite must dequantize exactly
@@ -223,9 +223,9 @@ def gguf_model(llama_dir, tmp_path_factory):
 def test_llamacpp_engine_greedy_equals_direct_and_adapters_match_mlx(llama_dir, gguf_model, tmp_path):
     import mlx.core as mx
 
-    from mlx_qlora.adapters import parse_adapter_specs
-    from mlx_qlora.engines.llamacpp import LlamaCppEngine, write_lora_gguf
-    from mlx_qlora.engines.mlx_engine import MLXEngine
+    from mlx_qlora.infer.adapters import parse_adapter_specs
+    from mlx_qlora.infer.engines.llamacpp import LlamaCppEngine, write_lora_gguf
+    from mlx_qlora.infer.engines.mlx_engine import MLXEngine
 
     gguf, sql = gguf_model
     specs = parse_adapter_specs([f"sql={sql}"])
@@ -272,7 +272,7 @@ def _llama_logits(gguf, ids, lora):
 
 @pytest.mark.llamacpp
 def test_llamacpp_sampling_and_prefix_reuse(gguf_model):
-    from mlx_qlora.engines.llamacpp import LlamaCppEngine
+    from mlx_qlora.infer.engines.llamacpp import LlamaCppEngine
 
     eng = LlamaCppEngine(gguf_model[0], n_ctx=512, n_threads=1)
     prompt = eng.encode("the cat sat on the mat")
@@ -290,7 +290,7 @@ def test_llamacpp_sampling_and_prefix_reuse(gguf_model):
 
 @pytest.mark.llamacpp
 def test_engine_choice(llama_dir, gguf_model, tmp_path):
-    from mlx_qlora.engines import EngineConfig, choose, load_engine, resolve
+    from mlx_qlora.infer.engines import EngineConfig, choose, load_engine, resolve
 
     gguf, _ = gguf_model
     cfg = EngineConfig(model=str(llama_dir), gguf=str(gguf))
@@ -309,8 +309,8 @@ def test_engine_choice(llama_dir, gguf_model, tmp_path):
 @pytest.mark.llamacpp
 def test_embedded_smollm2_on_llamacpp_greedy_equals_direct():
     pytest.importorskip("llama_cpp")
-    from mlx_qlora.embedded import find_embedded_gguf
-    from mlx_qlora.engines.llamacpp import LlamaCppEngine
+    from mlx_qlora.model.embedded import find_embedded_gguf
+    from mlx_qlora.infer.engines.llamacpp import LlamaCppEngine
 
     gguf = find_embedded_gguf()
     if gguf is None:

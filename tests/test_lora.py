@@ -13,11 +13,11 @@ from mlx_lm.tuner.dora import DoRALinear as MlxDoRALinear
 from mlx_lm.tuner.lora import LoRALinear as MlxLoRALinear
 from mlx_lm.utils import load_model
 
-from mlx_qlora import fastpath
+from mlx_qlora.train import mlx_cpu_kernels
 from mlx_qlora.errors import UserError
-from mlx_qlora.lora import (LoRALinear, apply_lora, count_parameters, load_adapter, read_adapter_config,
+from mlx_qlora.train.lora import (LoRALinear, apply_lora, count_parameters, load_adapter, read_adapter_config,
                             save_adapter)
-from mlx_qlora.train_config import LoraConfig
+from mlx_qlora.train.config import LoraConfig
 
 
 def rel_err(a, b) -> float:
@@ -49,7 +49,7 @@ def perturb(model, seed=0):
 @pytest.mark.parametrize("bits", [None, 4, 8])
 def test_fresh_adapter_gives_base_logits_exactly(tiny_hf_llama, bits):
     model = load(tiny_hf_llama, bits)
-    fastpath.accelerate(model)  # base and adapted model run the same base kernels
+    mlx_cpu_kernels.accelerate(model)  # base and adapted model run the same base kernels
     base = model(TOKENS)
     apply_lora(model, LoraConfig(rank=4, alpha=8, targets="all-linear", dropout=0.1))
     model.eval()
@@ -58,7 +58,7 @@ def test_fresh_adapter_gives_base_logits_exactly(tiny_hf_llama, bits):
 
 def test_fresh_adapter_exact_on_plain_path(tiny_hf_qwen2):
     model = load(tiny_hf_qwen2, 4)
-    with fastpath.disabled():
+    with mlx_cpu_kernels.disabled():
         base = model(TOKENS)
         apply_lora(model, LoraConfig(rank=8, use_dora=True))
         assert np.array_equal(np.array(model(TOKENS)), np.array(base))
@@ -89,7 +89,7 @@ def test_fast_path_matches_mlx_lm_layer(bits, group_size, bias, dora):
         (val, (gp, gx)) = mx.value_and_grad(loss, argnums=(0, 1))(layer.trainable_parameters(), x)
         return layer(x), dict(tree_flatten(gp)), gx
 
-    with fastpath.disabled():
+    with mlx_cpu_kernels.disabled():
         y_ref, gp_ref, gx_ref = run(ref)
     y, gp, gx = run(ours)
     assert rel_err(y, y_ref) < 1e-4
@@ -108,7 +108,7 @@ def loss_and_grads(model, fused: bool):
             h = model.model(TOKENS)
             idx = mx.array(np.flatnonzero(np.array(mask).reshape(-1)))
             h = h.reshape(-1, h.shape[-1])[idx]
-            return fastpath.fused_cross_entropy(h, model.model.embed_tokens, targets.reshape(-1)[idx])
+            return mlx_cpu_kernels.fused_cross_entropy(h, model.model.embed_tokens, targets.reshape(-1)[idx])
         ce = nn.losses.cross_entropy(model(TOKENS), targets, reduction="none")
         return (ce * mask).sum()
 
@@ -124,10 +124,10 @@ def test_full_model_fast_path_matches_plain(tiny_hf_llama):
         apply_lora(model, LoraConfig(rank=4, alpha=8, layers="last 1", targets=["q_proj", "down_proj"]))
         perturb(model)
         if fast:
-            fastpath.accelerate(model)
+            mlx_cpu_kernels.accelerate(model)
             results.append(loss_and_grads(model, fused=True))
         else:
-            with fastpath.disabled():
+            with mlx_cpu_kernels.disabled():
                 results.append(loss_and_grads(model, fused=False))
     (l0, g0), (l1, g1) = results
     assert rel_err(l1, l0) < 1e-5
@@ -200,14 +200,14 @@ def test_fused_cross_entropy_matches_plain():
     t = mx.random.randint(0, 300, (600,))
 
     def f_fused(h):
-        return fastpath.fused_cross_entropy(h, head, t)
+        return mlx_cpu_kernels.fused_cross_entropy(h, head, t)
 
     def f_plain(h):
-        return fastpath.plain_cross_entropy(h @ fastpath.dense_weight(head).T, t)
+        return mlx_cpu_kernels.plain_cross_entropy(h @ mlx_cpu_kernels.dense_weight(head).T, t)
 
     (l0, g0), (l1, g1) = mx.value_and_grad(f_plain)(h), mx.value_and_grad(f_fused)(h)
     assert rel_err(l1, l0) < 1e-5 and rel_err(g1, g0) < 1e-4
-    assert rel_err(fastpath.fused_cross_entropy(h, head, t, with_grad=False), l0) < 1e-5
+    assert rel_err(mlx_cpu_kernels.fused_cross_entropy(h, head, t, with_grad=False), l0) < 1e-5
 
 
 def test_numpy_swiglu_matches_mlx():
@@ -216,7 +216,7 @@ def test_numpy_swiglu_matches_mlx():
     w = mx.cos(mx.arange(40))
 
     def fast(g, u):
-        return (fastpath.swiglu(g, u) * w).sum()
+        return (mlx_cpu_kernels.swiglu(g, u) * w).sum()
 
     def plain(g, u):
         return (nn.silu(g) * u * w).sum()
@@ -229,13 +229,13 @@ def test_accelerate_swaps_classes_in_place(tiny_hf_llama):
     model = load(tiny_hf_llama, 4)
     names = sorted(k for k, _ in tree_flatten(model.parameters()))
     # 2 layers x 7 quantized linears + 2 SwiGLU MLPs (the tied embedding is not a linear)
-    assert fastpath.accelerate(model) == 2 * 7 + 2
+    assert mlx_cpu_kernels.accelerate(model) == 2 * 7 + 2
     assert sorted(k for k, _ in tree_flatten(model.parameters())) == names
     assert isinstance(model.layers[0].mlp.up_proj, nn.QuantizedLinear)
 
 
 def test_cpu_attention_matches_mlx_sdpa():
-    """fastpath.attention (BLAS + NumPy softmax) vs mx.fast SDPA: output and all three gradients."""
+    """mlx_cpu_kernels.attention (BLAS + NumPy softmax) vs mx.fast SDPA: output and all three gradients."""
     for B, H, Hk, L, D, mask in [(2, 9, 3, 17, 64, "causal"), (1, 4, 4, 5, 8, None), (2, 6, 2, 9, 16, "causal")]:
         mx.random.seed(L)
         q, k, v, c = (mx.random.normal(s) for s in [(B, H, L, D), (B, Hk, L, D), (B, Hk, L, D), (B, H, L, D)])
@@ -244,7 +244,7 @@ def test_cpu_attention_matches_mlx_sdpa():
             return (mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask) * c).sum()
 
         def new(q, k, v):
-            return (fastpath.attention(q, k, v, None, 0.3, mask) * c).sum()
+            return (mlx_cpu_kernels.attention(q, k, v, None, 0.3, mask) * c).sum()
 
         assert rel_err(new(q, k, v), ref(q, k, v)) < 1e-5
         for a, b in zip(mx.grad(new, argnums=(0, 1, 2))(q, k, v), mx.grad(ref, argnums=(0, 1, 2))(q, k, v)):

@@ -5,8 +5,8 @@ import pytest
 import mlx_qlora  # noqa: F401
 import mlx.core as mx
 
-from mlx_qlora import names
-from mlx_qlora.quant import QuantStats, bits_per_weight, permute_qk, quantize, unpermute_qk
+from mlx_qlora.model import names
+from mlx_qlora.model.quant import QuantStats, bits_per_weight, permute_qk, quantize, unpermute_qk
 
 
 def test_name_tables_are_inverse():

@@ -7,7 +7,7 @@ import pytest
 import mlx_qlora  # noqa: F401
 import mlx.core as mx
 
-from mlx_qlora import model_io
+from mlx_qlora.model import model_io
 
 pytestmark = [pytest.mark.real, pytest.mark.llamacpp]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mlx_qlora.errors import UserError
-from mlx_qlora.train_config import LoraConfig, TrainConfig, load_config, parse_layers, parse_overrides
+from mlx_qlora.train.config import LoraConfig, TrainConfig, load_config, parse_layers, parse_overrides
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 

@@ -19,10 +19,10 @@ KEY = "test-key-123"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from mlx_qlora.adapters import parse_adapter_specs
-    from mlx_qlora.engines import EngineConfig
-    from mlx_qlora.engines.mlx_engine import MLXEngine
-    from mlx_qlora.serve import ServeConfig, make_server
+    from mlx_qlora.infer.adapters import parse_adapter_specs
+    from mlx_qlora.infer.engines import EngineConfig
+    from mlx_qlora.infer.engines.mlx_engine import MLXEngine
+    from mlx_qlora.infer.serve import ServeConfig, make_server
 
     d = tmp_path_factory.mktemp("serve")
     model = write_untied_llama(d / "tiny")
@@ -43,7 +43,7 @@ def served(tmp_path_factory):
 
 
 def expected_chat(ref, adapter, messages, max_tokens=16, stop=()):
-    from mlx_qlora.generate import SamplingConfig
+    from mlx_qlora.infer.generate import SamplingConfig
 
     ref.set_adapter(adapter)
     return ref.generate(ref.chat_prompt(messages), SamplingConfig(max_tokens=max_tokens), stop)
@@ -81,7 +81,7 @@ def test_streaming_equals_non_streaming(served):
 
 
 def test_completions_endpoint(served):
-    from mlx_qlora.generate import SamplingConfig
+    from mlx_qlora.infer.generate import SamplingConfig
 
     client, ref = served["client"], served["ref"]
     r = client.completions.create(model="poem", prompt="SELECT name FROM", max_tokens=10)

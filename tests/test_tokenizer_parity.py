@@ -101,7 +101,7 @@ def _sentencepiece_llama(tmp_path):
 
 
 def test_sentencepiece(tmp_path):
-    from mlx_qlora.convert import ConvertConfig, run_convert
+    from mlx_qlora.model.convert import ConvertConfig, run_convert
 
     hf_dir = _sentencepiece_llama(tmp_path)
     d = tmp_path / "mlx"

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_qlora import train as train_mod
+from mlx_qlora.train import loop as train_mod
 from mlx_qlora.cli import main
 from mlx_qlora.errors import UserError
-from mlx_qlora.lora import load_adapter, read_adapter_config
-from mlx_qlora.train import train
-from mlx_qlora.train_config import load_config
+from mlx_qlora.train.lora import load_adapter, read_adapter_config
+from mlx_qlora.train.loop import train
+from mlx_qlora.train.config import load_config
 
 WIKI_ROWS = [
     "table: 1-10015132-11\\ncolumns: Player, No., Nationality, Position\\nQ: What position does the player who played for butler cc (ks) play?\\nA: SELECT Position FROM 1-10015132-11 WHERE School/Club Team = 'Butler CC (KS)'",

@@ -145,8 +145,8 @@ def write_gguf(hf_dir: Path, path: Path, qtype: str = "F32") -> Path:
     import gguf
     from safetensors.numpy import load_file
 
-    from mlx_qlora.names import mlx_to_gguf
-    from mlx_qlora.quant import permute_qk
+    from mlx_qlora.model.names import mlx_to_gguf
+    from mlx_qlora.model.quant import permute_qk
 
     cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     weights = load_file(str(Path(hf_dir) / "model.safetensors"))
@@ -208,8 +208,8 @@ def write_sp_gguf(path: Path, sp_model: Path, seed: int = 0) -> Path:
     """A tiny llama GGUF whose vocabulary is a SentencePiece model (tokenizer.ggml.model = llama)."""
     import sentencepiece as spm
 
-    from mlx_qlora.names import mlx_to_gguf
-    from mlx_qlora.quant import permute_qk
+    from mlx_qlora.model.names import mlx_to_gguf
+    from mlx_qlora.model.quant import permute_qk
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     n = sp.get_piece_size()

@@ -1,5 +1,13 @@
-"""``mlx_qlora export``: an MLX model (optionally + adapter) -> GGUF for llama.cpp, or the adapter
--> Hugging Face PEFT. Every output file appears only when complete (temp file, then rename)."""
+"""Stage ``export``: ``mlx_qlora export`` and ``fuse``.
+
+An MLX model (optionally + adapter) -> GGUF for llama.cpp (``gguf`` with ``blocks`` and ``vocab``,
+the one GGUF writer, merged or adapter-only, plus an Ollama ``modelfile``), the adapter ->
+Hugging Face PEFT and back (``peft``), and ``fuse`` (an adapter merged into its base, re-quantized).
+Every output file appears only when complete (temp file, then rename).
+
+May import: ``train`` (the adapter reader), ``model`` and the leaves. Never ``infer``, ``eval``
+or ``apps``.
+"""
 from __future__ import annotations
 
 from collections import defaultdict

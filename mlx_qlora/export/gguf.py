@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import names
+from ..model import names
 from ..atomic import atomic_file
 from ..errors import UserError, require
-from ..adapter_files import read_adapter
-from ..fuse import merge_weights, read_weights
-from ..model_io import check_model_dir
-from ..quant import permute_qk
+from ..train.adapter_files import read_adapter
+from .fuse import merge_weights, read_weights
+from ..model.model_io import check_model_dir
+from ..model.quant import permute_qk
 from . import ExportConfig, ExportReport
 from .blocks import Packed, float_tensor, quantized_tensor
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import require
+from ..errors import require
 
 
 def normalize_config(cfg: dict) -> dict:

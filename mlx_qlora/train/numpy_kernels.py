@@ -1,6 +1,6 @@
 """NumPy kernels for CPU training: RMSNorm, RoPE, SwiGLU, causal GQA attention, softmax
-cross-entropy, and their backward. The CPU engine (``cpu_engine``) is built from them, and the
-MLX-autodiff fast path (``fastpath``) calls the softmax, SwiGLU and loss kernels from inside its
+cross-entropy, and their backward. The CPU engine (``numpy_engine``) is built from them, and the
+MLX-autodiff fast path (``mlx_cpu_kernels``) calls the softmax, SwiGLU and loss kernels from inside its
 custom functions. NumPy's ``exp`` is vectorised (~400 M elements/s here) where MLX's CPU ``exp``
 is scalar (~60 M/s).
 

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import cpu_ops
+from . import numpy_kernels
 
 # Rows of the (tokens, vocab) logits handled at once by the fused loss: 256 x 49,152 fp32 is
 # 48 MiB, large enough that the matmul runs at full BLAS speed, small enough to stay cheap.
@@ -129,7 +129,7 @@ def _np_view(a: mx.array) -> np.ndarray:
 @mx.custom_function
 def _swiglu_np(gate, up):
     g, u = _np_view(gate), _np_view(up)
-    out, _ = cpu_ops.swiglu(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1]), keep_sigmoid=False)
+    out, _ = numpy_kernels.swiglu(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1]), keep_sigmoid=False)
     return mx.array(out.reshape(g.shape))
 
 
@@ -137,7 +137,7 @@ def _swiglu_np(gate, up):
 def _swiglu_np_vjp(primals, cotangent, output):
     # Only the (already evaluated) primals go through NumPy; the cotangent stays lazy, since
     # evaluating it here would pin the whole backward graph so far in memory until the step ends.
-    fg, fu = cpu_ops.swiglu_factors(_np_view(primals[0]), _np_view(primals[1]))
+    fg, fu = numpy_kernels.swiglu_factors(_np_view(primals[0]), _np_view(primals[1]))
     return cotangent * mx.array(fg), cotangent * mx.array(fu)
 
 
@@ -227,7 +227,7 @@ def _ce_chunks(h, w, targets, grad: bool):
             logits = hc @ w.T
             buf, shared = _writable(logits)
             tc = np_targets[start:start + CE_CHUNK_ROWS]
-            losses.append(mx.array(cpu_ops.softmax_ce(buf, tc, grad)))
+            losses.append(mx.array(numpy_kernels.softmax_ce(buf, tc, grad)))
             if grad:
                 p = logits if shared else mx.array(buf)   # softmax - onehot, in place when shared
                 grads.append(detached(p @ w))   # and drop this chunk's logits now
@@ -289,7 +289,7 @@ def _attention_fn(scale: float, causal: bool):
         rep = H // hkv
         qg = q.reshape(B, hkv, rep * L, D)
         s, _ = _writable((qg * scale) @ k.swapaxes(-1, -2))      # (B, hkv, rep*L, S)
-        cpu_ops.softmax_(s, cpu_ops.causal_mask(rep, L, S) if causal else None)
+        numpy_kernels.softmax_(s, numpy_kernels.causal_mask(rep, L, S) if causal else None)
         p = mx.array(s)
         o = detached(p @ v).reshape(B, H, L, D)
         return o, p

@@ -7,7 +7,7 @@ chat template. The result must tokenize exactly like llama.cpp does (tests check
 """
 from __future__ import annotations
 
-from .errors import UserError
+from ..errors import UserError
 
 # llama.cpp's `tokenizer.ggml.pre` names that transformers does not map, -> the HF pre-tokenizer
 # that reproduces llama.cpp's split. SmolLM splits every digit on its own, then GPT-2's regex.

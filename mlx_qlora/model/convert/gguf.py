@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import names
-from ..errors import UserError
-from ..atomic import atomic_dir
+from ...errors import UserError
+from ...atomic import atomic_dir
 from ..model_io import write_model_dir
 from ..quant import GGUF_EXACT, GGUF_FLOAT, QuantStats, bits_per_weight, quantize, unpermute_qk
 from . import ConvertConfig, ConvertReport

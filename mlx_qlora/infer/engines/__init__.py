@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError, require
+from ...errors import UserError, require
 from .base import Engine, GenStats
 
 ENGINES = ("auto", "mlx", "llama.cpp")
@@ -37,14 +37,14 @@ def resolve(cfg: EngineConfig) -> tuple[Path | None, Path | None]:
     """(MLX model dir or None, GGUF file or None) for the model the user named."""
     model_dir = gguf = None
     if cfg.model is None or cfg.model.lower() in EMBEDDED_NAMES:
-        from ..embedded import embedded_gguf_path
+        from ...model.embedded import embedded_gguf_path
 
         gguf = embedded_gguf_path()
     elif cfg.model.endswith(".gguf"):
         gguf = Path(cfg.model).expanduser()
         require(gguf.is_file(), f"GGUF file {cfg.model!r} not found")
     else:
-        from ..model_io import check_model_dir
+        from ...model.model_io import check_model_dir
 
         model_dir = check_model_dir(Path(cfg.model).expanduser())
         gguf = _gguf_in_dir(model_dir)

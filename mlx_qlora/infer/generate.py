@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
-from .errors import require
+from ..errors import require
 
 PREFILL_STEP = 512  # tokens per prefill chunk: bounds peak memory of the attention scores
 

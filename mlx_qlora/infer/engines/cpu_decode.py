@@ -1,6 +1,6 @@
 """Rewrite an mlx-lm model for fast decoding on MLX's CPU backend.
 
-Measured on the 2-core x86 dev box (OpenBLAS bound by ``mlx_qlora._blas``):
+Measured on the 2-core x86 dev box (OpenBLAS bound by ``mlx_qlora.model.blas``):
 - ``mx.quantized_matmul`` on CPU is a naive loop: stock mlx-lm decodes SmolLM2 Q4 at ~7 tok/s.
 - fp32 ``x @ W.T`` with one row goes through sgemm with a transposed B and is slow for the
   ~(1536, 576) matrices of a small model; ``W @ x.T`` is a plain matrix-vector product, ~7x faster.

@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 from .. import names
-from ..errors import UserError, require
-from ..atomic import atomic_dir
+from ...errors import UserError, require
+from ...atomic import atomic_dir
 from ..model_io import normalize_config, write_model_dir
 from ..quant import QuantStats, bits_per_weight, quantize
 from . import ConvertConfig, ConvertReport

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError, require
+from ...errors import UserError, require
 from ..quant import ALLOWED_BITS, ALLOWED_GROUP_SIZES
 
 DTYPES = ("float16", "bfloat16", "float32")

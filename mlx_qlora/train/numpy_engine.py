@@ -11,11 +11,11 @@ so what is kept between forward and backward is chosen, not inferred:
 - the rows of a batch are packed into one (tokens, dim) matrix: projections never touch padding,
   attention runs per row (block-diagonal), and RoPE positions restart per row;
 - blocks below the lowest adapted block only run forward and keep nothing;
-- the vocabulary projection and loss run only on loss rows, in chunks (``cpu_ops.softmax_ce``);
+- the vocabulary projection and loss run only on loss rows, in chunks (``numpy_kernels.softmax_ce``);
 - with ``grad_checkpoint`` a block keeps only its input and is recomputed in backward.
 
 Gradients are those of the summed token loss, exactly what ``nn.value_and_grad`` over
-``train.make_loss`` returns (tests/test_cpu_engine.py checks them against it to 1e-4).
+``train.loop.make_loss`` returns (tests/test_cpu_engine.py checks them against it to 1e-4).
 Supported: llama / mistral / qwen2 blocks (RMSNorm, plain RoPE, GQA, SwiGLU, optional biases)
 with LoRA (dropout, rsLoRA) on any of the seven projections; anything else (DoRA, other
 architectures, RoPE scaling, sliding windows) trains through MLX autodiff instead.
@@ -29,8 +29,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from . import cpu_ops as ops
-from .fastpath import CE_CHUNK_ROWS, dense_weight
+from . import numpy_kernels as ops
+from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 from .lora import LoRALinear, linear_dims
 
 ENGINE_TYPES = {"llama", "mistral", "qwen2"}

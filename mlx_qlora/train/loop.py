@@ -23,13 +23,15 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import cpu_engine, fastpath
-from .atomic import atomic_dir, atomic_file
+from . import numpy_engine
+
+from . import mlx_cpu_kernels
+from ..atomic import atomic_dir, atomic_file
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
-from .errors import UserError, require
+from ..errors import UserError, require
 from .lora import apply_lora, count_parameters, save_adapter, save_weights
 from .report import Reporter
-from .train_config import OptimConfig, TrainConfig
+from .config import OptimConfig, TrainConfig
 
 # Architectures whose ``model.model(x)`` returns the final normed hidden states and whose logits
 # are a plain projection (lm_head or tied embedding): the fused chunked loss applies to them.
@@ -59,7 +61,7 @@ def prepare_model(model: nn.Module) -> None:
     mx.set_cache_limit(CPU_CACHE_LIMIT)
     halves = (mx.float16, mx.bfloat16)
     model.update(tree_map(lambda a: a.astype(mx.float32) if a.dtype in halves else a, model.parameters()))
-    fastpath.accelerate(model)
+    mlx_cpu_kernels.accelerate(model)
 
 
 def output_head(model: nn.Module):
@@ -73,7 +75,7 @@ def output_head(model: nn.Module):
 
 def _checkpointed_call(self, x, *args, **kwargs):
     base_call = type(self).__mro__[1].__call__
-    if not fastpath.on_cpu():
+    if not mlx_cpu_kernels.on_cpu():
         def inner(params, x):
             self.update(params)
             return base_call(self, x, *args, **kwargs)
@@ -91,14 +93,14 @@ def _checkpointed_call(self, x, *args, **kwargs):
 
     @mx.custom_function
     def block(x, *values):
-        return fastpath.detached(run(x, *values))
+        return mlx_cpu_kernels.detached(run(x, *values))
 
     @block.vjp
     def block_vjp(primals, cotangent, output):
         _, grads = mx.vjp(run, list(primals), [cotangent])
         # Computed now and detached, so this block's recomputed activations are freed before
         # the next block's backward (the cotangent arriving here is itself detached).
-        return tuple(fastpath.detached(g) for g in grads)
+        return tuple(mlx_cpu_kernels.detached(g) for g in grads)
 
     return block(x, *[v for _, v in tree_flatten(self.trainable_parameters())])
 
@@ -120,7 +122,7 @@ def make_loss(model: nn.Module):
     head = output_head(model)
     # The head is frozen: dequantize it once (fp32, vocab x dim; 113 MB for SmolLM2) instead of
     # every step (~0.3 s per step on CPU for a 49k x 576 8-bit embedding).
-    weight = fastpath.dense_weight(head) if head is not None else None
+    weight = mlx_cpu_kernels.dense_weight(head) if head is not None else None
     if weight is not None:
         mx.eval(weight)
 
@@ -128,11 +130,11 @@ def make_loss(model: nn.Module):
         if head is not None:
             h = model.model(inputs)
             h = h.reshape(-1, h.shape[-1])[index]
-            return fastpath.fused_cross_entropy(h, head, targets.reshape(-1)[index], with_grad=with_grad,
+            return mlx_cpu_kernels.fused_cross_entropy(h, head, targets.reshape(-1)[index], with_grad=with_grad,
                                                 weight=weight)
         logits = model(inputs)
         logits = logits.reshape(-1, logits.shape[-1])[index]
-        return fastpath.plain_cross_entropy(logits, targets.reshape(-1)[index])
+        return mlx_cpu_kernels.plain_cross_entropy(logits, targets.reshape(-1)[index])
 
     return loss
 
@@ -151,14 +153,14 @@ def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_en
                   weight_cache_mb: float = 1024, say=print):
     """The step functions for this device (``StepFns``).
 
-    On CPU the NumPy/BLAS engine (``cpu_engine``) when it covers the model, else MLX autodiff
-    (the fast-path kernels of ``fastpath``; Metal/CUDA always take this path). Losses and
+    On CPU the NumPy/BLAS engine (``numpy_engine``) when it covers the model, else MLX autodiff
+    (the fast-path kernels of ``mlx_cpu_kernels``; Metal/CUDA always take this path). Losses and
     gradients are of the summed token loss; the caller divides by the loss-token count.
     """
-    if fastpath.on_cpu() and use_cpu_engine:
-        why = cpu_engine.unsupported(model)
+    if mlx_cpu_kernels.on_cpu() and use_cpu_engine:
+        why = numpy_engine.unsupported(model)
         if why is None:
-            eng = cpu_engine.CpuEngine(model, grad_checkpointing, weight_cache_mb)
+            eng = numpy_engine.CpuEngine(model, grad_checkpointing, weight_cache_mb)
             say(f"engine: CPU NumPy/BLAS, padding-free; {eng.cached_mb:,.1f} MiB of fp32 weight cache "
                 f"(cpu_weight_cache_mb={weight_cache_mb})")
             return StepFns(eng.loss_and_grad, eng.loss, True)

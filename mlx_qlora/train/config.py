@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError, require
+from ..errors import UserError, require
 
 SCHEDULES = ("cosine", "linear", "constant")
 FORMATS = ("auto", "text", "completions", "chat")
@@ -152,7 +152,7 @@ class TrainConfig:
     batch_size: int = 4              # rows per micro-batch
     seed: int = 0
     grad_checkpoint: bool = False    # recompute each layer in backward: less memory, ~30% slower
-    cpu_engine: bool = True          # CPU: NumPy/BLAS engine (cpu_engine.py); false: MLX autodiff
+    cpu_engine: bool = True          # CPU: NumPy/BLAS engine (train/numpy_engine.py); false: MLX autodiff
     cpu_weight_cache_mb: int = 1024  # CPU engine: MiB of fp32 copies of frozen weights kept between
                                      # steps (0: dequantize 4-bit weights at every use, least memory)
     checkpoint_every: int = 100      # steps between checkpoints (0: only at the end)

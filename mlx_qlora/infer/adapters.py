@@ -18,9 +18,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .adapter_files import Adapter, read_adapter
-from .errors import require
-from .lora import linear_dims
+from ..train.adapter_files import Adapter, read_adapter
+from ..errors import require
+from ..train.lora import linear_dims
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 BASE = "base"  # the name that means "no adapter" in chat (/adapter off) and serve (model=base)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..adapters import AdapterSpec
-from ..errors import UserError, require
+from ...errors import UserError, require
 from ..generate import ByteDetokenizer, SamplingConfig, common_prefix
 from .base import Engine
 
@@ -60,8 +60,8 @@ def find_lora_gguf(spec: AdapterSpec) -> Path | None:
 def write_lora_gguf(spec: AdapterSpec, meta: dict, out: Path) -> Path:
     """Adapter dir (training format) -> LoRA GGUF for a base whose GGUF metadata is ``meta``:
     the same writer as ``mlx_qlora export --adapter-only``, fed the head counts from the GGUF."""
-    from ..export.gguf import write_lora_gguf as write
-    from ..adapter_files import read_adapter
+    from ...export.gguf import write_lora_gguf as write
+    from ...train.adapter_files import read_adapter
 
     arch = meta.get("general.architecture", "llama")
     heads = {"num_attention_heads": int(meta.get(f"{arch}.attention.head_count", 0)),

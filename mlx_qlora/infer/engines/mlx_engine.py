@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..adapters import AdapterSet, AdapterSpec
-from ..errors import UserError, require
+from ...errors import UserError, require
 from ..generate import Detokenizer, KVSession, SamplingConfig, generate_tokens
 from .base import Engine
 
@@ -22,7 +22,7 @@ class MLXEngine(Engine):
         super().__init__()
         import mlx.core as mx
 
-        from ..model_io import load
+        from ...model.model_io import load
 
         self.model_dir = Path(model_dir)
         self.model_name = self.model_dir.name

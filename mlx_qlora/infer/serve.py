@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .engines import EngineConfig, load_engine
-from .errors import UserError
+from ..errors import UserError
 from .generate import SamplingConfig
 
 MAX_BODY = 8 * 1024 * 1024  # bytes; a request body larger than this is refused (413)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError, require
-from .train_config import DataConfig
+from ..errors import UserError, require
+from .config import DataConfig
 
 ROLES = ("system", "user", "assistant", "tool")
 SORT_WINDOW = 64  # batches whose rows are length-sorted together (larger: less padding, less shuffling)

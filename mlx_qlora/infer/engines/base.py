@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..errors import require
+from ...errors import require
 from ..generate import SamplingConfig
 
 

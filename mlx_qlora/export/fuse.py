@@ -15,10 +15,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapter_files import Adapter, read_adapter
-from .atomic import atomic_dir
-from .errors import require
-from .model_io import check_model_dir, write_model_dir
+from ..train.adapter_files import Adapter, read_adapter
+from ..atomic import atomic_dir
+from ..errors import require
+from ..model.model_io import check_model_dir, write_model_dir
 
 def _quant_of(config: dict, module: str) -> tuple[int, int]:
     q = config["quantization"]

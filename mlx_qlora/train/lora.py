@@ -3,7 +3,7 @@
 ``y = x @ W.T + scale * (dropout(x) @ lora_a) @ lora_b`` with ``lora_a`` (in, r), ``lora_b``
 (r, out) zero-initialised, exactly mlx-lm's LoRALinear layout, so a fresh adapter leaves the model
 unchanged and fusing is ``W + scale * (lora_a @ lora_b).T``. DoRA adds a per-output magnitude
-``m`` (out,), as mlx-lm's DoRALinear. The frozen base product uses ``fastpath.base_linear``
+``m`` (out,), as mlx-lm's DoRALinear. The frozen base product uses ``mlx_cpu_kernels.base_linear``
 (dequantize + BLAS on CPU, ``quantized_matmul`` on Metal/CUDA).
 
 Adapter directory: ``adapters.safetensors`` (``<module path>.lora_a`` / ``.lora_b`` [/ ``.m``]) and
@@ -20,10 +20,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .atomic import atomic_file
-from .errors import UserError, require
-from .fastpath import base_linear, dense_weight
-from .train_config import LoraConfig, parse_layers
+from ..atomic import atomic_file
+from ..errors import UserError, require
+from .mlx_cpu_kernels import base_linear, dense_weight
+from .config import LoraConfig, parse_layers
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .engines import EngineConfig, load_engine
-from .errors import UserError, require
+from ..errors import UserError, require
 from .generate import SamplingConfig
 
 HELP = """commands:
