@@ -196,6 +196,19 @@ def load_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> Dataset:
     return Dataset(train, valid, fmt, counts["truncated"], counts["dropped"])
 
 
+def encode_jsonl(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[Example], str, dict]:
+    """One JSONL file encoded exactly as training encodes it (format, masks, truncation):
+    ``(examples, format, {"truncated": n, "dropped": n})``. ``mlx_qlora eval`` scores these."""
+    counts = {"truncated": 0, "dropped": 0}
+    encoders: dict[str, Encoder] = {}
+
+    def factory(fmt):
+        return encoders.setdefault(fmt, Encoder(tokenizer, cfg, fmt))
+
+    examples, fmt = _encode_file(Path(path), factory, cfg, counts)
+    return examples, fmt, counts
+
+
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Row indices of every batch of one epoch; deterministic in (seed, epoch)."""
     rng = np.random.default_rng([seed, epoch])
