@@ -164,8 +164,12 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    task: dict | None = None         # generation metric for `mlx_qlora eval -c` (training ignores it),
+                                     # e.g. {type: exact-match, answer_prefix: "A:", max_rows: 200}
 
     def __post_init__(self):
+        require(self.task is None or isinstance(self.task, dict),
+                f"task={self.task!r}: expected a mapping such as {{type: exact-match, answer_prefix: 'A:'}}")
         for name, cls in (("data", DataConfig), ("lora", LoraConfig), ("optim", OptimConfig)):
             v = getattr(self, name)
             if isinstance(v, dict):
