@@ -13,6 +13,17 @@ from . import __version__
 from .errors import UserError
 
 
+def missing_backend(e: ImportError) -> str | None:
+    """The one line for an MLX that imports without its compiled backend (Linux ``pip install``
+    without the ``cpu``/``cuda`` extra: ``libmlx.so`` is missing); None for any other ImportError."""
+    name, text = e.name or "", str(e)
+    if not (name == "mlx" or name.startswith("mlx.") or "libmlx" in text):
+        return None
+    detail = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return (f"the MLX backend is not installed ({detail}); install it with: pip install 'mlx_qlora[cpu]' "
+            "(or 'mlx_qlora[cuda]' on an NVIDIA GPU)")
+
+
 class _Group(click.Group):
     """Turns UserError into one line on stderr and exit code 2, never a traceback."""
 
@@ -21,6 +32,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UserError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except ImportError as e:
+            line = missing_backend(e)
+            if line is None:
+                raise
+            click.echo(f"error: {line}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
