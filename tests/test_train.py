@@ -185,3 +185,26 @@ def test_train_process_keeps_torch_out():
     import importlib.util
     if importlib.util.find_spec("torch") is not None:
         assert seen["convert"] == "True"
+
+
+def test_throughput_counts_training_steps_only(tiny_q4, data_dir, tmp_path, monkeypatch):
+    """Slow validation passes and a slow start-up must not lower tok/s: the progress line, the
+    summary and metrics.jsonl count tokens over the time of training steps alone."""
+    import time
+
+    real_eval, real_load = train_mod.evaluate, train_mod.load_base
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a: (time.sleep(0.4), real_eval(*a))[1])
+    monkeypatch.setattr(train_mod, "load_base", lambda *a: (time.sleep(0.4), real_load(*a))[1])
+    out = tmp_path / "tps"
+    s = train(cfg(tiny_q4, data_dir, out, steps=4, eval_every=2, checkpoint_every=0))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps, valids = [r for r in recs if "train_loss" in r], [r for r in recs if "val_loss" in r]
+    assert len(steps) == 4 and len(valids) == 3 and all(r["valid_s"] >= 0.4 for r in valids)
+    step_s = sum(r["step_s"] for r in steps)
+    assert s["train_seconds"] == pytest.approx(step_s, abs=0.01)
+    assert s["tok_per_s"] == pytest.approx(s["tokens"] / step_s, rel=0.02)
+    assert steps[-1]["tok_per_s"] == pytest.approx(steps[-1]["tokens"] / step_s, rel=0.02)
+    assert s["valid_seconds"] >= 1.2 and s["other_seconds"] >= 0.4
+    assert s["train_seconds"] + s["valid_seconds"] + s["other_seconds"] == pytest.approx(s["seconds"], abs=0.05)
+    # the 2 s of sleeping is not in the rate: over the whole wall time it would be far lower
+    assert s["tok_per_s"] > 1.5 * s["tokens"] / s["seconds"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -258,6 +259,7 @@ def evaluate(eval_fn, examples, batch_size: int, max_batches: int, seed: int) ->
 
 def train(cfg: TrainConfig) -> dict:
     """Fine-tune LoRA adapters on ``cfg.model``; returns the summary (also printed)."""
+    started = time.perf_counter()  # start-up is timed apart from the steps (report.Reporter)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_base(cfg.model)
@@ -271,7 +273,7 @@ def train(cfg: TrainConfig) -> dict:
         state = load_checkpoint(out, model, optimizer)
         require(state["step"] < cfg.steps, f"--resume: the checkpoint is at step {state['step']}, not below "
                                            f"steps={cfg.steps}; raise --steps to train further")
-    rep = Reporter(out, cfg.steps, state["step"], progress=cfg.progress)
+    rep = Reporter(out, cfg.steps, state["step"], progress=cfg.progress, started=started)
     trainable, total = count_parameters(model)
     rep.print(f"model {cfg.model}: {total / 1e6:.2f}M parameters, trainable {trainable:,} ({100 * trainable / total:.3f}%)")
     grad_fn, eval_fn, packed = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb,
@@ -287,8 +289,14 @@ def train(cfg: TrainConfig) -> dict:
     lengths = [len(e.tokens) for e in ds.train]
     order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"])
     last_ckpt = None
+
+    def validate(step: int) -> None:
+        t = time.perf_counter()
+        loss = evaluate(eval_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed)
+        rep.valid(step, loss, time.perf_counter() - t)
+
     if state["step"] == 0:
-        rep.valid(0, evaluate(eval_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed))
+        validate(0)
 
     def next_batch():
         nonlocal order
@@ -302,6 +310,7 @@ def train(cfg: TrainConfig) -> dict:
 
     try:
         while state["step"] < cfg.steps:
+            t_step = time.perf_counter()
             pos = (state["epoch"], state["batch_index"])
             grads, loss_sum, n_loss, n_tok = None, 0.0, 0, 0
             for micro in range(cfg.optim.grad_accum):
@@ -326,9 +335,10 @@ def train(cfg: TrainConfig) -> dict:
             mx.eval(model.trainable_parameters(), optimizer.state)
             state["step"] += 1
             step = state["step"]
-            rep.step(step, mean_loss, n_tok, optimizer.learning_rate.item())  # the rate this step used
+            rep.step(step, mean_loss, n_tok, optimizer.learning_rate.item(),  # the rate this step used
+                     time.perf_counter() - t_step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                rep.valid(step, evaluate(eval_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed))
+                validate(step)
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                 last_ckpt = save_checkpoint(out, model, optimizer, state, cfg, cfg.keep_checkpoints)
     except KeyboardInterrupt:
@@ -340,7 +350,7 @@ def train(cfg: TrainConfig) -> dict:
     except BaseException:
         rep.close()
         raise
-    rep.valid(state["step"], evaluate(eval_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed))
+    validate(state["step"])
     summary = rep.summary(out / "adapters.safetensors")
     summary.update(trainable=trainable, steps=state["step"], out_dir=str(out))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -2,6 +2,8 @@
 
 Memory is reported two ways: peak RSS of the process (what the OS sees, includes Python and
 the tokenizer) and MLX's peak allocation (arrays only). Units: GiB, tokens per second.
+Throughput counts training steps only: validation passes and start-up (model load, data,
+checkpoints) are timed apart, so tok/s matches ``bench/train_throughput.py`` for the same work.
 """
 from __future__ import annotations
 
@@ -33,14 +35,16 @@ class Reporter:
     """Collects per-step numbers, draws the bar, writes metrics.jsonl and the final artefacts."""
 
     def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True,
-                 console: Console | None = None):
+                 console: Console | None = None, started: float | None = None):
         self.out = Path(out_dir)
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.total, self.start_step = total_steps, start_step
         self.metrics_path = self.out / "metrics.jsonl"
         self._keep_metrics_before(start_step)
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() if started is None else started  # perf_counter() at start-up
         self.tokens = 0            # real (non-pad) tokens processed in this session
+        self.train_s = 0.0         # seconds inside training steps (this session)
+        self.valid_s = 0.0         # seconds inside validation passes
         self.train_curve: list[tuple[int, float]] = []
         self.valid_curve: list[tuple[int, float]] = []
         self._load_curves()
@@ -84,14 +88,18 @@ class Reporter:
 
     @property
     def tok_per_s(self) -> float:
-        return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        """Real tokens per second of training steps (validation and start-up excluded)."""
+        return self.tokens / self.train_s if self.train_s > 0 else 0.0
 
-    def step(self, step: int, loss: float, tokens: int, lr: float) -> None:
+    def step(self, step: int, loss: float, tokens: int, lr: float, seconds: float) -> None:
+        """One optimizer step done: ``tokens`` real tokens in ``seconds`` (the step alone)."""
         self.tokens += tokens
+        self.train_s += seconds
         self.last_train = loss
         self.train_curve.append((step, loss))
         rec = {"step": step, "train_loss": round(loss, 6), "lr": lr, "tokens": self.tokens,
-               "tok_per_s": round(self.tok_per_s, 2), "peak_rss_gib": round(peak_rss_gib(), 3),
+               "step_s": round(seconds, 4), "tok_per_s": round(self.tok_per_s, 2),
+               "peak_rss_gib": round(peak_rss_gib(), 3),
                "peak_mlx_gib": round(peak_mlx_gib(), 3)}
         self._write(rec)
         info = f"loss {loss:.3f}  {self.tok_per_s:,.0f} tok/s  mem {peak_rss_gib():.2f} GiB"
@@ -100,13 +108,15 @@ class Reporter:
         elif step % self.log_every == 0 or step == self.total:
             self.print(f"step {step}/{self.total}  {info}  lr {lr:.2e}")
 
-    def valid(self, step: int, loss: float) -> None:
+    def valid(self, step: int, loss: float, seconds: float) -> None:
+        """A validation pass done in ``seconds`` (kept out of the training tok/s)."""
         if self.first_valid is None:
             self.first_valid = loss
         self.last_valid = loss
+        self.valid_s += seconds
         self.valid_curve.append((step, loss))
-        self._write({"step": step, "val_loss": round(loss, 6)})
-        self.print(f"step {step}: valid loss {loss:.4f}")
+        self._write({"step": step, "val_loss": round(loss, 6), "valid_s": round(seconds, 3)})
+        self.print(f"step {step}: valid loss {loss:.4f} ({seconds:.1f} s)")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -116,13 +126,18 @@ class Reporter:
     def summary(self, adapter_path: Path) -> dict:
         self.close()
         size = Path(adapter_path).stat().st_size if Path(adapter_path).is_file() else 0
-        out = {"tokens": self.tokens, "seconds": round(time.perf_counter() - self.t0, 2),
+        total = time.perf_counter() - self.t0
+        out = {"tokens": self.tokens, "seconds": round(total, 2), "train_seconds": round(self.train_s, 2),
+               "valid_seconds": round(self.valid_s, 2),
+               "other_seconds": round(max(total - self.train_s - self.valid_s, 0.0), 2),
                "tok_per_s": round(self.tok_per_s, 2), "peak_rss_gib": round(peak_rss_gib(), 3),
                "peak_mlx_gib": round(peak_mlx_gib(), 3), "train_loss": self.last_train,
                "val_loss_start": self.first_valid, "val_loss": self.last_valid, "adapter_bytes": size}
         t = Table(title="training summary", show_header=False)
         t.add_row("tokens", f"{self.tokens:,}")
-        t.add_row("throughput", f"{out['tok_per_s']:,.1f} tok/s over {out['seconds']:.1f} s")
+        t.add_row("throughput", f"{out['tok_per_s']:,.1f} tok/s over {out['train_seconds']:.1f} s of training steps")
+        t.add_row("wall time", f"{out['seconds']:.1f} s: steps {out['train_seconds']:.1f}, validation "
+                               f"{out['valid_seconds']:.1f}, start-up and checkpoints {out['other_seconds']:.1f}")
         t.add_row("peak memory", f"RSS {out['peak_rss_gib']:.2f} GiB, MLX {out['peak_mlx_gib']:.2f} GiB")
         if self.last_train is not None:
             t.add_row("final train loss", f"{self.last_train:.4f}")
