@@ -37,3 +37,28 @@ def test_bpe_gguf_tokenizer_matches_llama_cpp(tmp_path, tiny_hf_llama):
     llm = llama_cpp.Llama(str(g), vocab_only=True, verbose=False)
     for text in TRICKY + ["<|im_start|>user\nhi<|im_end|>"]:
         assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=False, special=True), text
+
+
+def test_sentencepiece_merges_rank_by_joined_score():
+    from mlx_qlora.model.vocab import spm_merges
+
+    tokens = ["a", "b", "c", "ab", "bc", "abc"]
+    scores = [0, 0, 0, -2.0, -1.0, -3.0]
+    # "bc" scores higher than "ab", so it merges first; "abc" has two splits, both kept, ranked last
+    assert spm_merges(tokens, scores) == [("b", "c"), ("a", "b"), ("a", "bc"), ("ab", "c")]
+
+
+def test_unknown_vocabulary_kind_is_a_user_error():
+    from mlx_qlora.errors import UserError
+    from mlx_qlora.model.vocab import tokenizer_from_gguf
+
+    with pytest.raises(UserError, match="tokenizer.ggml.model is 'rwkv'"):
+        tokenizer_from_gguf({"tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.model": "rwkv"}, "rwkv")
+
+
+def test_no_private_transformers_modules():
+    import inspect
+
+    from mlx_qlora.model import vocab
+
+    assert "transformers.integrations" not in inspect.getsource(vocab)
