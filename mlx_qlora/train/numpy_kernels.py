@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 F32 = np.float32
-THREADS = max(1, min(os.cpu_count() or 1, 8))
+# MLX_QLORA_THREADS: threads per process (the --nproc launcher sets it to cores / ranks).
+THREADS = max(1, int(os.environ.get("MLX_QLORA_THREADS") or min(os.cpu_count() or 1, 8)))
 MIN_SPLIT = 1 << 16            # elements below which a pass runs on the calling thread
 _POOL: list[ThreadPoolExecutor] = []
 
