@@ -24,6 +24,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from . import distributed as dist
 from . import numpy_engine
 
 from . import mlx_cpu_kernels
@@ -151,7 +152,7 @@ class StepFns(NamedTuple):
 
 
 def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_engine: bool = True,
-                  weight_cache_mb: float = 1024, say=print):
+                  weight_cache_mb: float = 1024, say=print, batch_shape=None):
     """The step functions for this device (``StepFns``).
 
     On CPU the NumPy/BLAS engine (``numpy_engine``) when it covers the model, else MLX autodiff
@@ -166,6 +167,13 @@ def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_en
                 f"(cpu_weight_cache_mb={weight_cache_mb})")
             return StepFns(eng.loss_and_grad, eng.loss, True)
         say(f"engine: MLX autodiff (the CPU engine does not cover {why})")
+    if not mlx_cpu_kernels.on_cpu():   # Metal / CUDA (or CPU kernels off): compiled, chunked loss
+        from . import mlx_step
+
+        head = output_head(model)
+        if mlx_step.choose_checkpointing(model, head, grad_checkpointing, batch_shape, say):
+            grad_checkpoint(model)
+        return StepFns(*mlx_step.make_device_step(model, head), False)
     if grad_checkpointing:
         grad_checkpoint(model)
     loss_fn = make_loss(model)
@@ -245,15 +253,19 @@ def load_checkpoint(out: Path, model, optimizer) -> dict:
 
 
 # ---------------------------------------------------------------- loop
-def evaluate(eval_fn, examples, batch_size: int, max_batches: int, seed: int) -> float:
-    """Mean token loss over (up to ``max_batches``) validation batches."""
+def evaluate(eval_fn, examples, batch_size: int, max_batches: int, seed: int,
+             world: dist.World | None = None) -> float:
+    """Mean token loss over (up to ``max_batches``) validation batches (each rank: its share)."""
+    world = world or dist.World()
     order = batch_order([len(e.tokens) for e in examples], batch_size, seed, 0)
     if max_batches:
         order = order[:max_batches]
     total, n = 0.0, 0
-    for idx in order:
-        b = collate([examples[i] for i in idx])
-        total, n = total + eval_fn(b), n + b.n_loss
+    for idx in map(world.share, order):
+        if idx:
+            b = collate([examples[i] for i in idx])
+            total, n = total + eval_fn(b), n + b.n_loss
+    total, n = dist.sum_numbers(world, [total, n], "the validation all_sum")
     return total / max(n, 1)
 
 
@@ -262,6 +274,7 @@ def train(cfg: TrainConfig) -> dict:
     started = time.perf_counter()  # start-up is timed apart from the steps (report.Reporter)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    world = dist.init_world()   # one rank of N under mlx.launch (train/distributed.py), else 1 of 1
     model, tokenizer = load_base(cfg.model)
     prepare_model(model)
     ds = load_dataset(cfg.data, tokenizer, cfg.seed)
@@ -269,30 +282,39 @@ def train(cfg: TrainConfig) -> dict:
     apply_lora(model, cfg.lora)
     optimizer = build_optimizer(cfg.optim, cfg.steps)
     state = {"step": 0, "epoch": 0, "batch_index": 0, "seed": cfg.seed}
-    if cfg.resume:
+    if cfg.resume and world.main:
         state = load_checkpoint(out, model, optimizer)
+    state = dist.sync_start(world, model, optimizer, state)   # rank 0's adapter, optimizer and position
+    dist.agree(world, json.dumps([cfg.to_dict(), [len(e.tokens) for e in ds.train + ds.valid]]), "the recipe or data")
+    if cfg.resume:
         require(state["step"] < cfg.steps, f"--resume: the checkpoint is at step {state['step']}, not below "
                                            f"steps={cfg.steps}; raise --steps to train further")
-    rep = Reporter(out, cfg.steps, state["step"], progress=cfg.progress, started=started)
+    rep = Reporter(out, cfg.steps, state["step"], progress=cfg.progress, started=started, ranks=world.size,
+                   write=world.main)
     trainable, total = count_parameters(model)
     rep.print(f"model {cfg.model}: {total / 1e6:.2f}M parameters, trainable {trainable:,} ({100 * trainable / total:.3f}%)")
     grad_fn, eval_fn, packed = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb,
-                                             rep.print)
+                                             rep.print, batch_shape=(cfg.batch_size, cfg.data.max_seq_len))
     waste = "no padding (the CPU engine packs rows)" if packed else \
         f"padding waste {100 * padding_waste(ds.train, cfg.batch_size, cfg.seed):.1f}% with length bucketing"
     rep.print(f"data: {len(ds.train)} train / {len(ds.valid)} valid rows ({ds.fmt}), {waste}")
     if ds.truncated or ds.dropped:
         rep.print(f"[yellow]warning: {ds.truncated} row(s) longer than max_seq_len={cfg.data.max_seq_len} tokens were "
                   f"truncated{f', {ds.dropped} dropped (no loss token left)' if ds.dropped else ''}; raise data.max_seq_len to keep them")
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    if world.size > 1:
+        rep.print(f"data parallel: {world.size} ranks ({world.backend}), each takes 1/{world.size} of every "
+                  f"global batch of {cfg.batch_size} rows")
+    if world.main:
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     lengths = [len(e.tokens) for e in ds.train]
     order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"])
     last_ckpt = None
+    watchdog, my_tokens = dist.Watchdog(world), 0
 
     def validate(step: int) -> None:
         t = time.perf_counter()
-        loss = evaluate(eval_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed)
+        loss = evaluate(eval_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed, world)
         rep.valid(step, loss, time.perf_counter() - t)
 
     if state["step"] == 0:
@@ -304,9 +326,9 @@ def train(cfg: TrainConfig) -> dict:
             state["epoch"] += 1
             state["batch_index"] = 0
             order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"])
-        idx = order[state["batch_index"]]
+        idx = world.share(order[state["batch_index"]])
         state["batch_index"] += 1
-        return collate([ds.train[i] for i in idx])
+        return collate([ds.train[i] for i in idx]) if idx else None
 
     try:
         while state["step"] < cfg.steps:
@@ -315,11 +337,19 @@ def train(cfg: TrainConfig) -> dict:
             grads, loss_sum, n_loss, n_tok = None, 0.0, 0, 0
             for micro in range(cfg.optim.grad_accum):
                 b = next_batch()
-                # dropout masks are a function of (seed, step, micro-batch), so resuming replays them
-                loss, g = grad_fn(b, (cfg.seed, state["step"], micro))
+                if b is None:   # a last short batch left this rank no row
+                    grads = grads or tree_map(mx.zeros_like, model.trainable_parameters())
+                    continue
+                # dropout masks are a function of (seed, step, micro-batch, rank), so resuming replays them
+                loss, g = grad_fn(b, (cfg.seed, state["step"], micro * world.size + world.rank))
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 mx.eval(grads)
                 loss_sum, n_loss, n_tok = loss_sum + loss, n_loss + b.n_loss, n_tok + b.real_tokens
+            my_tokens += n_tok
+            grads, (loss_sum, n_loss, n_tok) = dist.sum_step(world, grads, [loss_sum, n_loss, n_tok],
+                                                             f"the gradient all_sum of step {state['step'] + 1}",
+                                                             watchdog, time.perf_counter() - t_step)
+            n_tok = int(n_tok)
             grads = tree_map(lambda g: g / n_loss, grads)
             if cfg.optim.max_grad_norm is not None:
                 grads, norm = optim.clip_grad_norm(grads, cfg.optim.max_grad_norm)
@@ -339,10 +369,12 @@ def train(cfg: TrainConfig) -> dict:
                      time.perf_counter() - t_step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 validate(step)
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps) and world.main:
                 last_ckpt = save_checkpoint(out, model, optimizer, state, cfg, cfg.keep_checkpoints)
     except KeyboardInterrupt:
         rep.close()
+        if not world.main:
+            raise
         path = save_checkpoint(out, model, optimizer, state, cfg, cfg.keep_checkpoints)
         rep.print(f"interrupted at step {state['step']}: adapter saved to {out} (checkpoint {path.name}); "
                   f"continue with --resume")
@@ -351,8 +383,10 @@ def train(cfg: TrainConfig) -> dict:
         rep.close()
         raise
     validate(state["step"])
-    summary = rep.summary(out / "adapters.safetensors")
+    per_rank = [t / max(s, 1e-9) for t, s in dist.gather_numbers(world, [my_tokens, rep.train_s])]
+    summary = rep.summary(out / "adapters.safetensors", per_rank if world.size > 1 else None)
     summary.update(trainable=trainable, steps=state["step"], out_dir=str(out))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if world.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -35,8 +35,11 @@ class Reporter:
     """Collects per-step numbers, draws the bar, writes metrics.jsonl and the final artefacts."""
 
     def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True,
-                 console: Console | None = None, started: float | None = None):
+                 console: Console | None = None, started: float | None = None, ranks: int = 1,
+                 write: bool = True):
         self.out = Path(out_dir)
+        self.ranks = ranks         # data-parallel ranks; tokens passed to step() are their sum
+        self.write = write         # False on ranks other than 0: count, print and write nothing
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.total, self.start_step = total_steps, start_step
         self.metrics_path = self.out / "metrics.jsonl"
@@ -49,7 +52,7 @@ class Reporter:
         self.valid_curve: list[tuple[int, float]] = []
         self._load_curves()
         self.last_train = self.last_valid = self.first_valid = None
-        self.live = progress and self.console.is_terminal
+        self.live = progress and write and self.console.is_terminal
         self.log_every = max(1, (total_steps - start_step) // 20)
         self.bar = None
         if self.live:
@@ -60,7 +63,7 @@ class Reporter:
 
     def _keep_metrics_before(self, step: int) -> None:
         """On resume, drop metrics of steps after the checkpoint (they will be redone)."""
-        if not self.metrics_path.exists():
+        if not self.write or not self.metrics_path.exists():
             return
         if step == 0:
             self.metrics_path.unlink()
@@ -80,11 +83,14 @@ class Reporter:
                 self.valid_curve.append((rec["step"], rec["val_loss"]))
 
     def _write(self, rec: dict) -> None:
+        if not self.write:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     def print(self, msg: str) -> None:
-        self.console.print(msg, highlight=False)
+        if self.write:
+            self.console.print(msg, highlight=False)
 
     @property
     def tok_per_s(self) -> float:
@@ -102,7 +108,8 @@ class Reporter:
                "peak_rss_gib": round(peak_rss_gib(), 3),
                "peak_mlx_gib": round(peak_mlx_gib(), 3)}
         self._write(rec)
-        info = f"loss {loss:.3f}  {self.tok_per_s:,.0f} tok/s  mem {peak_rss_gib():.2f} GiB"
+        ranks = f" on {self.ranks} ranks" if self.ranks > 1 else ""
+        info = f"loss {loss:.3f}  {self.tok_per_s:,.0f} tok/s{ranks}  mem {peak_rss_gib():.2f} GiB"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
         elif step % self.log_every == 0 or step == self.total:
@@ -123,7 +130,9 @@ class Reporter:
             self.bar.stop()
             self.bar = None
 
-    def summary(self, adapter_path: Path) -> dict:
+    def summary(self, adapter_path: Path, per_rank: list[float] | None = None) -> dict:
+        """The run's numbers (printed as a table and plotted on rank 0); ``per_rank``: each rank's
+        own tok/s when data-parallel."""
         self.close()
         size = Path(adapter_path).stat().st_size if Path(adapter_path).is_file() else 0
         total = time.perf_counter() - self.t0
@@ -133,9 +142,16 @@ class Reporter:
                "tok_per_s": round(self.tok_per_s, 2), "peak_rss_gib": round(peak_rss_gib(), 3),
                "peak_mlx_gib": round(peak_mlx_gib(), 3), "train_loss": self.last_train,
                "val_loss_start": self.first_valid, "val_loss": self.last_valid, "adapter_bytes": size}
+        if per_rank:
+            out.update(ranks=len(per_rank), tok_per_s_per_rank=[round(x, 2) for x in per_rank])
+        if not self.write:
+            return out
         t = Table(title="training summary", show_header=False)
         t.add_row("tokens", f"{self.tokens:,}")
         t.add_row("throughput", f"{out['tok_per_s']:,.1f} tok/s over {out['train_seconds']:.1f} s of training steps")
+        if per_rank:
+            t.add_row(f"{len(per_rank)} ranks", ", ".join(f"rank {r}: {x:,.1f}" for r, x in enumerate(per_rank))
+                      + f" tok/s (total {out['tok_per_s']:,.1f})")
         t.add_row("wall time", f"{out['seconds']:.1f} s: steps {out['train_seconds']:.1f}, validation "
                                f"{out['valid_seconds']:.1f}, start-up and checkpoints {out['other_seconds']:.1f}")
         t.add_row("peak memory", f"RSS {out['peak_rss_gib']:.2f} GiB, MLX {out['peak_mlx_gib']:.2f} GiB")
