@@ -29,6 +29,7 @@ ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FORMAT_VERSION = 1
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
+HALF_TYPES = (mx.float16, mx.bfloat16)
 
 
 def linear_dims(linear: nn.Module) -> tuple[int, int]:
@@ -65,7 +66,12 @@ class LoRALinear(nn.Module):
             return self._dora(x)
         y = base_linear(self.linear, x)
         # scale folded into the (rank, out) factor: one (tokens, out) elementwise pass fewer
-        z = (self.dropout(x) @ self.lora_a) @ (self.scale * self.lora_b)
+        a, b = self.lora_a, self.scale * self.lora_b
+        if x.dtype in HALF_TYPES:
+            # a half-precision base: the LoRA matmuls run in its dtype (fp32 factors and their
+            # gradients stay fp32), instead of promoting the (tokens, in) activations to fp32
+            a, b = a.astype(x.dtype), b.astype(x.dtype)
+        z = (self.dropout(x) @ a) @ b
         return y + (z if z.dtype == x.dtype else z.astype(x.dtype))
 
     def _dora(self, x):

@@ -1,0 +1,239 @@
+"""The MLX-autodiff training step of Metal and CUDA: compiled, chunked loss, optional checkpointing.
+
+This is the path every GPU user gets (the NumPy engine and the MLX CPU kernels are CPU-only); on
+CPU it runs when the CPU kernels are switched off (``mlx_cpu_kernels.disabled()``: parity tests
+and ``bench/train_gpu.py --shape tiny``). What it does differently from a plain
+``nn.value_and_grad`` step:
+
+- ``chunked_cross_entropy``: the vocabulary projection, log-softmax and its gradient w.r.t. the
+  hidden states are formed chunk by chunk (``mx.depends`` orders the chunks) inside one custom
+  function, so no (tokens x vocabulary) float32 logits exist beyond one chunk; the head's own
+  kernel (``quantized_matmul`` for a 4-bit head) is used in both directions, never a dense copy.
+- the loss and gradient function is ``mx.compile``d with the model and random state captured as
+  inputs and outputs (as mlx-lm's trainer does); rows are padded to a multiple of ``PAD_MULTIPLE``
+  and the loss mask is a weight, so a few shapes cover a whole run and recompiles stay rare.
+- gradient checkpointing (``loop.grad_checkpoint``) when asked for, or when ``activation_bytes``
+  says the step would not fit the device's memory limit.
+
+LoRA factors are cast to the activations' dtype when the base is half precision
+(``lora.LoRALinear``), so a bf16 model trains with bf16 matmuls and fp32 adapter weights.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+# float32 logits held at once by the chunked loss: 2**26 elements = 256 MiB (512 rows of a
+# 128k vocabulary); at least 64 rows per chunk so the matmuls stay efficient.
+CE_CHUNK_ELEMENTS = 2 ** 26
+MIN_CHUNK_ROWS = 64
+PAD_MULTIPLE = 32             # row lengths are padded up to this: one compiled graph per bucket
+MEMORY_HEADROOM = 0.85        # share of the memory limit a step may plan to use
+
+
+def chunk_rows(vocab: int, rows: int) -> int:
+    return max(MIN_CHUNK_ROWS, min(rows, CE_CHUNK_ELEMENTS // max(vocab, 1)))
+
+
+def _head_layout(head: nn.Module):
+    """(arrays, quantization layout or None) of a Linear / Embedding output head."""
+    if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        has_biases = head.get("biases") is not None
+        arrays = (head.weight, head.scales) + ((head.biases,) if has_biases else ())
+        return arrays, (head.group_size, head.bits, getattr(head, "mode", "affine"), has_biases)
+    return (head.weight,), None
+
+
+def _matmul(x, arrays, quant, transpose: bool):
+    """x @ W.T (transpose) or x @ W, with the quantized kernel for a quantized head."""
+    if quant is None:
+        w = arrays[0]
+        return x @ (w.T if transpose else w)
+    group_size, bits, mode, has_biases = quant
+    w, scales = arrays[:2]
+    biases = arrays[2] if has_biases else None
+    return mx.quantized_matmul(x, w, scales, biases, transpose=transpose, group_size=group_size, bits=bits,
+                               mode=mode)
+
+
+def _chunks(h, targets, weights, arrays, quant, rows: int, grad: bool):
+    """(sum of weighted token losses, dL/dh or None), one chunk of rows after another."""
+    losses, grads, done = [], [], None
+    for start in range(0, h.shape[0], rows):
+        hc = h[start:start + rows]
+        if done is not None:   # chunk i+1 starts after chunk i is finished: one chunk of logits live
+            hc = mx.depends(hc, done)
+        tc, wc = targets[start:start + rows, None], weights[start:start + rows, None]
+        logits = _matmul(hc, arrays, quant, transpose=True).astype(mx.float32)
+        lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+        loss = mx.sum((lse - mx.take_along_axis(logits, tc, axis=-1)) * wc)
+        losses.append(loss)
+        done = [loss]
+        if grad:
+            # d(loss)/d logits = weight * (softmax - onehot), pushed through the head right away
+            p = mx.exp(logits - lse)
+            p = mx.put_along_axis(p, tc, mx.take_along_axis(p, tc, axis=-1) - 1.0, axis=-1) * wc
+            grads.append(_matmul(p.astype(h.dtype), arrays, quant, transpose=False))
+            done = [loss, grads[-1]]
+    total = losses[0] if len(losses) == 1 else mx.sum(mx.stack(losses))
+    return total, (mx.concatenate(grads) if grad else None)
+
+
+@lru_cache(maxsize=None)
+def _chunked_ce_fn(quant, rows: int):
+    """One custom function per head layout and chunk size (static, not traced)."""
+
+    @mx.custom_function
+    def f(h, targets, weights, *arrays):
+        return _chunks(h, targets, weights, arrays, quant, rows, grad=True)
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        # the head is frozen and the targets/weights are data: only dL/dh is ever used (MLX
+        # picks the cotangents it needs; the zeros of the others are never evaluated)
+        return (cotangents[0] * outputs[1],) + tuple(mx.zeros_like(a) for a in primals[1:])
+
+    return f
+
+
+def chunked_cross_entropy(h: mx.array, head: nn.Module, targets: mx.array, weights: mx.array,
+                          with_grad: bool = True, rows: int | None = None) -> mx.array:
+    """sum_i weights[i] * CE(head(h[i]), targets[i]) for ``h`` (rows, dim).
+
+    Equal to ``plain_cross_entropy`` on the full logits; the logits are float32 one chunk of
+    ``rows`` at a time (default: ``chunk_rows``), and the gradient w.r.t. ``h`` is formed in the
+    forward pass so backward keeps nothing of the vocabulary's size.
+    """
+    arrays, quant = _head_layout(head)
+    vocab = head.weight.shape[0]
+    rows = rows or chunk_rows(vocab, h.shape[0])
+    weights = weights.astype(mx.float32)
+    if not with_grad:
+        return _chunks(h, targets, weights, arrays, quant, rows, grad=False)[0]
+    return _chunked_ce_fn(quant, rows)(h, targets, weights, *arrays)[0]
+
+
+# ---------------------------------------------------------------- memory plan
+def activation_bytes(model: nn.Module, batch: int, seq: int, checkpointed: bool) -> int:
+    """Rough bytes the backward keeps for a (batch, seq) step: per layer the block's inputs, norms,
+    q/k/v, MLP products and the attention weights; checkpointed: one block input per layer plus
+    one block recomputed. An estimate for choosing checkpointing, not an accounting."""
+    args = getattr(model, "args", None)
+    d = getattr(args, "hidden_size", 0)
+    inter = getattr(args, "intermediate_size", 4 * d)
+    heads = getattr(args, "num_attention_heads", 1)
+    kv = getattr(args, "num_key_value_heads", heads) or heads
+    layers = len(getattr(model, "layers", []))
+    itemsize = _compute_itemsize(model)
+    tokens = batch * seq
+    per_layer = tokens * itemsize * (8 * d + 4 * d * kv // heads + 5 * inter) + 2 * 4 * batch * heads * seq * seq
+    if checkpointed:
+        return layers * tokens * d * itemsize + per_layer
+    return layers * per_layer
+
+
+def _compute_itemsize(model: nn.Module) -> int:
+    """2 when most frozen floating weights are half precision (activations follow them), else 4."""
+    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    half = full = 0
+    for k, v in tree_flatten(model.parameters()):
+        if k not in trainable and mx.issubdtype(v.dtype, mx.floating):
+            half, full = (half + v.nbytes, full) if v.dtype in (mx.float16, mx.bfloat16) else (half, full + v.nbytes)
+    return 2 if half >= full else 4
+
+
+def fixed_bytes(model: nn.Module, vocab: int, tokens: int) -> int:
+    """Weights, fp32 trainable copies for grads and AdamW (x4), one chunk of logits (x3)."""
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    return weights + 4 * trainable + 3 * 4 * chunk_rows(vocab, tokens) * vocab
+
+
+def memory_limit() -> int:
+    return int(mx.get_memory_limit())
+
+
+def needs_checkpointing(model: nn.Module, vocab: int, batch: int, seq: int, limit: int | None = None) -> bool:
+    """True when the step without checkpointing would exceed the memory budget."""
+    limit = memory_limit() if limit is None else limit
+    return fixed_bytes(model, vocab, batch * seq) + activation_bytes(model, batch, seq, False) > \
+        MEMORY_HEADROOM * limit
+
+
+def choose_checkpointing(model: nn.Module, head: nn.Module | None, asked: bool, batch_shape, say=print) -> bool:
+    """Checkpoint when asked, or when (batch, seq) = ``batch_shape`` would not fit without it."""
+    if asked or batch_shape is None:
+        return asked
+    vocab = head.weight.shape[0] if head is not None else 0
+    if not needs_checkpointing(model, vocab, *batch_shape):
+        return False
+    need = fixed_bytes(model, vocab, batch_shape[0] * batch_shape[1]) + activation_bytes(model, *batch_shape, False)
+    say(f"gradient checkpointing on: a {batch_shape[0]} x {batch_shape[1]} step needs ~{need / 2**30:.1f} GiB "
+        f"without it, over {MEMORY_HEADROOM:.0%} of the {memory_limit() / 2**30:.1f} GiB memory limit")
+    return True
+
+
+# ---------------------------------------------------------------- the step
+def pad_batch(b, multiple: int = PAD_MULTIPLE):
+    """(inputs, targets, weights) as MLX arrays, rows padded to a multiple of ``multiple``; the
+    loss positions carry weight 1, everything else 0."""
+    n, t = b.inputs.shape
+    tp = -(-t // multiple) * multiple
+    inputs = np.zeros((n, tp), np.int32)
+    targets = np.zeros((n, tp), np.int32)
+    inputs[:, :t], targets[:, :t] = b.inputs, b.targets
+    weights = np.zeros(n * t, np.float32)
+    weights[b.loss_index] = 1.0
+    full = np.zeros((n, tp), np.float32)
+    full[:, :t] = weights.reshape(n, t)
+    return mx.array(inputs), mx.array(targets), mx.array(full)
+
+
+def make_loss(model: nn.Module, head: nn.Module | None):
+    """loss(model, inputs, targets, weights, with_grad) -> weighted sum of token cross-entropies."""
+
+    def loss(model, inputs, targets, weights, with_grad=True):
+        flat_t, flat_w = targets.reshape(-1), weights.reshape(-1)
+        if head is not None:
+            h = model.model(inputs)
+            return chunked_cross_entropy(h.reshape(-1, h.shape[-1]), head, flat_t, flat_w, with_grad)
+        logits = model(inputs).astype(mx.float32)
+        ce = nn.losses.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_t, reduction="none")
+        return mx.sum(ce * flat_w)
+
+    return loss
+
+
+def make_device_step(model: nn.Module, head: nn.Module | None, compile: bool = True):
+    """(grad_fn, eval_fn) for StepFns: grad_fn(batch, seed) -> (summed token loss, gradient tree);
+    eval_fn(batch) -> summed token loss. ``compile=False`` runs the same graph eagerly."""
+    loss_fn = make_loss(model, head)
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def lg(inputs, targets, weights):
+        return value_and_grad(model, inputs, targets, weights)
+
+    def ev(inputs, targets, weights):
+        return loss_fn(model, inputs, targets, weights, with_grad=False)
+
+    if compile:
+        state = [model.state, mx.random.state]
+        lg = mx.compile(lg, inputs=state, outputs=state)
+        ev = mx.compile(ev, inputs=state, outputs=state)
+
+    def grad_fn(b, seed):
+        mx.random.seed(seed[0] * 1_000_003 + seed[1] * 1_009 + seed[2])   # dropout: a function of the step
+        loss, g = lg(*pad_batch(b))
+        mx.eval(loss, g)
+        return loss.item(), g
+
+    def eval_fn(b):
+        loss = ev(*pad_batch(b))
+        mx.eval(loss)
+        return loss.item()
+
+    return grad_fn, eval_fn

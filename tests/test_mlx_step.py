@@ -1,0 +1,136 @@
+"""The GPU path's step (train/mlx_step.py) against today's MLX-autodiff step, on CPU with the CPU
+kernels off: chunked cross-entropy == plain cross-entropy (loss and gradient), the compiled step ==
+the uncompiled one == the gather-based step, checkpointing changes nothing, bf16 LoRA compute."""
+from __future__ import annotations
+
+import mlx_qlora  # noqa: F401  (BLAS before mlx.core)
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from test_cpu_engine import batch, model_for, reference, rel_err
+from tolerance import tol
+from mlx_qlora.train import mlx_cpu_kernels, mlx_step
+from mlx_qlora.train.config import LoraConfig
+from mlx_qlora.train.lora import LoRALinear
+from mlx_qlora.train.loop import grad_checkpoint, make_step_fns, output_head
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_chunked_cross_entropy_matches_plain(quantized):
+    mx.random.seed(1)
+    h = mx.random.normal((300, 64))
+    lin = nn.Linear(64, 500, bias=False)
+    head = nn.QuantizedLinear.from_linear(lin, group_size=32, bits=4) if quantized else lin
+    t = mx.random.randint(0, 500, (300,))
+    w = (mx.random.uniform(shape=(300,)) > 0.3).astype(mx.float32)    # a loss mask as weights
+
+    def plain(h):
+        ce = nn.losses.cross_entropy(head(h).astype(mx.float32), t, reduction="none")
+        return mx.sum(ce * w)
+
+    def chunked(h):
+        return mlx_step.chunked_cross_entropy(h, head, t, w, rows=64)   # 5 chunks, the last short
+
+    (l0, g0), (l1, g1) = mx.value_and_grad(plain)(h), mx.value_and_grad(chunked)(h)
+    assert rel_err(l1, l0) < tol(1e-5) and rel_err(g1, g0) < tol(1e-4)
+    off = np.array(w) == 0
+    assert np.abs(np.array(g1)[off]).max() == 0.0 and np.abs(np.array(g1)).max() > 0
+    assert rel_err(mlx_step.chunked_cross_entropy(h, head, t, w, with_grad=False, rows=64), l0) < tol(1e-5)
+    # under mx.compile too
+    (l2, g2) = mx.compile(mx.value_and_grad(chunked))(h)
+    assert rel_err(l2, l0) < tol(1e-5) and rel_err(g2, g0) < tol(1e-4)
+
+
+def test_chunk_rows_bound_the_logits():
+    assert mlx_step.chunk_rows(128_256, 2048) * 128_256 <= mlx_step.CE_CHUNK_ELEMENTS
+    assert mlx_step.chunk_rows(300, 100) == 100 and mlx_step.chunk_rows(10 ** 9, 4096) == mlx_step.MIN_CHUNK_ROWS
+
+
+def _device_step(model, compile=True):
+    return mlx_step.make_device_step(model, output_head(model), compile=compile)
+
+
+@pytest.mark.parametrize("arch,bits", [("llama", 4), ("qwen2", None)])
+def test_device_step_matches_todays_path(request, arch, bits):
+    """Padded rows + weights + chunked loss + mx.compile == the gather-based uncompiled step."""
+    model = model_for(request.getfixturevalue(f"tiny_hf_{arch}"), bits)
+    b = batch(3, lengths=(9, 5, 40))       # 39 -> padded to 64 columns
+    ref_loss, ref = reference(model, b)
+    with mlx_cpu_kernels.disabled():
+        for compile in (False, True):
+            grad_fn, eval_fn = _device_step(model, compile)
+            loss, g = grad_fn(b, (0, 0, 0))
+            g = dict(tree_flatten(g))
+            assert abs(loss - ref_loss) / ref_loss < tol(1e-5), compile
+            assert set(g) == set(ref) and len(g) > 0
+            for k in ref:
+                assert rel_err(g[k], ref[k]) < tol(1e-4), (compile, k)
+            assert abs(eval_fn(b) - ref_loss) / ref_loss < tol(1e-5)
+
+
+def test_compiled_step_keeps_dropout_and_checkpointing_changes_nothing(tiny_hf_llama):
+    """Same (seed, step) -> same dropout masks compiled or not; another seed draws other masks (the
+    random state is captured by mx.compile, not frozen into it). Checkpointed blocks (recomputed
+    in backward; no dropout: a recompute would draw new masks) give the same numbers."""
+    b = batch(4)
+    runs = {}
+    with mlx_cpu_kernels.disabled():
+        for compile, ck, p in ((False, False, 0.3), (True, False, 0.3), (False, False, 0.0), (True, True, 0.0)):
+            model = model_for(tiny_hf_llama, 4, LoraConfig(rank=4, alpha=8, layers="all", targets="all-linear",
+                                                            dropout=p))
+            if ck:
+                grad_checkpoint(model)
+            grad_fn, _ = _device_step(model, compile)
+            runs[compile, ck, p] = [grad_fn(b, (7, 1, 0)), grad_fn(b, (7, 2, 0))]
+    for ref, key in (((False, False, 0.3), (True, False, 0.3)), ((False, False, 0.0), (True, True, 0.0))):
+        (l0, g0), other = runs[ref]
+        g0 = dict(tree_flatten(g0))
+        loss, g = runs[key][0]
+        assert loss == pytest.approx(l0, rel=tol(1e-5)), key
+        for k, v in tree_flatten(g):
+            assert rel_err(v, g0[k]) < tol(1e-4), (key, k)
+    assert runs[True, False, 0.3][1][0] != pytest.approx(runs[True, False, 0.3][0][0], rel=1e-4)
+
+
+def test_make_step_fns_takes_the_device_path_when_cpu_kernels_are_off(tiny_hf_llama):
+    model = model_for(tiny_hf_llama, 4)
+    b = batch(5)
+    ref_loss, _ = reference(model, b)
+    said = []
+    with mlx_cpu_kernels.disabled():
+        fns = make_step_fns(model, use_cpu_engine=False, say=said.append, batch_shape=(4, 64))
+        assert not fns.packed and fns.grad.__qualname__.startswith("make_device_step")
+        assert abs(fns.grad(b, (0, 0, 0))[0] - ref_loss) / ref_loss < tol(1e-5)
+    assert not any("checkpointing" in s for s in said)   # 4 x 64 tokens fit in any memory limit
+
+
+def test_checkpointing_is_chosen_when_the_step_would_not_fit(tiny_hf_llama):
+    model = model_for(tiny_hf_llama, 4)
+    head = output_head(model)
+    vocab = head.weight.shape[0]
+    small = mlx_step.activation_bytes(model, 4, 512, checkpointed=False)
+    assert mlx_step.activation_bytes(model, 4, 512, checkpointed=True) < 0.6 * small    # 2 layers: one kept
+    assert mlx_step.activation_bytes(model, 8, 512, False) > 1.9 * small     # grows with the batch
+    assert not mlx_step.needs_checkpointing(model, vocab, 4, 512, limit=10 * 2 ** 30)
+    assert mlx_step.needs_checkpointing(model, vocab, 4, 512, limit=small)
+    said = []
+    assert mlx_step.choose_checkpointing(model, head, True, None, said.append)     # asked for
+    assert not mlx_step.choose_checkpointing(model, head, False, (1, 32), said.append) and not said
+
+
+def test_lora_runs_in_bf16_on_a_bf16_base(tiny_hf_llama):
+    """A half-precision base: LoRA matmuls in its dtype, fp32 factors, output close to fp32 math."""
+    model = model_for(tiny_hf_llama, None)
+    lin = next(m for _, m in model.named_modules() if isinstance(m, LoRALinear))
+    lin.linear.weight = lin.linear.weight.astype(mx.bfloat16)
+    x = mx.random.normal((3, 7, lin.lora_a.shape[0])).astype(mx.bfloat16)
+    y = lin(x)
+    assert y.dtype == mx.bfloat16 and lin.lora_a.dtype == mx.float32
+    x32 = x.astype(mx.float32)
+    want = x32 @ lin.linear.weight.astype(mx.float32).T + (x32 @ lin.lora_a) @ (lin.scale * lin.lora_b)
+    assert rel_err(y.astype(mx.float32), want) < tol(1e-4, mx.bfloat16)
+    ga = mx.grad(lambda a: (x @ a.astype(x.dtype) @ lin.lora_b.astype(x.dtype)).astype(mx.float32).sum())(lin.lora_a)
+    assert ga.dtype == mx.float32 and np.isfinite(np.array(ga)).all()
