@@ -32,7 +32,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UserError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_code", 2))
         except ImportError as e:
             line = missing_backend(e)
             if line is None:
@@ -98,22 +98,30 @@ def demo(out_dir, steps, data):
 @click.option("-m", "--model", default=None, help="MLX model directory (overrides the recipe).")
 @click.option("-o", "--out", "out_dir", default=None, help="Adapter/output directory (overrides the recipe).")
 @click.option("--resume", is_flag=True, help="Continue from OUT's latest checkpoint.")
+@click.option("--nproc", type=int, default=None,
+              help="Data-parallel over N local ranks (mlx.launch, ring on loopback); batch_size stays global.")
 @click.pass_context
-def train(ctx, config_path, model, out_dir, resume):
+def train(ctx, config_path, model, out_dir, resume, nproc):
     """Fine-tune LoRA adapters: defaults < recipe < flags.
 
     Any setting can be given as a flag, by dotted path or unique name, e.g.
     --lora.rank 16, --steps 200, --learning_rate 2e-4, --data PATH, --grad_checkpoint.
+    Several machines: mlx.launch --hostfile HOSTS -- mlx_qlora train ... (see README).
     """
-    from .train.loop import train as run_train
-    from .train.config import load_config
-
     extra = list(ctx.args)
     for flag, value in (("--model", model), ("--out_dir", out_dir)):
         if value is not None:
             extra += [flag, value]
     if resume:
         extra += ["--resume", "true"]
+    if nproc is not None:
+        from .train.launch import LaunchConfig, launch_local
+
+        launch_local(LaunchConfig(nproc=nproc, config_path=config_path, args=extra))
+        return
+    from .train.loop import train as run_train
+    from .train.config import load_config
+
     run_train(load_config(config_path, extra))
 
 
