@@ -6,6 +6,7 @@ when complete. A failure or Ctrl-C removes the temporary and leaves any existing
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -15,10 +16,50 @@ from pathlib import Path
 from .errors import UserError
 
 
+# errno values that mean "this place cannot take the output", not a bug
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_NO_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS}
+# libraries that wrap the OS error in their own text: MLX ("[write] Unable to write"), safetensors
+# ("I/O error: File too large"), NumPy's tofile ("5120 requested and 1518 written")
+_WRITE_FAILED = ("Unable to write", "File too large", "No space left", "I/O error", "requested and")
+
+
+def write_error(e: BaseException, out: Path) -> UserError | None:
+    """The one-line error for a write into ``out`` that the disk refused (full, file size limit,
+    read-only, no permission); None when ``e`` is something else (a bug keeps its traceback)."""
+    if isinstance(e, OSError) and e.errno in _NO_ROOM:
+        return UserError(f"cannot write {out}: {e.strerror} (disk full or file size limit); free space or "
+                         "choose another -o; nothing was written")
+    if isinstance(e, OSError) and e.errno in _NO_WRITE:
+        return UserError(f"cannot write {out}: {e.strerror}; choose a writable -o")
+    if isinstance(e, (RuntimeError, OSError)) or type(e).__name__ == "SafetensorError":
+        text = str(e)
+        if any(m in text for m in _WRITE_FAILED):
+            return UserError(f"cannot write {out}: {text.strip().splitlines()[0]} (disk full or file size "
+                             "limit?); free space or choose another -o; nothing was written")
+    return None
+
+
 def _check_target(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise UserError(f"output {out} already exists; choose another -o or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (write_error(e, out) or e) from None
+
+
+@contextmanager
+def _cleanup_on_error(out: Path, remove):
+    """Run ``remove`` on any failure; a refused write becomes the one-line ``write_error``."""
+    try:
+        yield
+    except BaseException as e:
+        remove()
+        err = write_error(e, out)
+        if err is not None:
+            raise err from None
+        raise
 
 
 @contextmanager
@@ -26,13 +67,11 @@ def atomic_dir(out_dir: str | Path, force: bool = False):
     """Yield a temporary directory that becomes ``out_dir`` only if the block succeeds."""
     out = Path(out_dir)
     _check_target(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with _cleanup_on_error(out, lambda: None):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is an ordinary directory
-    try:
+    with _cleanup_on_error(out, lambda: shutil.rmtree(tmp, ignore_errors=True)):
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
@@ -51,12 +90,10 @@ def atomic_file(path: str | Path, force: bool = False):
     """
     out = Path(path)
     _check_target(out, force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=out.suffix, dir=out.parent)
+    with _cleanup_on_error(out, lambda: None):
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=out.suffix, dir=out.parent)
     os.close(fd)
-    try:
+    with _cleanup_on_error(out, lambda: Path(tmp).unlink(missing_ok=True)):
         yield Path(tmp)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     os.chmod(tmp, 0o644)  # mkstemp makes it private; an exported file is an ordinary file
     os.replace(tmp, out)

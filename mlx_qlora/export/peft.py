@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import require
+from ..errors import UserError, require
 from ..atomic import atomic_dir
 from . import ExportConfig, ExportReport
 
@@ -83,15 +83,26 @@ def run_import_peft(peft_dir: str, out_dir: str, force: bool = False) -> Path:
     require((src / WEIGHTS).exists() and (src / CONFIG).exists(),
             f"{src} lacks {WEIGHTS} or {CONFIG}; give a PEFT LoRA adapter directory "
             "(.bin adapters: re-save them with safe_serialization=True)")
-    pc = json.loads((src / CONFIG).read_text())
+    try:
+        pc = json.loads((src / CONFIG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{src / CONFIG} is not valid JSON ({e}); fix or re-save the adapter") from None
+    require(isinstance(pc, dict), f"{src / CONFIG} is not a JSON object; fix or re-save the adapter")
     require(pc.get("peft_type", "LORA") == "LORA", f"{src} is a {pc.get('peft_type')} adapter; only LoRA imports")
     require(not pc.get("use_dora"), f"{src} is a DoRA adapter; only plain LoRA imports")
     require(not pc.get("fan_in_fan_out"), f"{src} uses fan_in_fan_out (GPT-2 Conv1D layout); not supported")
     require(not pc.get("rank_pattern") and not pc.get("alpha_pattern"),
             f"{src} sets per-module rank_pattern/alpha_pattern; only one rank and alpha are supported")
+    for key in ("r", "lora_alpha"):
+        v = pc.get(key)
+        require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                f"{src / CONFIG}: '{key}' is {v!r}; a LoRA adapter config needs a positive '{key}'")
     r, alpha = int(pc["r"]), float(pc["lora_alpha"])
     scale = alpha / math.sqrt(r) if pc.get("use_rslora") else alpha / r
-    raw = load_file(str(src / WEIGHTS))
+    try:
+        raw = load_file(str(src / WEIGHTS))
+    except Exception as e:  # safetensors raises SafetensorError on a bad header or short file
+        raise UserError(f"{src / WEIGHTS} is not a readable safetensors file ({e}); re-save the adapter") from None
     tensors = {}
     for key, a in raw.items():
         if not key.endswith(".lora_A.weight"):

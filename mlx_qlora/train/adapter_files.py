@@ -49,12 +49,19 @@ def read_adapter(path: str | Path, name: str | None = None) -> Adapter:
     require(not missing, f"{who} lacks {' and '.join(missing)}; is it an adapter directory from mlx_qlora train?")
     try:
         config = json.loads(cfile.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfile} is not valid JSON ({e}); fix or re-create the adapter") from None
+    require(isinstance(config, dict), f"{cfile} holds a JSON {type(config).__name__}, not a JSON object; "
+                                      "fix or re-create the adapter")
     require(config.get("fine_tune_type", "lora") == "lora" and not config.get("use_dora"),
             f"{who} is {'DoRA' if config.get('use_dora') else config.get('fine_tune_type')}; fuse, export and "
             "adapter switching support plain LoRA: train with lora.use_dora: false")
-    raw = mx.load(str(wfile))
+    try:
+        raw = mx.load(str(wfile))
+    except Exception as e:  # MLX raises RuntimeError/ValueError on a bad header or short file
+        raise UserError(f"{wfile} is not a readable safetensors file ({e}); the adapter is damaged: "
+                        "re-train or re-export it") from None
+    require(isinstance(raw, dict), f"{wfile} is not a safetensors file; the adapter is damaged")
     pairs = {}
     for key, a in raw.items():
         if not key.endswith(".lora_a"):

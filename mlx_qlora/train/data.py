@@ -27,6 +27,7 @@ from ..errors import UserError, require
 from .config import DataConfig
 
 ROLES = ("system", "user", "assistant", "tool")
+MAX_LINE_BYTES = 8 << 20  # one row; a longer line is refused before it is decoded
 SORT_WINDOW = 64  # batches whose rows are length-sorted together (larger: less padding, less shuffling)
 
 
@@ -49,18 +50,33 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs; malformed JSON or non-object rows raise UserError with the line."""
     require(path.is_file(), f"data file {path} not found: give a JSONL file or a directory with train.jsonl")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            require(isinstance(row, dict), f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
-            rows.append((n, row))
+    with open(path, "rb") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+            rows.extend((n, row) for row in [parse_jsonl_line(raw, path, n)] if row is not None)
     require(rows, f"{path} is empty: it needs one JSON object per line, e.g. {{\"text\": \"...\"}}")
     return rows
+
+
+def parse_jsonl_line(raw: bytes, path, n: int) -> dict | None:
+    """One JSONL line (bytes, as read with a ``MAX_LINE_BYTES + 1`` limit) -> its object, None
+    for a blank line; anything else is a UserError naming the file, the line and the fix."""
+    require(len(raw) <= MAX_LINE_BYTES, f"{path} line {n} is over {MAX_LINE_BYTES >> 20} MiB; split it into "
+                                         "shorter rows (one training example per line)")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} line {n}: byte {e.start + 1} is not UTF-8 ({raw[e.start:e.start + 1]!r}); "
+                        "re-save the file as UTF-8") from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise UserError(f"{path} line {n}: JSON nested too deeply; flatten the row") from None
+    require(isinstance(row, dict), f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def detect_format(row: dict, cfg: DataConfig, where: str) -> str:

@@ -272,8 +272,7 @@ def evaluate(eval_fn, examples, batch_size: int, max_batches: int, seed: int,
 def train(cfg: TrainConfig) -> dict:
     """Fine-tune LoRA adapters on ``cfg.model``; returns the summary (also printed)."""
     started = time.perf_counter()  # start-up is timed apart from the steps (report.Reporter)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out_dir)  # made once model, data and checkpoint are known good: bad input leaves none
     world = dist.init_world()   # one rank of N under mlx.launch (train/distributed.py), else 1 of 1
     model, tokenizer = load_base(cfg.model)
     prepare_model(model)
@@ -289,6 +288,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         require(state["step"] < cfg.steps, f"--resume: the checkpoint is at step {state['step']}, not below "
                                            f"steps={cfg.steps}; raise --steps to train further")
+    out.mkdir(parents=True, exist_ok=True)
     rep = Reporter(out, cfg.steps, state["step"], progress=cfg.progress, started=started, ranks=world.size,
                    write=world.main)
     trainable, total = count_parameters(model)

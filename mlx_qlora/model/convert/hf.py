@@ -32,6 +32,31 @@ def convert_hub_id(repo_id: str, cfg: ConvertConfig) -> ConvertReport:
     return convert_hf_dir(Path(local), cfg, source=repo_id)
 
 
+# the hyper-parameters every supported architecture needs, as positive integers
+CONFIG_INTS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
+OPTIONAL_INTS = ("num_key_value_heads", "head_dim")
+OPTIONAL_NUMBERS = ("rms_norm_eps", "rope_theta")
+
+
+def check_config(config: dict, cfg_file: Path) -> None:
+    """Each field the model is built from present and of the right type, named when not."""
+    for key in CONFIG_INTS + OPTIONAL_INTS:
+        if key not in config and key in OPTIONAL_INTS:
+            continue
+        require(key in config, f"{cfg_file} lacks '{key}'; is it the config.json of this checkpoint? re-download it")
+        v = config[key]
+        require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                f"{cfg_file}: '{key}' is {v!r}; it must be a positive integer: fix or re-download config.json")
+    for key in OPTIONAL_NUMBERS:
+        v = config.get(key, 1.0)
+        require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                f"{cfg_file}: '{key}' is {v!r}; it must be a positive number: fix or re-download config.json")
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    require(heads % kv == 0 and ("head_dim" in config or config["hidden_size"] % heads == 0),
+            f"{cfg_file}: hidden_size {config['hidden_size']}, num_attention_heads {heads} and "
+            f"num_key_value_heads {kv} do not divide evenly; fix or re-download config.json")
+
+
 def read_hf_dir(path: Path) -> tuple[dict, dict]:
     """``(config, weights)`` of a local HF directory, each problem one UserError line."""
     import mlx.core as mx
@@ -41,12 +66,16 @@ def read_hf_dir(path: Path) -> tuple[dict, dict]:
     require(cfg_file.exists(), f"{path} has no config.json; give a Hugging Face model directory "
                                "(config.json + *.safetensors + tokenizer files)")
     try:
-        config = normalize_config(json.loads(cfg_file.read_text()))
-    except json.JSONDecodeError as e:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_file} is not valid JSON ({e}); fix or re-download it") from None
+    require(isinstance(config, dict), f"{cfg_file} holds a JSON {type(config).__name__}, not a JSON object; "
+                                      "fix or re-download it")
+    config = normalize_config(config)
     mtype = config.get("model_type")
     require(mtype in names.HF_MODEL_TYPES,
             f"architecture {mtype!r} is not supported; supported: {', '.join(names.HF_MODEL_TYPES)}")
+    check_config(config, cfg_file)
     files = sorted(path.glob("*.safetensors"))
     require(bool(files), f"{path} has no *.safetensors weights; convert PyTorch .bin checkpoints to "
                          "safetensors first (or download the safetensors variant)")
@@ -54,7 +83,7 @@ def read_hf_dir(path: Path) -> tuple[dict, dict]:
     for f in files:
         try:
             weights.update(mx.load(str(f)))
-        except Exception as e:
+        except Exception as e:  # MLX: RuntimeError/ValueError naming the header problem
             raise UserError(f"{f} is not a readable safetensors file ({e}); it may be truncated: "
                             "download it again") from None
     return config, weights
