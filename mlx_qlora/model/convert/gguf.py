@@ -7,23 +7,52 @@ directly. llama.cpp stores llama Q/K rows permuted for its rope layout: undone h
 """
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from .. import names
-from ...errors import UserError
+from ...errors import UserError, require
 from ...atomic import atomic_dir
 from ..model_io import write_model_dir
 from ..quant import GGUF_EXACT, GGUF_FLOAT, QuantStats, bits_per_weight, quantize, unpermute_qk
 from . import ConvertConfig, ConvertReport
 
 
+# magic, version, tensor count, metadata count; then per key/value and per tensor at least:
+GGUF_HEADER = struct.Struct("<4sIQQ")
+MIN_KV_BYTES = 8 + 1 + 4 + 1              # key length, a 1-byte key, value type, a 1-byte value
+MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, name, n_dims, one dim, type, offset
+
+
+def check_gguf_header(path: Path) -> None:
+    """The 24-byte header, checked the way llama.cpp does before trusting any count in it."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(GGUF_HEADER.size)
+    require(len(head) == GGUF_HEADER.size, f"{path} is {size} bytes, too short for a GGUF header; "
+                                           "the file is truncated: download it again")
+    magic, version, n_tensors, n_kv = GGUF_HEADER.unpack(head)
+    require(magic == b"GGUF", f"{path} does not start with the GGUF magic (found {magic!r}); "
+                              "give a .gguf file from llama.cpp's converter")
+    if version & 0xFFFF == 0:  # a big-endian file: gguf-py reads those too
+        version, n_tensors, n_kv = struct.unpack(">IQQ", head[4:])
+    require(version in (2, 3), f"{path} is GGUF version {version}; versions 2 and 3 are supported: "
+                               "re-convert it with a current llama.cpp")
+    room = size - GGUF_HEADER.size
+    for count, what, least in ((n_tensors, "tensor count", MIN_TENSOR_INFO_BYTES),
+                               (n_kv, "metadata count", MIN_KV_BYTES)):
+        require(count * least <= room, f"{path} gives a {what} of {count}, more than its {size} bytes can "
+                                       "hold; the file is corrupt: download it again")
+
+
 def read_gguf(path: Path):
     """``(reader, metadata dict)``; a truncated or corrupt file becomes one UserError line."""
     import gguf
 
+    check_gguf_header(path)
     try:
         reader = gguf.GGUFReader(str(path))
         meta = {key: field.contents() for key, field in reader.fields.items()}
