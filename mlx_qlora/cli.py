@@ -125,6 +125,25 @@ def train(ctx, config_path, model, out_dir, resume, nproc):
     run_train(load_config(config_path, extra))
 
 
+# ---- sweep (owner: apps) -------------------------------------------------------------------
+@main.command()
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(),
+              help="Sweep YAML (see recipes/smollm2-sweep.yaml).")
+@click.option("-o", "--out", "out_dir", default=None, help="Sweep directory (overrides the file's out_dir).")
+@click.option("--trials", type=int, default=None, help="Number of trials (overrides the file).")
+@click.option("--force", is_flag=True, help="Replace OUT when it holds a different sweep.")
+def sweep(config_path, out_dir, trials, force):
+    """Search LoRA rank, alpha, targets, layers, learning rate and base bits with Optuna.
+
+    Each trial is a short `train` of the base recipe; rerunning the same command resumes the
+    study (finished trials are kept, also after Ctrl-C). Writes results.md/.csv/.png and best.yaml.
+    """
+    from .apps.sweep import run_sweep
+    from .apps.sweep_config import load_sweep
+
+    run_sweep(load_sweep(config_path, out_dir=out_dir, trials=trials, force=force))
+
+
 # ---- chat / generate / serve (owner: inference) --------------------------------------------
 def _engine_options(f):
     """MODEL, adapters and engine choice: shared by chat, generate and serve."""
