@@ -113,7 +113,7 @@ def train(ctx, config_path, model, out_dir, resume, nproc):
         if value is not None:
             extra += [flag, value]
     if resume:
-        extra += ["--resume", "true"]
+        extra += ["--resume"]   # a bare flag: also right when passed on to the ranks' own `train`
     if nproc is not None:
         from .train.launch import LaunchConfig, launch_local
 

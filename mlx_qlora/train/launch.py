@@ -133,6 +133,7 @@ def launch_local(cfg: LaunchConfig) -> None:
     first_failure: list[float] = []
 
     def read_stderr():
+        shown = ""
         for raw in iter(proc.stderr.readline, b""):
             line = raw.decode(errors="replace")
             m = NODE_LINE.search(line)
@@ -142,8 +143,9 @@ def launch_local(cfg: LaunchConfig) -> None:
                 failed.append((rank, _describe(m.group(2), code), code is not None and int(code) in FOLLOWERS))
                 first_failure.append(time.monotonic())
                 continue
-            if FOLLOWER_LINE.search(line):
-                continue
+            if FOLLOWER_LINE.search(line) or (line.startswith("error: ") and line == shown):
+                continue   # every rank rejects a bad setting alike: one line is enough
+            shown = line
             sys.stderr.write(line)
             sys.stderr.flush()
 
