@@ -37,7 +37,9 @@ LAUNCH_ENV = ("MLX_RANK", "MLX_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 class PeerLost(UserError):
-    """The connection to another rank broke during a reduction."""
+    """The connection to another rank broke during a reduction (the CLI exits 3, as the watchdog
+    does: the launcher wrapper blames the rank that failed first, not the ones left behind)."""
+    exit_code = 3
 
 
 @dataclass
