@@ -1,10 +1,13 @@
 """Every recipe loads and validates; config layering and validation messages."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
+from mlx_qlora.apps.sweep_config import load_sweep
 from mlx_qlora.errors import UserError
 from mlx_qlora.train.config import LoraConfig, TrainConfig, load_config, parse_layers, parse_overrides
 
@@ -15,12 +18,37 @@ def test_there_are_recipes():
     assert any(p.name == "smollm2-wikisql.yaml" for p in RECIPES)
 
 
+def is_sweep(path: Path) -> bool:
+    return "search" in (yaml.safe_load(path.read_text()) or {})
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_recipe_loads(path):
+def test_recipe_loads(path, monkeypatch):
+    first = path.read_text().splitlines()[0]
+    if is_sweep(path):
+        monkeypatch.chdir(path.parent.parent)     # its base recipe is named from the repository root
+        sweep = load_sweep(path)
+        assert sweep.trials >= 4 and sweep.params and load_config(sweep.recipe, sweep.train).model
+        assert first.startswith("# ") and f"mlx_qlora sweep -c recipes/{path.name}" in first
+        return
     cfg = load_config(path)
     assert isinstance(cfg, TrainConfig) and cfg.model and cfg.data.train
-    first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and f"mlx_qlora train -c recipes/{path.name}" in first  # how to run it
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_keys_are_commented(path):
+    """Every setting given a value on its line says what it is (section headers excepted)."""
+    bare = [ln for ln in path.read_text().splitlines()
+            if re.match(r"^\s*[\w.]+:\s*[^\s#]", ln) and " # " not in ln]
+    assert not bare, f"{path.name}: settings without a comment: {bare}"
+
+
+def test_sweep_and_8b_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"smollm2-sweep.yaml", "llama3-8b-qlora.yaml"} <= names
+    cfg = load_config(Path(RECIPES[0]).parent / "llama3-8b-qlora.yaml")
+    assert cfg.grad_checkpoint and cfg.batch_size == 1 and cfg.optim.grad_accum > 1
 
 
 def test_smollm2_recipe_is_the_benchmark_workload():

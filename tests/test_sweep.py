@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from lora_fixtures import converted
 
 from mlx_qlora.apps import sweep as sweep_mod
 from mlx_qlora.apps.sweep import run_sweep
@@ -28,11 +29,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def tiny_q4(tiny_hf_llama, tmp_path_factory) -> Path:
-    from mlx_lm import convert
-
-    out = tmp_path_factory.mktemp("sweep_q4") / "model"
-    convert(str(tiny_hf_llama), str(out), quantize=True, q_group_size=32, q_bits=4)
-    return out
+    return converted(tmp_path_factory, tiny_hf_llama, "tiny_llama_q4", q_group_size=32)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from ..atomic import atomic_file
 from ..errors import UserError, require
 from ..train.config import load_config
 from .sweep_config import BASE_BITS, SweepConfig
-from .sweep_report import RESULT_KEYS, Row, write_report
+from .sweep_report import RESULT_KEYS, Row, cell, write_report
 
 STUDY = "sweep"
 
@@ -186,15 +186,7 @@ def _open_out_dir(cfg: SweepConfig) -> Path:
 
 
 def _settings(values: dict) -> str:
-    return " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in values.items())
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, list):
-        return ",".join(map(str, v))
-    return str(v)
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={cell(v)}" for k, v in values.items())
 
 
 # ---------------------------------------------------------------- one trial

@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from ..errors import UserError, require
 from ..model.quant import ALLOWED_BITS, ALLOWED_GROUP_SIZES
-from ..train.config import ALIASES, _build, _field_types, load_config
+from ..train.config import ALIASES, _build, _field_types, load_config, read_yaml
 
 SAMPLERS = ("grid", "random", "tpe")
 BASE_BITS = "base_bits"
@@ -117,6 +116,11 @@ class SweepConfig:
         require(self.sampler in SAMPLERS, f"sampler={self.sampler!r}: use one of {', '.join(SAMPLERS)}")
         require(_is_int(self.seed) and self.seed >= 0, f"seed={self.seed!r}: use an integer >= 0")
         require(isinstance(self.train, dict), f"train: expected a mapping of training settings, got {self.train!r}")
+        # optim: {warmup_steps: 2} changes that one setting, not the recipe's whole optim section
+        flat = {}
+        for k, v in self.train.items():
+            flat.update({f"{k}.{k2}": v2 for k2, v2 in v.items()} if isinstance(v, dict) else {k: v})
+        self.train = flat
         bad = sorted(NOT_SEARCHABLE & set(self.train))
         require(not bad, f"train.{bad[0] if bad else ''}: set by the sweep for each trial; remove it")
         try:
@@ -230,14 +234,7 @@ def load_sweep(path: str | Path, out_dir: str | None = None, trials: int | None 
                force: bool = False) -> SweepConfig:
     """The sweep file at ``path``; ``out_dir`` / ``trials`` given on the command line win."""
     p = Path(path)
-    require(p.is_file(), f"sweep file {p} not found: give the path of a sweep YAML (see recipes/smollm2-sweep.yaml)")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"sweep file {p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    require(isinstance(raw, dict), f"sweep file {p}: expected a mapping of settings at the top level")
+    raw = read_yaml(p, "sweep file", "a sweep YAML (see recipes/smollm2-sweep.yaml)")
     require("path" not in raw and "params" not in raw, f"sweep file {p}: 'path'/'params' are not settings; remove them")
     if out_dir is not None:
         raw["out_dir"] = out_dir

@@ -47,7 +47,7 @@ def _short(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
-def _cell(v) -> str:
+def cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     if isinstance(v, list):
@@ -63,16 +63,16 @@ def markdown(cfg: SweepConfig, rows: list[Row]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for i, r in enumerate(ok):
         lines.append("| " + " | ".join(
-            ["best" if i == 0 else str(i + 1), f"#{r.number}"] + [_cell(r.values.get(k)) for k in keys]
+            ["best" if i == 0 else str(i + 1), f"#{r.number}"] + [cell(r.values.get(k)) for k in keys]
             + [f"{r.val_loss:.4f}", f"{r.tok_per_s:,.0f}", f"{r.peak_rss_gib:.2f}", f"{r.trainable:,}",
                f"{r.adapter_bytes / MIB:.2f}", f"{r.wall_s:.0f}"]) + " |")
     for r in rows:
         if not r.ok:
-            lines.append("| failed | " + " | ".join([f"#{r.number}"] + [_cell(r.values.get(k)) for k in keys])
+            lines.append("| failed | " + " | ".join([f"#{r.number}"] + [cell(r.values.get(k)) for k in keys])
                          + f" | {r.error} | | | | | |")
     start = {r.val_loss_start for r in ok}
     note = (f"valid loss of the untrained base: {', '.join(f'{v:.4f}' for v in sorted(start))}" if start else "")
-    over = ", ".join(f"{k}={_cell(v)}" for k, v in cfg.train.items()) or "none"
+    over = ", ".join(f"{k}={cell(v)}" for k, v in cfg.train.items()) or "none"
     return (f"Sweep of {cfg.recipe} ({cfg.sampler} sampler, {len(ok)} of {cfg.trials} trials finished; "
             f"trial overrides: {over}). {note}\n\n" + "\n".join(lines) + "\n")
 
@@ -83,7 +83,7 @@ def write_csv(cfg: SweepConfig, rows: list[Row]) -> str:
     w = csv.writer(buf)
     w.writerow(["trial"] + keys + ["state"] + list(RESULT_KEYS) + ["error"])
     for r in rows:
-        w.writerow([r.number] + [_cell(r.values.get(k)) if isinstance(r.values.get(k), list) else r.values.get(k)
+        w.writerow([r.number] + [cell(r.values.get(k)) if isinstance(r.values.get(k), list) else r.values.get(k)
                                  for k in keys]
                    + ["complete" if r.ok else "failed"] + [getattr(r, k) for k in RESULT_KEYS] + [r.error or ""])
     return buf.getvalue()
@@ -135,8 +135,8 @@ def best_recipe(cfg: SweepConfig, best: Row, out: Path, model: str | None) -> st
     if model is not None:
         raw["model"] = model
     raw["out_dir"] = f"adapters/{out.name}-best"
-    settings = ", ".join(f"{k}={_cell(v)}" for k, v in best.values.items())
-    over = ", ".join(f"{k}={_cell(v)}" for k, v in cfg.train.items()) or "none"
+    settings = ", ".join(f"{k}={cell(v)}" for k, v in best.values.items())
+    over = ", ".join(f"{k}={cell(v)}" for k, v in cfg.train.items()) or "none"
     header = [f"# mlx_qlora train -c {out / 'best.yaml'}",
               f"# The best setting of sweep {cfg.path or out} (trial #{best.number}, valid loss {best.val_loss:.4f}):",
               f"#   {settings}",

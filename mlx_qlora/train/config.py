@@ -280,19 +280,23 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: str | Path, what: str, hint: str) -> dict:
+    """The mapping in the YAML file at ``path``; a missing file or bad YAML is one line naming it."""
+    p = Path(path)
+    require(p.is_file(), f"{what} {p} not found: give the path of {hint}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{what} {p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    require(isinstance(raw, dict), f"{what} {p}: expected a mapping of settings at the top level")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> TrainConfig:
     """Defaults, then the YAML file at ``path``, then ``overrides`` (CLI args or a dotted dict)."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        require(p.is_file(), f"recipe {p} not found: give the path of a YAML file (see recipes/)")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise UserError(f"recipe {p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        require(isinstance(raw, dict), f"recipe {p}: expected a mapping of settings at the top level")
+    raw = read_yaml(path, "recipe", "a YAML file (see recipes/)") if path is not None else {}
     over = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
     for key, value in over.items():
         head, _, tail = key.partition(".")
