@@ -301,8 +301,14 @@ def test_engine_choice(llama_dir, gguf_model, tmp_path):
     assert resolve(EngineConfig(model=str(gguf)))[0] is None
     with pytest.raises(UserError, match="needs an MLX model directory"):
         load_engine(EngineConfig(model=str(gguf), engine="mlx"))
-    with pytest.raises(UserError, match="needs a GGUF"):
-        load_engine(EngineConfig(model=str(llama_dir), engine="llama.cpp"))
+    # a directory with no GGUF: asking for llama.cpp builds a lossless one (tests/test_engine_default.py)
+    # where the weights allow it, else names why not and the ways to get one
+    from mlx_qlora.model.convert import ConvertConfig, run_convert
+
+    rounded = tmp_path / "q4"   # fp32 quantization scales: no GGUF block holds them exactly
+    run_convert(ConvertConfig(source=str(llama_dir), out_dir=str(rounded)))
+    with pytest.raises(UserError, match="needs a GGUF .* none can be made exactly .*--gguf FILE"):
+        load_engine(EngineConfig(model=str(rounded), engine="llama.cpp"))
 
 
 @pytest.mark.real

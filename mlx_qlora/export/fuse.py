@@ -18,7 +18,7 @@ from pathlib import Path
 from ..train.adapter_files import Adapter, read_adapter
 from ..atomic import atomic_dir
 from ..errors import require
-from ..model.model_io import check_model_dir, write_model_dir
+from ..model.model_io import GGUF_RECORD, check_model_dir, write_model_dir
 
 def _quant_of(config: dict, module: str) -> tuple[int, int]:
     q = config["quantization"]
@@ -119,8 +119,9 @@ def run_fuse(cfg: FuseConfig) -> Path:
     weights, config = merge_weights(read_weights(model_dir), config, adapter, cfg.dequantize)
     with atomic_dir(cfg.out_dir, cfg.force) as tmp:
         write_model_dir(tmp, weights, config)
-        for f in model_dir.iterdir():  # tokenizer, chat template, generation config, ...
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+        for f in model_dir.iterdir():  # tokenizer, chat template, generation config, ... (not the base's GGUF)
+            if f.is_file() and f.suffix not in (".safetensors", ".gguf") and \
+                    f.name not in ("config.json", "model.safetensors.index.json", GGUF_RECORD):
                 shutil.copy2(f, tmp / f.name)
     what = "already contained this adapter; copied unchanged" if already else \
         f"merged {len(adapter.pairs)} modules (scale {adapter.scale:g}, rank {adapter.rank})"

@@ -27,7 +27,7 @@ from .fuse import merge_weights, read_weights
 from ..model.model_io import check_model_dir
 from ..model.quant import permute_qk
 from . import ExportConfig, ExportReport
-from .blocks import Packed, float_tensor, quantized_tensor
+from .blocks import AT_LEAST, BLOCK_TYPES, Packed, exact_block_type, float_tensor, fp16_exact, quantized_tensor
 
 # HF / mlx-lm model_type -> GGUF general.architecture (Mistral checkpoints are llama in GGUF).
 MODEL_TYPE_TO_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -53,6 +53,39 @@ def default_type(config: dict) -> str:
     """q4_1 for a 4-bit model (its blocks copy over exactly), else f16."""
     q = config.get("quantization") or {}
     return "q4_1" if q.get("bits") == 4 and q.get("group_size", 0) % 32 == 0 else "f16"
+
+
+def lossless_type(weights: dict, config: dict) -> tuple[str | None, str]:
+    """``(--type, "")`` whose GGUF holds exactly these MLX weights, or ``(None, why not)``.
+
+    Quantized models: every group must be a run of GGUF blocks (4-bit groups of 32*k -> Q4_1,
+    8-bit groups with bias -128*scale -> Q8_0) with fp16-exact scales and biases, and no float
+    matrix beside them (the file's block type would re-quantize it). Float models: F16/BF16
+    when every matrix is that type, else F32 (vectors are F32 in any file).
+    """
+    import mlx.core as mx
+
+    quantized = sorted(k[: -len(".scales")] for k in weights if k.endswith(".scales"))
+    if not quantized:
+        kinds = {weights[k].dtype for k in weights if weights[k].ndim >= 2}
+        return ("f16" if kinds == {mx.float16} else "bf16" if kinds == {mx.bfloat16} else "f32"), ""
+    type_name = default_type(config)
+    if type_name not in BLOCK_TYPES:
+        q = config["quantization"]
+        return None, (f"its {q.get('bits')}-bit groups of {q.get('group_size')} weights are no GGUF block type "
+                      f"(Q4_1 holds 4-bit groups of 32*k)")
+    for m in quantized:
+        bits, gs = _bits_group(config, m)
+        scales, biases = _np(weights[f"{m}.scales"]), _np(weights[f"{m}.biases"])
+        if exact_block_type(bits, gs, scales, biases, AT_LEAST[type_name]) is None:
+            return None, f"{m} ({bits}-bit groups of {gs}) has no exact {type_name.upper()} or Q8_0 form"
+        if not (fp16_exact(scales) and fp16_exact(biases)):
+            return None, (f"its quantization scales are {str(weights[f'{m}.scales'].dtype).split('.')[-1]} "
+                          f"values that GGUF blocks (fp16) would round")
+    for k, w in weights.items():
+        if k.endswith(".weight") and w.ndim >= 2 and k[: -len(".weight")] not in quantized:
+            return None, f"{k} is a float matrix that a {type_name.upper()} file would re-quantize"
+    return type_name, ""
 
 
 def write_model_metadata(w, config: dict, arch: str, type_name: str, name: str) -> None:

@@ -130,9 +130,8 @@ def run_chat(cfg: ChatConfig) -> None:
     adapters = ", ".join(engine.adapter_names) or "none"
     session.say(f"mlx_qlora chat: {engine.model_name} on {engine.name}; adapters: {adapters} "
                 f"(active: {engine.active_adapter or 'off'}). /help for commands, Ctrl-D to quit.")
-    if getattr(engine, "cpu_fast", False):
-        session.say("(MLX on CPU is slow to decode; with a GGUF of this model (--gguf FILE, from "
-                    "`mlx_qlora export`) --engine auto runs llama.cpp instead)")
+    if engine.note:
+        session.say(engine.note)
     try:
         while True:
             try:
@@ -194,6 +193,8 @@ def run_generate(cfg: GenerateConfig) -> str:
             st = engine.stats
             print(f"prompt {st.prompt_tokens} tokens, generated {st.generated_tokens}, first token "
                   f"{st.ttft_s * 1e3:.0f} ms, {st.decode_tps:.1f} tok/s ({engine.name})", file=sys.stderr)
+        if engine.note:
+            print(engine.note, file=sys.stderr)
         return "".join(pieces)
     finally:
         engine.close()

@@ -304,6 +304,8 @@ def run_serve(cfg: ServeConfig) -> None:
     host, port = server.server_address[:2]
     print(f"mlx_qlora serve: http://{host}:{port}/v1  models: {', '.join(server.model_ids())}  "
           f"engine: {engine.name}{'  (API key required)' if cfg.api_key else ''}", flush=True)
+    if engine.note:
+        print(engine.note, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -74,3 +74,44 @@ def load(path: str | Path, dtype=None, lazy: bool = False, dequantize: bool = Fa
 
 def read_config(path: str | Path) -> dict:
     return json.loads((check_model_dir(path) / "config.json").read_text())
+
+
+# ---- the GGUF that holds exactly this directory's weights (the llama.cpp engine runs it on CPU)
+GGUF_RECORD = "gguf_source.json"
+
+
+def _weights_stamp(model_dir: Path) -> list:
+    """(name, size, mtime_ns) of the weight files: a record made for other weights (a fused
+    model that copied the directory's extra files, a re-converted one) no longer matches."""
+    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in Path(model_dir).glob("*.safetensors"))
+
+
+def record_gguf(model_dir: Path, gguf: Path, how: str) -> None:
+    """Note in ``model_dir`` that ``gguf`` holds exactly its weights (``how`` says why), with the
+    GGUF's size and mtime and the weight files' stamps, so a changed file voids the record."""
+    from ..atomic import atomic_file
+
+    model_dir, gguf = Path(model_dir), Path(gguf)
+    st = gguf.stat()
+    inside = gguf.resolve().parent == model_dir.resolve()
+    rec = {"gguf": gguf.name if inside else str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+           "how": how, "weights": _weights_stamp(model_dir)}
+    with atomic_file(model_dir / GGUF_RECORD, force=True) as tmp:
+        tmp.write_text(json.dumps(rec, indent=2) + "\n")
+
+
+def recorded_gguf(model_dir: Path) -> tuple[Path | None, dict | None]:
+    """``(GGUF, record)`` when ``model_dir`` records a GGUF that still holds its weights;
+    ``(None, record)`` when the record is out of date, ``(None, None)`` when there is none."""
+    try:
+        rec = json.loads((Path(model_dir) / GGUF_RECORD).read_text())
+    except (OSError, ValueError):
+        return None, None
+    try:
+        path = Path(model_dir) / rec["gguf"]  # an absolute path stays absolute
+        st = path.stat()
+        current = [st.st_size, st.st_mtime_ns] == [rec["size"], rec["mtime_ns"]] and \
+            rec["weights"] == _weights_stamp(model_dir)
+    except (OSError, KeyError, TypeError):
+        return None, rec if isinstance(rec, dict) else None
+    return (path, rec) if current else (None, rec)

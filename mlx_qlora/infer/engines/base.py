@@ -35,6 +35,7 @@ class Engine:
 
     name = "base"
     model_name = "model"
+    note: str | None = None   # one line for the user about the engine choice (why MLX runs on a CPU)
 
     def __init__(self):
         self.adapter_names: list[str] = []

@@ -16,6 +16,7 @@ import ctypes
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -27,19 +28,53 @@ from .base import Engine
 DEFAULT_N_CTX = 4096  # tokens; SmolLM2 allows 8192, but each doubles the KV cache (~90 MB here)
 
 
-def default_threads() -> int:
-    """All cores, minus those other processes keep busy (1-minute load average), at least 1.
+def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
+    """``{cpu: (idle ticks, all ticks)}`` from /proc/stat for the given CPUs (idle counts iowait)."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                out[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))
+    return out
 
-    llama.cpp's threads meet at a barrier after every op, so one thread that the OS deschedules
-    stalls them all: on this 2-core dev box, busy with other jobs, SmolLM2 decoded at 0.4 tok/s
-    with 2 threads and ~50 tok/s with 1; when the box is idle 2 threads are fastest.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+def idle_cores(cpus: set[int], interval: float = 0.2) -> float | None:
+    """How many of ``cpus`` sat idle over the last ``interval`` seconds (0.0 .. len(cpus)), from
+    /proc/stat; None where there is no /proc/stat (macOS)."""
     try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:
-        busy = 0
-    return max(1, cores - busy)
+        before = _cpu_times(cpus)
+        time.sleep(interval)
+        after = _cpu_times(cpus)
+    except (OSError, ValueError):
+        return None
+    if not before:
+        return None
+    idle = 0.0
+    for cpu, (i0, t0) in before.items():
+        i1, t1 = after.get(cpu, (i0, t0))
+        idle += (i1 - i0) / (t1 - t0) if t1 > t0 else 1.0  # no tick at all: nothing ran there
+    return idle
+
+
+def default_threads(interval: float = 0.2) -> int:
+    """One thread per core that is idle now (sampled over ``interval`` s), at least 1.
+
+    llama.cpp's threads meet at a barrier after every op, so a thread that the OS deschedules for
+    another process stalls them all: on this 2-core dev box, busy with other jobs, SmolLM2 decoded
+    at 0.4 tok/s with 2 threads and ~50 with 1; idle, 2 threads are fastest (~80 tok/s). A core
+    counts only when at least 3/4 of it was idle. The 1-minute load average, used before, lags:
+    right after a training run it still said busy and chat ran on 1 of 2 idle cores.
+    """
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    idle = idle_cores(set(cpus), interval)
+    if idle is None:  # no /proc/stat: the load average is the signal left
+        try:
+            idle = len(cpus) - os.getloadavg()[0]
+        except OSError:
+            idle = len(cpus)
+    return max(1, min(len(cpus), int(idle + 0.25)))
 
 
 def find_lora_gguf(spec: AdapterSpec) -> Path | None:

@@ -4,6 +4,10 @@
 biases) triples (tests check them against gguf-py's own dequantization). Other quantized types
 are dequantized with gguf-py and re-quantized with the requested settings; float tensors load
 directly. llama.cpp stores llama Q/K rows permuted for its rope layout: undone here.
+
+When every tensor came over as it was (blocks kept, floats widened or kept), the directory
+records the source GGUF (``model_io.record_gguf``): the llama.cpp engine runs that very file
+on a CPU, with no export step and no flag.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import numpy as np
 from .. import names
 from ...errors import UserError, require
 from ...atomic import atomic_dir
-from ..model_io import write_model_dir
+from ..model_io import record_gguf, write_model_dir
 from ..quant import GGUF_EXACT, GGUF_FLOAT, QuantStats, bits_per_weight, quantize, unpermute_qk
 from . import ConvertConfig, ConvertReport
 
@@ -163,7 +167,22 @@ def convert_gguf(path: Path, cfg: ConvertConfig) -> ConvertReport:
     with atomic_dir(cfg.out_dir, cfg.force) as tmp:
         write_model_dir(tmp, weights, config, tokenizer)
         report.size_bytes = sum(f.stat().st_size for f in tmp.iterdir())
+        if _same_weights(types, report, dtype, cfg):
+            record_gguf(tmp, path, "converted from it, every block and float kept exactly")
     return report
+
+
+def _same_weights(types: dict, report: ConvertReport, dtype, cfg: ConvertConfig) -> bool:
+    """The MLX weights are the GGUF's: no block re-quantized or dequantized, and every float
+    (tensors, block scales) cast to a type that holds it exactly."""
+    import mlx.core as mx
+
+    if report.requantized or (not cfg.quantize and any(t in GGUF_EXACT for t in types.values())):
+        return False
+    if dtype == mx.float32:
+        return True
+    # fp16 holds the blocks' fp16 scales and F16 tensors, not F32/BF16 ones; bf16 not even the scales
+    return dtype == mx.float16 and all(t == "F16" or t in GGUF_EXACT for t in types.values())
 
 
 def _as_float(t, loaded: dict, base: str, kind: str):
