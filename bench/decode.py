@@ -4,16 +4,18 @@
     python bench/decode.py --mlx-model DIR --gguf FILE --tokens 128 --reps 3
 
 Every row decodes the same chat prompt greedily for exactly ``--tokens`` tokens (eos ignored).
-TTFT = prompt in -> first token out (ms); decode = tokens/s after the first token; the ratio is
-against llama.cpp (llama-cpp-python, its own generate loop, same threads). The row of the engine
-``mlx_qlora chat`` picks by default on this machine is marked ``default``. Rows take the median
-of ``--reps`` runs, interleaved. Then: adapter switch times, and TTFT over the turns of one conversation
+TTFT = prompt in -> first token out (ms); decode = tokens/s after the first token; the ratios are
+against llama.cpp (llama-cpp-python, its own generate loop) with all cores on the same GGUF. The
+row marked ``default`` is the engine ``mlx_qlora chat MODEL_DIR`` loads with no flag (engine and
+thread count chosen as chat chooses them, at load time). Rows take the median of ``--reps`` runs,
+interleaved. Then: adapter switch times, and TTFT over the turns of one conversation
 (the KV cache is reused, so it should not grow with the history).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -149,7 +151,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None,
-                    help="llama.cpp threads (default: as chat picks them: idle cores, at least 1)")
+                    help="threads of the default engine (default: as chat picks them: idle cores now, at least 1)")
     ap.add_argument("--skip-stock", action="store_true", help="skip stock mlx-lm (slow on CPU)")
     args = ap.parse_args()
 
@@ -157,8 +159,8 @@ def main():
 
     from mlx_qlora.infer.adapters import AdapterSpec
     from mlx_qlora.model.embedded import embedded_gguf_path
-    from mlx_qlora.infer.engines import EngineConfig, choose
-    from mlx_qlora.infer.engines.llamacpp import LlamaCppEngine, default_threads
+    from mlx_qlora.infer.engines import EngineConfig, load_engine
+    from mlx_qlora.infer.engines.llamacpp import LlamaCppEngine
     from mlx_qlora.infer.engines.mlx_engine import MLXEngine
 
     tmp_dir = tempfile.TemporaryDirectory(prefix="bench_decode_")
@@ -170,21 +172,32 @@ def main():
 
         model_dir = tmp / "smollm2_mlx"
         run_convert(ConvertConfig(source=str(gguf), out_dir=str(model_dir), q_group_size=32))
-    threads = args.threads or default_threads()  # what chat would use right now
     adapter = AdapterSpec("bench", make_random_adapter(model_dir, tmp / "adapter"))
     adapter2 = AdapterSpec("bench2", make_random_adapter(model_dir, tmp / "adapter2", seed=1))
-    default = choose(EngineConfig(model=str(model_dir), gguf=str(gguf)), model_dir, gguf)
-
-    lc = LlamaCppEngine(gguf, [adapter, adapter2], n_ctx=2048, n_threads=threads)
+    # what `mlx_qlora chat MODEL_DIR --adapter ...` loads with no other flag
+    dflt = load_engine(EngineConfig(model=str(model_dir), adapters=[f"bench={adapter.path}", f"bench2={adapter2.path}"],
+                                    n_ctx=2048, threads=args.threads))
+    default = dflt.name
+    if default == "llama.cpp" and dflt.gguf_path.resolve() != gguf.resolve():
+        print(f"note: the default engine runs {dflt.gguf_path}, the llama.cpp rows {gguf}", flush=True)
+    lc = dflt if default == "llama.cpp" else LlamaCppEngine(gguf, [adapter, adapter2], n_ctx=2048,
+                                                            n_threads=args.threads)
+    threads = lc.n_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     prompt_text = lc.chat_text([{"role": "user", "content": PROMPT}])
     n = args.tokens
-    print(f"device: {mx.default_device()}, llama.cpp threads: {threads}, {n} tokens, median of {args.reps}; "
-          f"model: {model_dir.name} / {gguf.name}; chat picks by default: {default}", flush=True)
+    print(f"device: {mx.default_device()}, {cores} cores, mlx_qlora's llama.cpp threads: {threads}, {n} tokens, "
+          f"median of {args.reps}; model: {model_dir.name} / {gguf.name}; chat picks by default: {default}",
+          flush=True)
 
-    rows = [("llama.cpp (llama-cpp-python generate)", None, bench_llama_raw(gguf, prompt_text, n, threads)),
-            ("mlx_qlora engine llama.cpp", "llama.cpp", bench_engine(lc, prompt_text, n)),
-            ("mlx_qlora engine llama.cpp + LoRA r8", None, bench_engine(lc, prompt_text, n, "bench"))]
-    me = MLXEngine(model_dir, [adapter, adapter2])
+    rows = [(f"llama.cpp (llama-cpp-python generate, all {cores} cores)", None,
+             bench_llama_raw(gguf, prompt_text, n, cores))]
+    if threads != cores:
+        rows.append((f"llama.cpp (llama-cpp-python generate, {threads} threads)", None,
+                     bench_llama_raw(gguf, prompt_text, n, threads)))
+    rows += [(f"mlx_qlora engine llama.cpp ({threads} threads)", "llama.cpp", bench_engine(lc, prompt_text, n)),
+             ("mlx_qlora engine llama.cpp + LoRA r8", None, bench_engine(lc, prompt_text, n, "bench"))]
+    me = dflt if default == "mlx" else MLXEngine(model_dir, [adapter, adapter2])
     rows += [("mlx_qlora engine mlx (CPU rewrite)" if me.cpu_fast else "mlx_qlora engine mlx", "mlx",
               bench_engine(me, prompt_text, n)),
              ("mlx_qlora engine mlx + LoRA r8", None, bench_engine(me, prompt_text, n, "bench"))]
@@ -195,17 +208,19 @@ def main():
     results = [(label, kind, ttft, tps) for (label, kind, _), (ttft, tps) in zip(rows, medians)]
     base_tps = results[0][3]
     base_ttft = results[0][2]
-    print("\n| engine | TTFT ms | decode tok/s | decode vs llama.cpp | TTFT vs llama.cpp | |")
+    print("\n| engine | TTFT ms | decode tok/s | decode vs llama.cpp all cores | TTFT vs llama.cpp all cores | |")
     print("|---|---:|---:|---:|---:|---|")
     for label, kind, ttft, tps in results:
         mark = "default" if kind == default else ""
         print(f"| {label} | {ttft * 1e3:.0f} | {tps:.1f} | {tps / base_tps:.2f}x | {ttft / base_ttft:.2f}x | {mark} |")
+    tps_default = next(tps for _, kind, _, tps in results if kind == default)
+    print(f"\ndefault engine ({default}, no flag) vs llama.cpp with all {cores} cores, same GGUF: "
+          f"{tps_default / base_tps:.2f}x decode (goal >= 0.9x)")
 
     print("\nadapter switch (median of 20, no reload):")
     for eng in (lc, me):
         print(f"  {eng.name:10s} {switch_ms(eng, ['bench', 'bench2', None]):.3f} ms")
 
-    dflt = lc if default == "llama.cpp" else me
     print(f"\none conversation on the default engine ({dflt.name}): TTFT per turn")
     for i, (p, ms, cached) in enumerate(conversation_ttft(dflt), 1):
         print(f"  turn {i}: prompt {p:4d} tokens ({cached:4d} from cache)  TTFT {ms:6.0f} ms")

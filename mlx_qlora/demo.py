@@ -60,9 +60,10 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 60, data: str | Path
     merged_gguf, lora_gguf = out / "smollm2-wikisql.q4_1.gguf", out / "adapter-wikisql.gguf"
     run_export(ExportConfig(model=str(base), adapter=str(adapter), adapter_only=True, out=str(lora_gguf),
                             force=True))
-    engine = load_engine(EngineConfig(model=str(base), adapters=[f"sql={lora_gguf}"],
-                                      gguf=str(_embedded_gguf())))
-    print(f"engine: {engine.name}")
+    # as `mlx_qlora chat DIR` does: on a CPU the default runs llama.cpp on the GGUF convert recorded
+    engine = load_engine(EngineConfig(model=str(base), adapters=[f"sql={lora_gguf}"]))
+    print(f"engine: {engine.name}" + (f" ({engine.gguf_path.name})" if engine.name == "llama.cpp" else ""))
+    result["engine"] = engine.name
     answers = {}
     for name in (None, "sql"):
         took = engine.set_adapter(name)
@@ -84,10 +85,3 @@ def run_demo(out_dir: str | Path = "demo_out", steps: int = 60, data: str | Path
     merged.close()
     result["gguf"] = str(merged_gguf)
     return result
-
-
-def _embedded_gguf() -> Path:
-    """The base model's GGUF: the embedded file itself, which convert copied block for block."""
-    from .model.embedded import embedded_gguf_path
-
-    return embedded_gguf_path()

@@ -17,4 +17,8 @@ def test_demo_pipeline(tmp_path, smollm2_gguf):
     assert len(valid) >= 2 and valid[-1] < valid[0]  # even 4 steps move the loss on WikiSQL
     assert (tmp_path / "demo" / "adapter-wikisql" / "adapters.safetensors").exists()
     assert set(r["answers"]) == {"base", "sql"} and r["exported_answer"]
+    import mlx.core as mx
+
+    if mx.default_device().type == mx.DeviceType.cpu:  # found the GGUF convert recorded, no flag
+        assert r["engine"] == "llama.cpp"
     assert (tmp_path / "demo" / "smollm2-wikisql.q4_1.gguf").stat().st_size > 50e6
