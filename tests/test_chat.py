@@ -15,6 +15,7 @@ import pytest
 
 import mlx_qlora  # noqa: F401  (fast BLAS before mlx.core)
 from test_adapters import make_adapter, write_untied_llama
+from tolerance import transient_s
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = b">>> "
@@ -35,7 +36,7 @@ class Terminal:
         self.pid, self.fd, self.buf = pid, fd, b""
 
     def read_until(self, marker: bytes, timeout: float = 60) -> bytes:
-        end = time.monotonic() + timeout
+        end = time.monotonic() + transient_s(timeout)
         while marker not in self.buf:
             left = end - time.monotonic()
             if left <= 0:
@@ -64,7 +65,7 @@ class Terminal:
         return shown.partition("\r\n")[2]
 
     def wait(self, timeout: float = 30) -> int:
-        end = time.monotonic() + timeout
+        end = time.monotonic() + transient_s(timeout)
         while time.monotonic() < end:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:

@@ -134,3 +134,13 @@ def test_lora_runs_in_bf16_on_a_bf16_base(tiny_hf_llama):
     assert rel_err(y.astype(mx.float32), want) < tol(1e-4, mx.bfloat16)
     ga = mx.grad(lambda a: (x @ a.astype(x.dtype) @ lin.lora_b.astype(x.dtype)).astype(mx.float32).sum())(lin.lora_a)
     assert ga.dtype == mx.float32 and np.isfinite(np.array(ga)).all()
+
+
+def test_tolerances_are_the_stated_ones_on_cpu():
+    from tolerance import BF16, GPU_FP32, on_gpu, tol_abs, transient_s
+
+    if on_gpu():
+        assert tol(1e-4) == GPU_FP32 and tol_abs(1e-4, [10.0]) == pytest.approx(10 * GPU_FP32)
+    else:   # CI: every float32 bound exactly as the test states it
+        assert tol(1e-4) == 1e-4 and tol(1e-6) == 1e-6 and tol_abs(1e-4, [100.0]) == 1e-4 and transient_s(30) == 30
+    assert tol(1e-4, mx.bfloat16) == BF16 and tol(0.5, mx.bfloat16) == 0.5

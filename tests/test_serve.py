@@ -12,6 +12,7 @@ import pytest
 
 import mlx_qlora  # noqa: F401  (fast BLAS before mlx.core)
 from test_adapters import make_adapter, write_untied_llama
+from tolerance import transient_s
 
 openai = pytest.importorskip("openai")
 KEY = "test-key-123"
@@ -33,7 +34,7 @@ def served(tmp_path_factory):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     port = server.server_address[1]
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=transient_s(60))
     ref = MLXEngine(model, parse_adapter_specs(specs))  # a second engine computes expected answers
     yield {"client": client, "port": port, "ref": ref, "server": server}
     server.shutdown()
@@ -126,7 +127,7 @@ def test_bad_requests_get_json_errors_and_the_server_lives(served):
                                        ("POST", "/v1/chat/completions", b"[1, 2]", 400),
                                        ("GET", "/v1/nothing", None, 404),
                                        ("POST", "/v1/models", b"{}", 404)]:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=transient_s(30))
         conn.request(method, path, body=body, headers={"Authorization": f"Bearer {KEY}",
                                                       "Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -184,7 +185,7 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            rc = proc.wait(timeout=20)
+            rc = proc.wait(timeout=transient_s(20))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

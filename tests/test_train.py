@@ -17,6 +17,7 @@ from mlx_qlora.errors import UserError
 from mlx_qlora.train.lora import load_adapter, read_adapter_config
 from mlx_qlora.train.loop import train
 from mlx_qlora.train.config import load_config
+from tolerance import tol
 
 WIKI_ROWS = [
     "table: 1-10015132-11\\ncolumns: Player, No., Nationality, Position\\nQ: What position does the player who played for butler cc (ks) play?\\nA: SELECT Position FROM 1-10015132-11 WHERE School/Club Team = 'Butler CC (KS)'",
@@ -142,9 +143,9 @@ def test_ctrl_c_saves_adapter_then_resume(tiny_q4, data_dir, tmp_path, monkeypat
 def test_grad_checkpoint_same_result(tiny_q4, data_dir, tmp_path):
     a = train(cfg(tiny_q4, data_dir, tmp_path / "a", steps=2, eval_every=0))
     b = train(cfg(tiny_q4, data_dir, tmp_path / "b", steps=2, eval_every=0, grad_checkpoint=True))
-    assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 and abs(a["val_loss"] - b["val_loss"]) < 1e-5
+    assert abs(a["train_loss"] - b["train_loss"]) < tol(1e-5) and abs(a["val_loss"] - b["val_loss"]) < tol(1e-5)
     wa, wb = weights(tmp_path / "a" / "adapters.safetensors"), weights(tmp_path / "b" / "adapters.safetensors")
-    assert max(np.abs(wa[k] - wb[k]).max() for k in wa) < 1e-6 and max(np.abs(wa[k]).max() for k in wa) > 0
+    assert max(np.abs(wa[k] - wb[k]).max() for k in wa) < tol(1e-6) and max(np.abs(wa[k]).max() for k in wa) > 0
 
 
 def test_cli_flags_override_recipe(tiny_q4, data_dir, tmp_path):

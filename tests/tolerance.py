@@ -41,3 +41,12 @@ def tol(cpu_fp32: float, dtype=None) -> float:
 def transient_s(seconds: float) -> float:
     """A subprocess time limit: ``seconds`` on CPU, plus the first-use kernel compilation on a GPU."""
     return seconds + GPU_FIRST_USE_S if on_gpu() else seconds
+
+
+def tol_abs(cpu_fp32: float, ref, dtype=None) -> float:
+    """An absolute bound on values like logits: ``cpu_fp32`` on CPU float32; elsewhere at least the
+    relative bound of ``tol`` times the largest magnitude in ``ref`` (rounding scales with it)."""
+    import numpy as np
+
+    rel = tol(0.0, dtype)
+    return max(cpu_fp32, rel * float(np.abs(np.asarray(ref, dtype=np.float64)).max())) if rel else cpu_fp32
