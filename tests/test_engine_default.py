@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -198,12 +196,11 @@ def test_converted_smollm2_chats_generates_and_serves_on_llamacpp_with_no_flag(s
     """convert -> chat / generate / serve on the MLX directory: llama.cpp runs on the GGUF convert
     recorded (no --engine, no --gguf), and answers as the MLX engine does, greedy."""
     pytest.importorskip("llama_cpp")
-    import openai
-
     from mlx_qlora.infer.engines.mlx_engine import MLXEngine
     from mlx_qlora.infer.generate import SamplingConfig
     from mlx_qlora.model.model_io import recorded_gguf
     from test_chat import PROMPT, Terminal, _screen
+    from test_serve import ServeProcess
 
     assert recorded_gguf(smollm2_mlx)[0] == smollm2_gguf.resolve()
     ref = MLXEngine(smollm2_mlx)
@@ -232,22 +229,12 @@ def test_converted_smollm2_chats_generates_and_serves_on_llamacpp_with_no_flag(s
     finally:
         term.close()
 
-    proc = subprocess.Popen(_cli("serve", smollm2_mlx, "--port", 0), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    srv = ServeProcess(smollm2_mlx)
     try:
-        line = proc.stdout.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/v1 .* engine: llama\.cpp", line)
-        assert m, line
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{m.group(1)}/v1", api_key="none", max_retries=0)
+        assert srv.client is not None and "engine: llama.cpp" in srv.line, srv.line
         for text in PROMPTS:
-            r = client.chat.completions.create(model=smollm2_mlx.name, max_tokens=8, temperature=0,
-                                               messages=[{"role": "user", "content": text}])
+            r = srv.client.chat.completions.create(model=smollm2_mlx.name, max_tokens=8, temperature=0,
+                                                   messages=[{"role": "user", "content": text}])
             assert r.choices[0].message.content == want[text]
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        assert srv.stop() == 0

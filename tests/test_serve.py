@@ -155,39 +155,54 @@ def test_concurrent_requests_are_queued_safely(served):
     assert got == [want[m] for m in models]
 
 
+class ServeProcess:
+    """``mlx_qlora serve ARGS --port 0`` as a real process (as from an interactive shell: SIGINT at
+    its default even when this test run was started in the background with SIGINT ignored):
+    ``line`` is its first line of output, ``client`` an OpenAI client for its URL (None if the
+    line named none); ``stop()`` sends Ctrl-C (SIGINT) and returns the exit code."""
+
+    def __init__(self, *args):
+        import os
+        import re
+        import signal
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlx_qlora.cli", "serve", *map(str, args), "--port", "0"],
+                                     cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(root)},
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.line = self.proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", self.line)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{m.group(1)}/v1", api_key="none",
+                                    max_retries=0) if m else None
+
+    def stop(self) -> int:
+        import signal
+        import subprocess
+
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=transient_s(20))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
 def test_serve_command_starts_answers_and_stops(tmp_path):
     """The real `mlx_qlora serve` process: prints its URL (port 0 = a free one), answers, and
     exits cleanly on Ctrl-C (SIGINT), which the test sends in any case."""
-    import os
-    import re
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
     model = write_untied_llama(tmp_path / "m")
     adapter = make_adapter(model, tmp_path / "sql", seed=1)
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_qlora.cli", "serve", str(model), "--engine", "mlx",
-                             "--port", "0", "--adapter", f"sql={adapter}"], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(root)},
-                            # as from an interactive shell: SIGINT at its default even when this
-                            # test run itself was started in the background with SIGINT ignored
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    srv = ServeProcess(model, "--engine", "mlx", "--adapter", f"sql={adapter}")
     try:
-        line = proc.stdout.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        assert m, line
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{m.group(1)}/v1", api_key="none", max_retries=0)
-        assert [x.id for x in client.models.list().data] == ["m", "sql"]
-        r = client.chat.completions.create(model="sql", messages=MSGS, max_tokens=4)
+        assert srv.client is not None, srv.line
+        assert [x.id for x in srv.client.models.list().data] == ["m", "sql"]
+        r = srv.client.chat.completions.create(model="sql", messages=MSGS, max_tokens=4)
         assert r.usage.completion_tokens >= 1
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=transient_s(20))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
+        rc = srv.stop()
     assert rc == 0
