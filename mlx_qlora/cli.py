@@ -152,9 +152,10 @@ def _engine_options(f):
         click.option("--adapter", "adapters", multiple=True, metavar="NAME=DIR",
                      help="Load an adapter (repeatable); all stay loaded and switch without reload."),
         click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "llama.cpp"]),
-                     help="auto: llama.cpp on CPU when a GGUF is at hand, else MLX."),
+                     help="auto: llama.cpp on a CPU (on the GGUF convert recorded, one in MODEL, or one "
+                          "built losslessly once), else MLX."),
         click.option("--gguf", default=None, type=click.Path(),
-                     help="GGUF of MODEL for the llama.cpp engine (default: MODEL/model.gguf)."),
+                     help="GGUF of MODEL for the llama.cpp engine (default: found or built, see --engine)."),
         click.option("--ctx", "n_ctx", default=4096, show_default=True, help="llama.cpp context, tokens."),
         click.option("--threads", default=None, type=int, help="llama.cpp threads (default: idle cores, at least 1)."),
     ]):
