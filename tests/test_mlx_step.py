@@ -144,3 +144,29 @@ def test_tolerances_are_the_stated_ones_on_cpu():
     else:   # CI: every float32 bound exactly as the test states it
         assert tol(1e-4) == 1e-4 and tol(1e-6) == 1e-6 and tol_abs(1e-4, [100.0]) == 1e-4 and transient_s(30) == 30
     assert tol(1e-4, mx.bfloat16) == BF16 and tol(0.5, mx.bfloat16) == 0.5
+
+
+@pytest.mark.parametrize("device_path", [True, False])
+def test_checkpointed_blocks_recompute_the_forward_dropout_masks(tiny_hf_llama, monkeypatch, device_path):
+    """With LoRA dropout on, a block recomputed in backward must draw the masks its forward drew:
+    the gradient equals the one of the same step with nothing recomputed (mx.checkpoint a no-op),
+    on the GPU path and on the MLX CPU-kernel path."""
+    from contextlib import nullcontext
+
+    lora = LoraConfig(rank=4, alpha=8, layers="all", targets="all-linear", dropout=0.3)
+    b = batch(6, lengths=(33, 33, 33))     # 32 columns: no padding, the same mask shapes on both paths
+
+    def run(device):
+        model = model_for(tiny_hf_llama, 4, lora)
+        grad_checkpoint(model)
+        with mlx_cpu_kernels.disabled() if device else nullcontext():
+            loss, g = make_step_fns(model, use_cpu_engine=False, say=lambda s: None).grad(b, (1, 2, 0))
+        return loss, dict(tree_flatten(g))
+
+    with monkeypatch.context() as m:
+        m.setattr(mx, "checkpoint", lambda f: f)
+        ref_loss, ref = run(True)
+    loss, g = run(device_path)
+    assert loss == pytest.approx(ref_loss, rel=tol(1e-5))
+    for k in ref:
+        assert rel_err(g[k], ref[k]) < tol(1e-4), k

@@ -31,7 +31,7 @@ from . import mlx_cpu_kernels
 from ..atomic import atomic_dir, atomic_file
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
 from ..errors import UserError, require
-from .lora import apply_lora, count_parameters, save_adapter, save_weights
+from .lora import apply_lora, count_parameters, dropout_key, save_adapter, save_weights
 from .report import Reporter
 from .config import OptimConfig, TrainConfig
 
@@ -76,7 +76,10 @@ def output_head(model: nn.Module):
 
 
 def _checkpointed_call(self, x, *args, **kwargs):
-    base_call = type(self).__mro__[1].__call__
+    # the block's LoRA dropout masks come from one key drawn here, so the recompute in backward
+    # draws the same masks as the forward did (lora.dropout_key)
+    key = mx.random.randint(0, 2 ** 31 - 1, (2,)).astype(mx.uint32)
+    base_call = _keyed(type(self).__mro__[1].__call__, key)
     if not mlx_cpu_kernels.on_cpu():
         def inner(params, x):
             self.update(params)
@@ -105,6 +108,14 @@ def _checkpointed_call(self, x, *args, **kwargs):
         return tuple(mlx_cpu_kernels.detached(g) for g in grads)
 
     return block(x, *[v for _, v in tree_flatten(self.trainable_parameters())])
+
+
+def _keyed(call, key):
+    def run(*args, **kwargs):
+        with dropout_key(key):
+            return call(*args, **kwargs)
+
+    return run
 
 
 def grad_checkpoint(model: nn.Module) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,6 +31,18 @@ CONFIG_FILE = "adapter_config.json"
 FORMAT_VERSION = 1
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 HALF_TYPES = (mx.float16, mx.bfloat16)
+_DROPOUT_KEYS: list = []   # innermost last: the key LoRA dropout draws from (see dropout_key)
+
+
+@contextmanager
+def dropout_key(key: mx.array):
+    """LoRA dropout inside this block draws its masks from ``key`` (split once per use) instead of
+    the global random state: a checkpointed block recomputed in backward gets the same masks."""
+    _DROPOUT_KEYS.append(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEYS.pop()
 
 
 def linear_dims(linear: nn.Module) -> tuple[int, int]:
@@ -61,6 +74,13 @@ class LoRALinear(nn.Module):
     def is_dora(self) -> bool:
         return "m" in self
 
+    def _dropout(self, x):
+        keep = self.dropout._p_1
+        if not _DROPOUT_KEYS or keep == 1 or not self.training:
+            return self.dropout(x)
+        _DROPOUT_KEYS[-1], sub = mx.random.split(_DROPOUT_KEYS[-1])
+        return (mx.random.bernoulli(keep, x.shape, key=sub) * x) * (1 / keep)   # as nn.Dropout
+
     def __call__(self, x):
         if self.is_dora:
             return self._dora(x)
@@ -71,7 +91,7 @@ class LoRALinear(nn.Module):
             # a half-precision base: the LoRA matmuls run in its dtype (fp32 factors and their
             # gradients stay fp32), instead of promoting the (tokens, in) activations to fp32
             a, b = a.astype(x.dtype), b.astype(x.dtype)
-        z = (self.dropout(x) @ a) @ b
+        z = (self._dropout(x) @ a) @ b
         return y + (z if z.dtype == x.dtype else z.astype(x.dtype))
 
     def _dora(self, x):
@@ -81,7 +101,7 @@ class LoRALinear(nn.Module):
         y = base_linear(lin, x)
         if "bias" in lin:
             y = y - lin["bias"]
-        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
+        z = (self._dropout(x) @ self.lora_a) @ self.lora_b
         out = y + (self.scale * z).astype(x.dtype)
         w = dense_weight(lin)
         adapted = w + (self.scale * self.lora_b.T) @ self.lora_a.T
