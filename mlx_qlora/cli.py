@@ -289,6 +289,43 @@ def import_peft(peft_dir, out_dir, force):
 # --- end fuse / export -----------------------------------------------------------------------
 
 
+# --- eval (owner: evaluation) ----------------------------------------------------------------
+@main.command("eval")
+@click.argument("model")
+@click.option("--adapter", default=None, help="LoRA adapter directory (from train).")
+@click.option("--data", default=None, help="JSONL file, or a directory with test.jsonl / valid.jsonl.")
+@click.option("--split", default="test", show_default=True, help="test, valid or train (with a data directory).")
+@click.option("-c", "--config", "recipe", default=None, type=click.Path(), help="Recipe: its data settings and task: block.")
+@click.option("--task", default=None, help="exact-match or json-fields: generate (greedy) and score the answers.")
+@click.option("--answer-prefix", default=None, help="Text rows: the reference follows the last occurrence, e.g. 'A:'.")
+@click.option("--max-rows", type=int, default=None, help="Score the first N rows (default: all).")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--max-seq-len", type=int, default=None, help="Tokens per row (default: the recipe's, else 2048).")
+@click.option("--engine", default="auto", show_default=True, help="--task generation: auto, mlx or llama.cpp.")
+@click.option("--quant-sweep", is_flag=True, help="Perplexity, size and tok/s across quantizations: a table + PNG.")
+@click.option("--bits", default="16,8,6,4,3,2", show_default=True, help="--quant-sweep: MLX bit widths ('none' to skip).")
+@click.option("--group-size", type=int, default=64, show_default=True, help="--quant-sweep: MLX group size.")
+@click.option("--gguf-types", default="f16,q8_0,q4_1,q4_0", show_default=True,
+              help="--quant-sweep: GGUF types scored by llama.cpp ('none' to skip).")
+@click.option("-o", "--out", default=None, type=click.Path(), help="--quant-sweep: output directory.")
+@click.option("--force", is_flag=True, help="--quant-sweep: replace OUT's table and models.")
+@click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the results as JSON.")
+def eval_(model, adapter, data, split, recipe, task, answer_prefix, max_rows, batch_size, max_seq_len, engine,
+          quant_sweep, bits, group_size, gguf_types, out, force, json_out):
+    """Loss and perplexity of MODEL (+ --adapter) on --data, a task metric (--task), or the
+    quantization table (--quant-sweep). MODEL: an MLX model directory or a .gguf (llama.cpp)."""
+    from .eval.config import EvalConfig, parse_list
+    from .eval.run import run_eval
+
+    run_eval(EvalConfig(model=model, adapter=adapter, data=data, split=split, recipe=recipe, task=task,
+                        answer_prefix=answer_prefix, max_rows=max_rows, batch_size=batch_size,
+                        max_seq_len=max_seq_len, engine=engine, quant_sweep=quant_sweep,
+                        bits=parse_list(bits, int, "--bits"), group_size=group_size,
+                        gguf_types=parse_list(gguf_types, str.lower, "--gguf-types"), out=out, force=force,
+                        json_out=json_out))
+# --- end eval --------------------------------------------------------------------------------
+
+
 # Commands that compute with MLX and NumPy only: their process keeps torch out (lean_imports).
 TORCH_FREE = {"train", "chat", "generate", "serve"}
 
