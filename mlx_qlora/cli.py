@@ -326,6 +326,47 @@ def eval_(model, adapter, data, split, recipe, task, answer_prefix, max_rows, ba
 # --- end eval --------------------------------------------------------------------------------
 
 
+# ---- extract / prepare-reviews (owner: apps, issue 11) -------------------------------------
+@main.command("prepare-reviews")
+@click.option("--data", default="../shared/data/mams", show_default=True, type=click.Path(),
+              help="Folder with the MAMS-ATSA train.xml and val.xml.")
+@click.option("-o", "--out", "out_dir", default="runs/mams", show_default=True, type=click.Path())
+@click.option("--schema", default=None, type=click.Path(), help="JSON schema whose description is the instruction.")
+@click.option("--force", is_flag=True, help="Replace files in OUT.")
+def prepare_reviews(data, out_dir, schema, force):
+    """MAMS reviews (XML) -> train/valid prompt-completion JSONL and review JSONL for extract."""
+    from .apps.reviews import PrepareConfig, prepare_reviews as run
+
+    for name, n in run(PrepareConfig(data=data, out_dir=out_dir, schema=schema, force=force)).items():
+        click.echo(f"{out_dir}/{name}: {n} rows")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--adapter", default=None, type=click.Path(), help="LoRA adapter directory (or LoRA GGUF).")
+@click.option("--input", "input_", required=True, type=click.Path(), help="JSONL (one object per line) or plain text.")
+@click.option("--output", required=True, type=click.Path(), help="JSONL; an existing one is resumed.")
+@click.option("--schema", default=None, type=click.Path(), help="JSON schema file [default: recipes/schemas/aspects.json].")
+@click.option("--text-field", default="text", show_default=True, help="JSONL key holding the text.")
+@click.option("--parallel", default=4, show_default=True, help="Rows decoded together (llama.cpp).")
+@click.option("--price-per-hour", type=float, default=None,
+              help="USD/hour of this machine [default: the VM in recipes/api_prices.json, $0.09/h].")
+@click.option("--max-tokens", default=512, show_default=True, help="Output tokens per row at most.")
+@click.option("--engine", default="auto", show_default=True, type=click.Choice(["auto", "mlx", "llama.cpp"]))
+@click.option("--gguf", default=None, type=click.Path(), help="GGUF of MODEL for the llama.cpp engine.")
+@click.option("--threads", default=None, type=int, help="llama.cpp threads (default: idle cores, at least 1).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def extract(model, adapter, input_, output, schema, text_field, parallel, price_per_hour, max_tokens, engine, gguf,
+            threads, no_progress):
+    """Run MODEL over every row of --input; each output line gets a schema-valid "result" or an "error"."""
+    from .apps.extract import ExtractConfig, run_extract
+
+    run_extract(ExtractConfig(model=model, input=input_, output=output, adapter=adapter, schema=schema,
+                              text_field=text_field, parallel=parallel, price_per_hour=price_per_hour,
+                              max_tokens=max_tokens, engine=engine, gguf=gguf, threads=threads,
+                              progress=not no_progress))
+
+
 # Commands that compute with MLX and NumPy only: their process keeps torch out (lean_imports).
 TORCH_FREE = {"train", "chat", "generate", "serve"}
 

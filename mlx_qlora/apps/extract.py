@@ -1,0 +1,298 @@
+"""``mlx_qlora extract``: a model over a file of texts -> one schema-valid JSON result per row.
+
+Input: JSONL (the text in ``--text-field``) or plain text (one text per line); blank lines are
+skipped and rows are numbered by the lines that remain. Output: JSONL, line i = input row i plus
+``"result"`` (valid against the schema, by construction) or ``"error"`` (for that row only: a
+malformed line, a missing text field, a text too long, an output cut at ``--max-tokens``).
+
+Speed: on llama.cpp ``BatchDecoder`` decodes ``--parallel`` rows together and evaluates the
+shared prompt prefix once; on MLX rows run one after another with the prefix kept in the KV cache.
+Durability: rows are written in input order, each appended and fsync'ed; a rerun counts the
+complete lines already in the output (dropping a torn last line) and continues after them, so
+Ctrl-C or kill -9 loses at most the rows in flight and never duplicates one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError, require
+from .costs import cost_rows, default_price_per_hour, load_prices
+from .prompt import instruction_of, load_schema, messages
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+@dataclass
+class ExtractConfig:
+    model: str | None                 # MLX dir, .gguf, or None/'smollm2' (the embedded model)
+    input: str
+    output: str
+    adapter: str | None = None        # LoRA adapter directory (or LoRA GGUF)
+    schema: str | None = None         # JSON schema file; default recipes/schemas/aspects.json
+    text_field: str = "text"
+    parallel: int = 4                 # sequences decoded together (llama.cpp)
+    price_per_hour: float | None = None  # USD/hour of the machine; None = the prices file's VM
+    max_tokens: int = 512             # per row; a row cut here gets an error
+    engine: str = "auto"
+    gguf: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        require(Path(self.input).is_file(), f"--input {self.input!r}: file not found")
+        require(Path(self.input).resolve() != Path(self.output).resolve(),
+                f"--output {self.output!r} is the input file; choose another output")
+        require(isinstance(self.parallel, int) and 1 <= self.parallel <= 64,
+                f"--parallel {self.parallel!r}: use an integer from 1 to 64")
+        require(self.max_tokens >= 8, f"--max-tokens {self.max_tokens}: use at least 8")
+        require(self.price_per_hour is None or self.price_per_hour >= 0,
+                f"--price-per-hour {self.price_per_hour}: use a price >= 0 in USD per hour")
+        require(bool(self.text_field), "--text-field: give the JSON key that holds the text, e.g. text")
+
+
+@dataclass
+class Row:
+    index: int
+    data: dict                        # what the output line starts from
+    text: str | None = None
+    error: str | None = None
+
+
+def read_rows(path: str | Path, text_field: str = "text") -> list[Row]:
+    """The input's rows; problems of one row become that row's error, an empty file a UserError."""
+    p = Path(path)
+    lines = [(n, line) for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if line.strip()]
+    require(bool(lines), f"--input {p}: no rows (the file is empty); give one JSON object or one text per line")
+    is_jsonl = p.suffix.lower() in JSONL_SUFFIXES or (p.suffix.lower() != ".txt" and lines[0][1].lstrip().startswith("{"))
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        if not is_jsonl:
+            rows.append(Row(i, {"text": line}, text=line))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            rows.append(Row(i, {"line": n, "input": line}, error=f"line {n}: not valid JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            rows.append(Row(i, {"line": n, "input": obj}, error=f"line {n}: expected a JSON object, got {type(obj).__name__}"))
+        elif not isinstance(obj.get(text_field), str) or not obj[text_field].strip():
+            rows.append(Row(i, obj, error=f"line {n}: no text in field {text_field!r} (keys: {', '.join(obj) or 'none'}); "
+                                          f"pass --text-field NAME"))
+        else:
+            rows.append(Row(i, obj, text=obj[text_field]))
+    return rows
+
+
+def resume_point(path: Path, total: int) -> int:
+    """Complete lines already in ``path`` (a torn last line from a kill is cut off first)."""
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        data = data[:data.rfind(b"\n") + 1]
+    done = data.count(b"\n")
+    require(done <= total, f"--output {path} has {done} rows but the input only {total}: it belongs to another "
+                           f"input; choose another --output")
+    return done
+
+
+class OrderedWriter:
+    """Appends rows in input order (buffering ones that finish early), fsync after each."""
+
+    def __init__(self, path: Path, start: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "ab")
+        self.next, self.buf, self.written = start, {}, 0
+
+    def put(self, index: int, obj: dict) -> None:
+        self.buf[index] = obj
+        while self.next in self.buf:
+            self.f.write((json.dumps(self.buf.pop(self.next), ensure_ascii=False) + "\n").encode("utf-8"))
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.next += 1
+            self.written += 1
+
+    def close(self) -> None:
+        self.f.close()
+
+
+@dataclass
+class Tally:
+    rows: int = 0
+    valid: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    decoded: int = 0                  # rows that went through the model
+    extra: dict = field(default_factory=dict)
+
+
+def judge(text: str, finish: str, validator, max_tokens: int) -> tuple[str, object]:
+    """("result", obj) for schema-valid output, else ("error", message)."""
+    if finish == "length":
+        return "error", f"output cut at --max-tokens {max_tokens} before the JSON was complete; raise --max-tokens"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return "error", f"model output is not JSON ({e.msg})"
+    problems = sorted(validator.iter_errors(obj), key=str)
+    if problems:
+        return "error", f"model output does not match the schema: {problems[0].message}"
+    return "result", obj
+
+
+def _progress(enabled: bool, total: int, done: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                   TimeRemainingColumn(), disable=not enabled)
+    task = bar.add_task("rows", total=total, completed=done, rate="")
+    return bar, task
+
+
+def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row):
+    from ..infer.engines.llamacpp import default_threads
+    from ..infer.engines.llamacpp_batch import BatchDecoder, Job
+
+    dec = BatchDecoder(engine.llm, gbnf, prefix, parallel=cfg.parallel, max_tokens=cfg.max_tokens,
+                       slot_tokens=1024, n_threads=cfg.threads or default_threads())
+    try:
+        if engine.active_adapter:
+            dec.set_lora(engine._loras[engine.active_adapter])
+        jobs = []
+        for row in rows:
+            why = row.error or dec.check(prompts[row.index])
+            if why:
+                on_row(row, None, None, why)
+            else:
+                jobs.append(Job(row.index, prompts[row.index]))
+        by_index = {r.index: r for r in rows}
+        for job in dec.run(jobs):
+            on_row(by_index[job.key], dec.text(job.tokens), job, None)
+        return dec.tokens_evaluated
+    finally:
+        dec.close()
+
+
+def _decode_mlx(engine, rows, prompts, cfg, schema, on_row):
+    from ..infer.generate import SamplingConfig
+
+    sampling = SamplingConfig(temperature=0.0, max_tokens=cfg.max_tokens, json_schema=schema)
+    evaluated = 0
+    for row in rows:
+        if row.error:
+            on_row(row, None, None, row.error)
+            continue
+        text = engine.generate(prompts[row.index], sampling)
+        st = engine.stats
+        evaluated += st.prompt_tokens - st.reused_tokens
+        on_row(row, text, _MlxJob(st.generated_tokens, st.finish_reason), None)
+    return evaluated
+
+
+@dataclass
+class _MlxJob:
+    n_tokens: int
+    finish: str
+
+    @property
+    def tokens(self):
+        return range(self.n_tokens)
+
+
+def run_extract(cfg: ExtractConfig) -> dict:
+    """Run the job, print the summary; returns its numbers (rows, valid, rows_per_s, costs...)."""
+    import jsonschema
+
+    from ..infer.engines import EngineConfig, load_engine
+
+    schema = load_schema(cfg.schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    instruction = instruction_of(schema)
+    rows = read_rows(cfg.input, cfg.text_field)
+    out = Path(cfg.output)
+    done = resume_point(out, len(rows))
+    price = default_price_per_hour() if cfg.price_per_hour is None else cfg.price_per_hour
+    todo = rows[done:]
+    engine = load_engine(EngineConfig(model=cfg.model, adapters=[f"adapter={cfg.adapter}"] if cfg.adapter else [],
+                                      engine=cfg.engine, gguf=cfg.gguf, n_ctx=2048, threads=cfg.threads))
+    if engine.name == "llama.cpp":  # compile the grammar before any row runs: a bad schema is one line
+        from ..infer.engines.llamacpp_batch import schema_to_gbnf
+        gbnf = schema_to_gbnf(schema)
+    else:
+        from ..infer.structured import GuidanceConstraint
+        GuidanceConstraint(engine._hf, schema, len(engine._hf), engine.stop_ids)
+    if cfg.adapter:
+        engine.set_adapter("adapter")
+    prefix = engine.encode(engine.chat_text(messages(instruction, "")))
+    prompts = {r.index: engine.chat_prompt(messages(instruction, r.text)) for r in todo if r.text is not None}
+    tally = Tally()
+    writer = OrderedWriter(out, done)
+    bar, task = _progress(cfg.progress, len(rows), done)
+    t0 = time.perf_counter()
+
+    def on_row(row: Row, text, job, error):
+        line = dict(row.data)
+        tally.rows += 1
+        if error is None:
+            kind, value = judge(text, job.finish, validator, cfg.max_tokens)
+            line[kind] = value
+            tally.valid += kind == "result"
+            tally.decoded += 1
+            tally.tokens_in += len(prompts[row.index])
+            tally.tokens_out += len(job.tokens)
+        else:
+            line["error"] = error
+        writer.put(row.index, line)
+        rate = tally.rows / max(time.perf_counter() - t0, 1e-9)
+        bar.update(task, completed=done + writer.written, rate=f"{rate:.2f} rows/s")
+
+    try:
+        with bar:
+            if engine.name == "llama.cpp":
+                evaluated = _decode_llamacpp(engine, todo, prompts, cfg, gbnf, prefix, on_row)
+            else:
+                evaluated = _decode_mlx(engine, todo, prompts, cfg, schema, on_row)
+    except KeyboardInterrupt:
+        writer.close()
+        print(f"interrupted: {done + writer.written} of {len(rows)} rows are in {out}; "
+              f"rerun the same command to continue")
+        raise SystemExit(130) from None
+    finally:
+        writer.close()
+        engine.close()
+    elapsed = time.perf_counter() - t0
+    return summarize(cfg, out, len(rows), done, tally, elapsed, price, evaluated, engine.name)
+
+
+def summarize(cfg, out: Path, total: int, skipped: int, tally: Tally, elapsed: float, price: float,
+              evaluated: int, engine_name: str) -> dict:
+    results = errors = 0
+    for line in out.read_text(encoding="utf-8").splitlines():
+        obj = json.loads(line)
+        results += "result" in obj
+        errors += "error" in obj
+    n = max(tally.decoded, 1)
+    tin, tout = tally.tokens_in / n, tally.tokens_out / n
+    rps = tally.rows / elapsed if elapsed > 0 else 0.0
+    prices = load_prices()
+    costs = cost_rows(rps, tin, tout, price, prices)
+    print(f"rows: {results + errors} of {total} in {out} ({tally.rows} this run, {skipped} from an earlier run)")
+    print(f"valid: {100 * results / max(results + errors, 1):.1f}% ({results} results, {errors} errors)")
+    print(f"tokens per row: {tin:.1f} in, {tout:.1f} out; prompt tokens computed this run: {evaluated} "
+          f"({evaluated / n:.1f} per row, the shared prefix reused)")
+    print(f"speed: {rps:.2f} rows/s ({elapsed:.1f} s, {engine_name}, parallel {cfg.parallel if engine_name == 'llama.cpp' else 1})")
+    print(f"cost per 1M rows (prices {prices.get('date', '?')}, {prices.get('source', '?')}):")
+    for who, usd in costs:
+        print(f"  {who:<28} ${usd:,.2f}")
+    return {"rows": results + errors, "results": results, "errors": errors, "rows_per_s": rps,
+            "tokens_in": tin, "tokens_out": tout, "evaluated": evaluated, "elapsed_s": elapsed,
+            "costs": dict(costs), "engine": engine_name}

@@ -1,0 +1,85 @@
+"""MAMS-ATSA restaurant reviews (XML) -> prompt/completion rows for training and JSONL for extraction.
+
+Each ``<sentence>`` has a ``<text>`` and ``<aspectTerm term= polarity= from= to=>`` children. The
+target is ``{"aspects": [{"term", "sentiment"}]}`` with terms sorted by their offset (order of
+appearance; the XML is not always in that order). The prompt comes from ``prompt.user_prompt``
+with the schema's instruction, the same call extraction makes, so training and use agree.
+
+Writes into OUT: ``train.jsonl`` and ``valid.jsonl`` ({"prompt", "completion"}, what
+``mlx_qlora train`` reads) and ``val_reviews.jsonl`` / ``train_reviews.jsonl`` ({"id", "text",
+"reference"}, what ``mlx_qlora extract`` reads; its output then carries the reference to score).
+"""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..atomic import atomic_file
+from ..errors import UserError, require
+from .prompt import instruction_of, load_schema, user_prompt
+
+SPLITS = {"train": ("train.xml", "train.jsonl"), "val": ("val.xml", "valid.jsonl")}
+SENTIMENTS = ("positive", "negative", "neutral")
+
+
+def read_mams(path: str | Path) -> list[tuple[str, dict]]:
+    """(review text, target object) per sentence, aspects in order of appearance."""
+    p = Path(path)
+    require(p.is_file(), f"MAMS file {str(p)!r} not found; point --data at the folder with train.xml and val.xml")
+    try:
+        root = ET.parse(p).getroot()
+    except ET.ParseError as e:
+        raise UserError(f"{p}: not valid XML ({e}); use the MAMS-ATSA files") from None
+    out = []
+    for n, sent in enumerate(root.iter("sentence"), 1):
+        text = (sent.findtext("text") or "").strip()
+        require(bool(text), f"{p}: sentence {n} has no <text>")
+        terms = []
+        for t in sent.iter("aspectTerm"):
+            pol = t.get("polarity")
+            require(pol in SENTIMENTS, f"{p}: sentence {n}: polarity {pol!r} is not one of {', '.join(SENTIMENTS)}")
+            terms.append((int(t.get("from", 0)), t.get("term", ""), pol))
+        terms.sort(key=lambda x: x[0])
+        out.append((text, {"aspects": [{"term": term, "sentiment": pol} for _, term, pol in terms]}))
+    require(bool(out), f"{p}: no <sentence> elements; use the MAMS-ATSA files")
+    return out
+
+
+def completion(target: dict) -> str:
+    """The training target text: the JSON the model learns to write."""
+    return json.dumps(target, ensure_ascii=False)
+
+
+@dataclass
+class PrepareConfig:
+    data: str = "../shared/data/mams"
+    out_dir: str = "runs/mams"
+    schema: str | None = None
+    force: bool = False
+
+    def __post_init__(self):
+        require(Path(self.data).is_dir(), f"--data {self.data!r}: not a folder; give the folder with MAMS train.xml and val.xml")
+
+
+def _write_jsonl(path: Path, rows: list[dict], force: bool) -> None:
+    with atomic_file(path, force=force) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def prepare_reviews(cfg: PrepareConfig) -> dict[str, int]:
+    """Write the training and extraction files; returns rows per written file."""
+    instruction = instruction_of(load_schema(cfg.schema))
+    out = Path(cfg.out_dir)
+    counts = {}
+    for split, (xml_name, train_name) in SPLITS.items():
+        pairs = read_mams(Path(cfg.data) / xml_name)
+        train_rows = [{"prompt": user_prompt(instruction, text), "completion": completion(t)} for text, t in pairs]
+        review_rows = [{"id": i, "text": text, "reference": t} for i, (text, t) in enumerate(pairs)]
+        _write_jsonl(out / train_name, train_rows, cfg.force)
+        _write_jsonl(out / f"{split}_reviews.jsonl", review_rows, cfg.force)
+        counts[train_name] = counts[f"{split}_reviews.jsonl"] = len(pairs)
+    return counts

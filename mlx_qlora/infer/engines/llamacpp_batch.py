@@ -1,0 +1,205 @@
+"""Many prompts at once through llama.cpp: one context, several sequence ids, grammar per sequence.
+
+``BatchDecoder`` keeps ``parallel`` slots busy (continuous batching): every ``llama_decode`` call
+carries one new token for each slot that is generating plus the prompt tokens of slots that just
+took a new row, so the weights are read once per step for all of them. The prompt prefix every
+row shares (chat template + instruction) is evaluated once on sequence 0 and copied to each slot
+with ``llama_memory_seq_cp`` (in the unified KV cache the copy shares cells, it copies nothing);
+when a row finishes only its own cells are dropped (``llama_memory_seq_rm`` from the prefix on).
+
+Output is constrained by llama.cpp's own grammar sampler (``llama_sampler_init_grammar``) fed the
+GBNF that ``LlamaGrammar.from_json_schema`` writes. Decoding is greedy; as llama.cpp's common
+sampler does, the argmax token is first checked alone against the grammar and only when the
+grammar rejects it is the whole vocabulary filtered, which keeps the grammar off the hot path.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from ...errors import UserError, require
+from ..generate import common_prefix
+
+
+def schema_to_gbnf(schema: dict) -> str:
+    """GBNF for a JSON schema, by llama-cpp-python's converter (``LlamaGrammar.from_json_schema``)."""
+    from ..structured import llamacpp_grammar
+
+    return llamacpp_grammar(schema)._grammar
+
+
+@dataclass
+class Job:
+    key: object                       # the caller's handle (a row index)
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    finish: str = "stop"              # "stop" (end of grammar / eos) or "length"
+
+
+class _Slot:
+    def __init__(self, seq: int, grammar):
+        self.seq, self.grammar, self.job = seq, grammar, None
+        self.pos = 0                  # next KV position of this sequence
+
+
+class BatchDecoder:
+    """Greedy, grammar-constrained decoding of many prompts over one llama.cpp model."""
+
+    def __init__(self, llm, gbnf: str, prefix: list[int], parallel: int = 4, max_tokens: int = 512,
+                 slot_tokens: int = 1024, n_threads: int = 1, n_batch: int = 512):
+        import llama_cpp as lc
+
+        self.lc, self.llm = lc, llm
+        self.parallel, self.max_tokens, self.n_batch = parallel, max_tokens, n_batch
+        self.vocab = lc.llama_model_get_vocab(llm.model)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self.prefix = list(prefix)
+        self.slot_tokens = slot_tokens
+        p = lc.llama_context_default_params()
+        p.n_ctx = len(self.prefix) + parallel * (slot_tokens + max_tokens) + 16
+        p.n_batch = p.n_ubatch = n_batch
+        p.n_seq_max = parallel + 1
+        p.n_threads = p.n_threads_batch = n_threads
+        p.kv_unified = True
+        p.no_perf = True
+        self.ctx = lc.llama_init_from_model(llm.model, p)
+        require(bool(self.ctx), f"llama.cpp could not create a context of {p.n_ctx} tokens for "
+                                f"{parallel} sequences; lower --parallel or --max-tokens")
+        self.mem = lc.llama_get_memory(self.ctx)
+        self.batch = lc.llama_batch_init(n_batch, 0, 1)
+        self.eog = lambda t: lc.llama_vocab_is_eog(self.vocab, t)
+        self.slots = []
+        for s in range(1, parallel + 1):
+            g = lc.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")
+            require(bool(g), "llama.cpp could not parse the grammar made from the JSON schema; simplify the schema")
+            self.slots.append(_Slot(s, g))
+        # the vocabulary as a candidate array, for the (rare) steps where the argmax is rejected
+        self._cand = (lc.llama_token_data * self.n_vocab)()
+        self._cand_np = np.ctypeslib.as_array(self._cand)
+        self._cand_np["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        self._one = (lc.llama_token_data * 1)()
+        self.tokens_evaluated = len(self.prefix)  # prompt tokens actually run (the shared prefix once)
+        if self.prefix:
+            self._run([(t, i, 0, False) for i, t in enumerate(self.prefix)])
+
+    def set_lora(self, handle, scale: float = 1.0) -> None:
+        """Apply a LoRA adapter (loaded on the model by ``LlamaCppEngine``) to this context."""
+        lc = self.lc
+        rc = lc.llama_set_adapters_lora(self.ctx, (lc.llama_adapter_lora_p_ctypes * 1)(handle), 1,
+                                        (ctypes.c_float * 1)(scale))
+        require(rc == 0, f"llama.cpp refused the adapter (code {rc})")
+        lc.llama_memory_clear(self.mem, True)  # the prefix was computed without it
+        if self.prefix:
+            self._run([(t, i, 0, False) for i, t in enumerate(self.prefix)])
+
+    # --- llama.cpp calls ----------------------------------------------------------------------
+    def _run(self, items: list[tuple[int, int, int, bool]]) -> dict[int, np.ndarray]:
+        """Decode (token, pos, seq, want_logits) items in chunks; returns {item index: logits}."""
+        lc, b, out = self.lc, self.batch, {}
+        for start in range(0, len(items), self.n_batch):
+            chunk = items[start:start + self.n_batch]
+            for i, (tok, pos, seq, want) in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
+                b.seq_id[i][0] = seq
+            b.n_tokens = len(chunk)
+            rc = lc.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc} (context full?)")
+            for i, (_, _, _, want) in enumerate(chunk):
+                if want:
+                    ptr = lc.llama_get_logits_ith(self.ctx, i)
+                    out[start + i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return out
+
+    def _pick(self, slot: _Slot, logits: np.ndarray) -> int:
+        lc = self.lc
+        tok = int(np.argmax(logits))
+        one = self._one
+        one[0].id, one[0].logit, one[0].p = tok, float(logits[tok]), 0.0
+        arr = lc.llama_token_data_array(one, 1, -1, False)
+        lc.llama_sampler_apply(slot.grammar, ctypes.byref(arr))
+        if not np.isfinite(one[0].logit):     # rejected: filter the whole vocabulary
+            self._cand_np["logit"] = logits
+            arr = lc.llama_token_data_array(self._cand, self.n_vocab, -1, False)
+            lc.llama_sampler_apply(slot.grammar, ctypes.byref(arr))
+            tok = int(np.argmax(self._cand_np["logit"]))
+            require(np.isfinite(self._cand_np["logit"][tok]), "the grammar allows no token here (a bug)")
+        lc.llama_sampler_accept(slot.grammar, tok)
+        return tok
+
+    def _start(self, slot: _Slot, job: Job) -> list[tuple[int, int, int, bool]]:
+        lc = self.lc
+        lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+        keep = min(common_prefix(job.prompt, self.prefix), len(job.prompt) - 1)
+        if keep:
+            lc.llama_memory_seq_cp(self.mem, 0, slot.seq, 0, keep)
+        lc.llama_sampler_reset(slot.grammar)
+        slot.job, slot.pos = job, len(job.prompt)
+        rest = job.prompt[keep:]
+        self.tokens_evaluated += len(rest)
+        return [(t, keep + i, slot.seq, i == len(rest) - 1) for i, t in enumerate(rest)]
+
+    # --- the loop -----------------------------------------------------------------------------
+    def check(self, prompt: list[int]) -> str | None:
+        """Why a prompt cannot run here (too long, empty), or None."""
+        if not prompt:
+            return "empty prompt"
+        if len(prompt) > len(self.prefix) + self.slot_tokens:
+            return (f"the prompt is {len(prompt)} tokens; at most {len(self.prefix) + self.slot_tokens} fit "
+                    f"(shorten the text)")
+        return None
+
+    def run(self, jobs: Iterable[Job], on_done: Callable[[Job], None] | None = None) -> Iterator[Job]:
+        """Decode every job; yields each one when finished (not in input order)."""
+        todo = iter(jobs)
+        pending: dict[int, _Slot] = {}    # item index in this step's batch -> slot awaiting logits
+        exhausted = False
+        while True:
+            items: list[tuple[int, int, int, bool]] = []
+            pending.clear()
+            for slot in self.slots:
+                if slot.job is None and not exhausted:
+                    job = next(todo, None)
+                    if job is None:
+                        exhausted = True
+                        continue
+                    new = self._start(slot, job)
+                    pending[len(items) + len(new) - 1] = slot
+                    items += new
+                elif slot.job is not None and slot.job.tokens:
+                    pending[len(items)] = slot
+                    items.append((slot.job.tokens[-1], slot.pos, slot.seq, True))
+                    slot.pos += 1
+            if not items:
+                return
+            logits = self._run(items)
+            for idx, slot in pending.items():
+                job = slot.job
+                tok = self._pick(slot, logits[idx])
+                if self.eog(tok):
+                    job.finish = "stop"
+                elif len(job.tokens) + 1 >= self.max_tokens:
+                    job.tokens.append(tok)
+                    job.finish = "length"
+                else:
+                    job.tokens.append(tok)
+                    continue
+                slot.job = None
+                self.lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+                yield job
+
+    def text(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        lc = self.lc
+        for slot in self.slots:
+            lc.llama_sampler_free(slot.grammar)
+        self.slots = []
+        if self.ctx:
+            lc.llama_batch_free(self.batch)
+            lc.llama_free(self.ctx)
+            self.ctx = None

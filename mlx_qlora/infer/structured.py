@@ -1,0 +1,92 @@
+"""Structured output: a JSON schema turned into a token constraint for each engine.
+
+No JSON state machine is written here; both engines use a maintained grammar library:
+- llama.cpp: its own grammar sampler, fed the GBNF that llama-cpp-python's
+  ``LlamaGrammar.from_json_schema`` writes (``llamacpp_grammar``; the batched extractor uses
+  the same GBNF, see ``engines/llamacpp_batch.py``).
+- MLX: llguidance (``LLMatcher`` over the model's Hugging Face tokenizer) computes the allowed
+  token bitmask each step; ``GuidanceConstraint.mask`` sets every other logit to -inf.
+
+``json_object`` requests (OpenAI's ``{"type": "json_object"}``) use ``ANY_OBJECT``.
+"""
+from __future__ import annotations
+
+import json
+
+from ..errors import UserError
+
+ANY_OBJECT = {"type": "object"}
+
+
+def check_schema(schema) -> dict:
+    """``schema`` if it is a valid JSON schema object, else UserError naming the problem."""
+    import jsonschema
+
+    if not isinstance(schema, dict):
+        raise UserError(f"a JSON schema is an object, got {type(schema).__name__}")
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise UserError(f"not a valid JSON schema: {e.message}") from None
+    return schema
+
+
+def llamacpp_grammar(schema: dict):
+    """A ``LlamaGrammar`` for ``schema`` (llama-cpp-python's converter), or UserError."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    except Exception as e:  # the converter raises bare Exception/ValueError/KeyError on unsupported input
+        raise UserError(f"llama.cpp cannot turn the JSON schema into a grammar ({type(e).__name__}: {e}); "
+                        f"simplify the schema (plain types, properties, enum, arrays)") from None
+
+
+_TOKENIZERS: dict[tuple, object] = {}
+
+
+class GuidanceConstraint:
+    """llguidance's matcher for one generation: ``mask`` the logits, then ``accept`` the token."""
+
+    def __init__(self, hf_tokenizer, schema: dict, n_vocab: int, eos_ids: set[int]):
+        import llguidance
+        import llguidance.hf
+
+        key = (id(hf_tokenizer), n_vocab)
+        if key not in _TOKENIZERS:  # ~1 s to build; once per tokenizer
+            _TOKENIZERS[key] = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=n_vocab,
+                                                            eos_token=sorted(eos_ids) or None)
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+        except ValueError as e:
+            raise UserError(f"llguidance cannot compile the JSON schema: {e}") from None
+        self.matcher = llguidance.LLMatcher(_TOKENIZERS[key], grammar, log_level=0)
+        if self.matcher.is_error():
+            raise UserError(f"llguidance cannot compile the JSON schema: {self.matcher.get_error()}")
+        self.n_vocab = n_vocab
+
+    def allowed(self):
+        """Boolean numpy mask of the tokens the grammar allows next."""
+        import numpy as np
+        from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+        bits = allocate_token_bitmask(1, self.n_vocab)
+        fill_next_token_bitmask(self.matcher, bits, 0)
+        return np.unpackbits(bits.view(np.uint8), bitorder="little")[:self.n_vocab].astype(bool)
+
+    def mask(self, logits):
+        """MLX logits (…, vocab) with every token the grammar forbids at -inf."""
+        import mlx.core as mx
+
+        allowed = mx.array(self.allowed())
+        return mx.where(allowed, logits, mx.array(-float("inf"), dtype=logits.dtype))
+
+    def accept(self, token: int) -> None:
+        self.matcher.consume_token(token)
+        if self.matcher.is_error():
+            raise RuntimeError(f"llguidance rejected token {token}: {self.matcher.get_error()}")
+
+    @property
+    def done(self) -> bool:
+        """The grammar allows nothing more (the JSON value is complete)."""
+        return self.matcher.is_stopped()
