@@ -29,6 +29,7 @@ class SamplingConfig:
     seed: int | None = None
     max_tokens: int = 256
     ignore_eos: bool = False          # generate exactly max_tokens (benchmarks)
+    json_schema: dict | None = None   # constrain the output to JSON valid against it (infer/structured.py)
 
     def validate(self) -> "SamplingConfig":
         require(self.temperature >= 0, f"--temperature {self.temperature}: must be >= 0")
@@ -156,12 +157,15 @@ class KVSession:
 
 
 def generate_tokens(session: KVSession, prompt: list[int], cfg: SamplingConfig,
-                    stop_ids: set[int] | frozenset = frozenset(), info: dict | None = None) -> Iterator[int]:
+                    stop_ids: set[int] | frozenset = frozenset(), info: dict | None = None,
+                    constraint=None) -> Iterator[int]:
     """Yield sampled token ids after ``prompt``; stops at a stop id (not yielded) or max_tokens.
 
     The next step's graph is queued (``async_eval``) before the current token is read back, so
     Python overhead overlaps compute, as in mlx-lm. ``info`` (if given) receives ``reused``
-    (prefix tokens not recomputed) and ``finish_reason`` ("stop" or "length").
+    (prefix tokens not recomputed) and ``finish_reason`` ("stop" or "length"). ``constraint``
+    (``structured.GuidanceConstraint``) masks the logits before sampling and sees every token;
+    generation stops when it allows nothing more.
     """
     sampler, procs = make_sampler(cfg)
     stop_ids = frozenset() if cfg.ignore_eos else stop_ids
@@ -173,6 +177,8 @@ def generate_tokens(session: KVSession, prompt: list[int], cfg: SamplingConfig,
     def sample(logits):
         for p in procs:
             logits = p(history, logits)
+        if constraint is not None:
+            logits = constraint.mask(logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs)
 
@@ -185,6 +191,12 @@ def generate_tokens(session: KVSession, prompt: list[int], cfg: SamplingConfig,
         if token in stop_ids:
             info["finish_reason"] = "stop"
             return
+        if constraint is not None:
+            constraint.accept(token)
+            if constraint.done:
+                info["finish_reason"] = "stop"
+                yield token
+                return
         if n + 1 < cfg.max_tokens:
             if procs:
                 history = mx.concatenate([history, y.reshape(1)])[-cfg.repetition_context_size:]

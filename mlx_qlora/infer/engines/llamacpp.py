@@ -188,8 +188,14 @@ class LlamaCppEngine(Engine):
         # an unseeded request must not inherit the previous request's seed
         llm.set_seed(cfg.seed if cfg.seed is not None else random.getrandbits(31))
         greedy = cfg.temperature == 0
+        grammar = None
+        if cfg.json_schema is not None:  # llama.cpp's grammar sampler (infer/structured.py)
+            from ..structured import llamacpp_grammar
+
+            grammar = llamacpp_grammar(cfg.json_schema)
         gen = llm.generate(prompt, temp=cfg.temperature, top_k=1 if greedy else cfg.top_k,
-                           top_p=cfg.top_p, min_p=cfg.min_p, repeat_penalty=cfg.repetition_penalty)
+                           top_p=cfg.top_p, min_p=cfg.min_p, repeat_penalty=cfg.repetition_penalty,
+                           grammar=grammar)
         info["finish_reason"] = "length"
         n = 0
         try:

@@ -63,7 +63,13 @@ class MLXEngine(Engine):
         self.session.reset()
 
     def _tokens(self, prompt: list[int], cfg: SamplingConfig, info: dict) -> Iterator[int]:
-        return generate_tokens(self.session, prompt, cfg, self.stop_ids, info)
+        constraint = None
+        if cfg.json_schema is not None:  # llguidance masks the logits (infer/structured.py)
+            from ..structured import GuidanceConstraint
+
+            n_vocab = getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self._hf)
+            constraint = GuidanceConstraint(self._hf, cfg.json_schema, n_vocab, self.stop_ids)
+        return generate_tokens(self.session, prompt, cfg, self.stop_ids, info, constraint)
 
     def _detokenizer(self):
         return Detokenizer(lambda ids: self._hf.decode(ids, skip_special_tokens=True))
