@@ -1,9 +1,11 @@
 """The one prompt template that training rows, evaluation and extraction all use.
 
 A task is a JSON schema file: its ``description`` is the instruction, its structure is what
-constrained decoding enforces. The user turn is the instruction, a blank line, then the text, so
-every row of a job shares the same token prefix (the chat template's system turn + instruction)
-and an engine evaluates it once. ``user_prompt`` is the only place that layout is written.
+constrained decoding enforces. The instruction is the system turn and the text the user turn,
+so every row of a job shares the same token prefix (system turn + the user turn's header) that
+an engine evaluates once, and no default system prompt of the chat template is paid for.
+``messages`` is the only place that layout is written; training rows, ``eval`` and ``extract``
+all call it.
 """
 from __future__ import annotations
 
@@ -14,22 +16,14 @@ from ..errors import UserError, require
 
 DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "recipes" / "schemas" / "aspects.json"
 FALLBACK_INSTRUCTION = "Extract the information the JSON schema asks for from the text below. Answer with JSON only."
-TEXT_LABEL = "Text"
 
 
-def user_prompt(instruction: str, text: str) -> str:
-    """The user turn for one row: instruction first (shared by all rows), the row's text last."""
-    return f"{instruction}\n\n{TEXT_LABEL}: {text}"
-
-
-def messages(instruction: str, text: str) -> list[dict]:
-    """Chat messages for one row; the chat template adds the system turn and assistant prompt."""
-    return [{"role": "user", "content": user_prompt(instruction, text)}]
-
-
-def shared_prefix(instruction: str) -> str:
-    """The part of the user turn every row shares (what is evaluated once per job)."""
-    return user_prompt(instruction, "")
+def messages(instruction: str, text: str, answer: str | None = None) -> list[dict]:
+    """Chat messages for one row (plus the assistant's ``answer`` for a training row)."""
+    out = [{"role": "system", "content": instruction}, {"role": "user", "content": text}]
+    if answer is not None:
+        out.append({"role": "assistant", "content": answer})
+    return out
 
 
 def instruction_of(schema: dict) -> str:

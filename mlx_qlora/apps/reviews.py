@@ -2,11 +2,11 @@
 
 Each ``<sentence>`` has a ``<text>`` and ``<aspectTerm term= polarity= from= to=>`` children. The
 target is ``{"aspects": [{"term", "sentiment"}]}`` with terms sorted by their offset (order of
-appearance; the XML is not always in that order). The prompt comes from ``prompt.user_prompt``
+appearance; the XML is not always in that order). The messages come from ``prompt.messages``
 with the schema's instruction, the same call extraction makes, so training and use agree.
 
-Writes into OUT: ``train.jsonl`` and ``valid.jsonl`` ({"prompt", "completion"}, what
-``mlx_qlora train`` reads) and ``val_reviews.jsonl`` / ``train_reviews.jsonl`` ({"id", "text",
+Writes into OUT: ``train.jsonl`` and ``valid.jsonl`` ({"messages": system, user, assistant},
+what ``mlx_qlora train`` reads; loss on the assistant turn) and ``val_reviews.jsonl`` / ``train_reviews.jsonl`` ({"id", "text",
 "reference"}, what ``mlx_qlora extract`` reads; its output then carries the reference to score).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..atomic import atomic_file
 from ..errors import UserError, require
-from .prompt import instruction_of, load_schema, user_prompt
+from .prompt import instruction_of, load_schema, messages
 
 SPLITS = {"train": ("train.xml", "train.jsonl"), "val": ("val.xml", "valid.jsonl")}
 SENTIMENTS = ("positive", "negative", "neutral")
@@ -77,7 +77,7 @@ def prepare_reviews(cfg: PrepareConfig) -> dict[str, int]:
     counts = {}
     for split, (xml_name, train_name) in SPLITS.items():
         pairs = read_mams(Path(cfg.data) / xml_name)
-        train_rows = [{"prompt": user_prompt(instruction, text), "completion": completion(t)} for text, t in pairs]
+        train_rows = [{"messages": messages(instruction, text, completion(t))} for text, t in pairs]
         review_rows = [{"id": i, "text": text, "reference": t} for i, (text, t) in enumerate(pairs)]
         _write_jsonl(out / train_name, train_rows, cfg.force)
         _write_jsonl(out / f"{split}_reviews.jsonl", review_rows, cfg.force)
