@@ -235,12 +235,14 @@ def generate(model, adapters, engine, gguf, n_ctx, threads, temperature, top_p, 
 @click.option("--api-key", default=None, envvar="MLX_QLORA_API_KEY",
               help="Require 'Authorization: Bearer KEY' (env MLX_QLORA_API_KEY).")
 @click.option("--max-tokens", "max_tokens", default=512, show_default=True, help="Default per request.")
-def serve(model, adapters, engine, gguf, n_ctx, threads, host, port, api_key, max_tokens):
+@click.option("--max-tokens-limit", default=4096, show_default=True, help="Most tokens one request may ask for.")
+def serve(model, adapters, engine, gguf, n_ctx, threads, host, port, api_key, max_tokens, max_tokens_limit):
     """OpenAI-compatible HTTP server; the request's `model` picks base or an adapter."""
     from .infer.serve import ServeConfig, run_serve
 
     run_serve(ServeConfig(engine=_engine_config(model, adapters, engine, gguf, n_ctx, threads),
-                          host=host, port=port, api_key=api_key, max_tokens=max_tokens))
+                          host=host, port=port, api_key=api_key, max_tokens=max_tokens,
+                          max_tokens_limit=max_tokens_limit))
 # ---- end chat / generate / serve ----------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ class ServeConfig:
     port: int = 8080
     api_key: str | None = None     # when set, require "Authorization: Bearer <key>"
     max_tokens: int = 512          # default for requests that give none
+    max_tokens_limit: int = 4096   # the most one request may ask for (larger: 400, not a long stall)
 
 
 class ApiError(Exception):
@@ -58,7 +59,7 @@ def _num(body: dict, key: str, default, kind=float, lo=None, hi=None):
     return v
 
 
-def sampling_from(body: dict, default_max: int) -> tuple[SamplingConfig, tuple[str, ...]]:
+def sampling_from(body: dict, default_max: int, limit: int = 4096) -> tuple[SamplingConfig, tuple[str, ...]]:
     """OpenAI request fields (plus top_k, min_p, repetition_penalty) -> sampling, stop strings."""
     if _num(body, "n", 1, int) != 1:
         raise ApiError(400, "only n=1 is supported", "n")
@@ -70,7 +71,8 @@ def sampling_from(body: dict, default_max: int) -> tuple[SamplingConfig, tuple[s
         min_p=_num(body, "min_p", 0.0, lo=0, hi=0.999),
         repetition_penalty=_num(body, "repetition_penalty", 1.0, lo=0.01, hi=10),
         seed=_num(body, "seed", None, int),
-        max_tokens=_num({"max_tokens": max_tokens}, "max_tokens", default_max, int, lo=1, hi=1_000_000))
+        max_tokens=_num({"max_tokens": max_tokens}, "max_tokens", default_max, int, lo=1,
+                        hi=max(limit, default_max)))
     stop = body.get("stop")
     if stop is None:
         stop = ()
@@ -209,7 +211,7 @@ class Handler(BaseHTTPRequestHandler):
         chat = path == "/v1/chat/completions"
         model = body.get("model")
         adapter = self.server.adapter_for(model)
-        sampling, stop = sampling_from(body, self.server.cfg.max_tokens)
+        sampling, stop = sampling_from(body, self.server.cfg.max_tokens, self.server.cfg.max_tokens_limit)
         if chat:
             msgs = _messages(body)
         else:

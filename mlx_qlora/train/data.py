@@ -106,7 +106,11 @@ class Encoder:
         return list(self.tok.encode(text, add_special_tokens=False))
 
     def _render(self, messages, gen_prompt: bool) -> list[int]:
-        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
+        try:  # transformers renders in Jinja's ImmutableSandboxedEnvironment: a template cannot reach Python
+            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
+        except Exception as e:  # jinja2 TemplateError / SecurityError, raise_exception(...) in the template
+            raise UserError(f"the tokenizer's chat template failed on these messages ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); fix the template or use format text") from None
         return self._encode(text)
 
     def _field(self, row, key, where) -> str:
