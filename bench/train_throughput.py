@@ -18,6 +18,12 @@ Then a Llama-2-7B-shaped model (random 4-bit weights, group 64) takes QLoRA step
 
   python bench/train_throughput.py                 # everything (~15 min on 2 CPU cores)
   python bench/train_throughput.py --skip-7b --steps 4
+  python bench/train_throughput.py --nproc 1,2     # data parallel only: `mlx_qlora train --nproc N`
+
+--nproc runs the `train` command itself on N local ranks (mlx.launch, ring on loopback, cores / N
+threads per rank; global batch 4, the same rows and order for every N), times the steps after
+--warmup from metrics.jsonl, checks the per-step losses against N=1, and times the all_sum of one
+gradient-sized fp32 buffer between 2 ranks on its own.
 """
 from __future__ import annotations
 
@@ -266,6 +272,84 @@ MLX_QLORA_ROWS = {"mlx_qlora": [], "mlx_qlora, cache 0": ["--weight-cache-mb", "
 WORKERS = {"mlx_qlora": worker_mlx_qlora, "mlx-lm": worker_mlx_lm, "torch": worker_torch}
 
 
+# ------------------------------------------------------------------ data parallel (--nproc)
+def worker_allreduce(size: int, reps: int = 20) -> dict:
+    """Under mlx.launch: seconds per all_sum of a ``size``-float buffer (what a step adds)."""
+    import mlx_qlora  # noqa: F401
+    import mlx.core as mx
+
+    from mlx_qlora.train.distributed import init_world, sum_step
+
+    world = init_world()
+    g = {"g": mx.ones((size,), mx.float32)}
+    sum_step(world, g, [1.0])   # connect / warm up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        sum_step(world, g, [1.0, 2.0, 3.0])
+    return {"ranks": world.size, "s_per_all_sum": (time.perf_counter() - t0) / reps, "floats": size}
+
+
+def run_ranks(model: str, data: Path, nproc: int, steps: int) -> dict:
+    out = CACHE / f"dp_{nproc}"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    env = dict(os.environ, **{k: threads for k in ("MLX_QLORA_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    cmd = [sys.executable, "-m", "mlx_qlora.cli", "train", "--nproc", str(nproc), "-m", model, "--data", str(data),
+           "-o", str(out), "--steps", str(steps), "--batch_size", str(BATCH), "--lora.rank", str(RANK),
+           "--lora.alpha", str(ALPHA), "--lora.layers", str(LAYERS), "--eval_every", "0", "--eval_batches", "1",
+           "--checkpoint_every", "0", "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "train_loss" in r]
+    summary = json.loads((out / "summary.json").read_text())
+    return {"threads": int(threads), "recs": recs, "per_rank": summary.get("tok_per_s_per_rank", [])}
+
+
+def data_parallel(a) -> None:
+    nprocs = [int(x) for x in a.nproc.split(",")]
+    data = CACHE / "wikisql_dp"
+    data.mkdir(parents=True, exist_ok=True)
+    rows = wikisql_texts(BATCH * (a.warmup + a.steps) + 8)
+    (data / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows[:-8]))
+    (data / "valid.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows[-8:]))
+    # a list like 1,2,1,2 interleaves repeats, so a shared machine's drift hits every N alike
+    runs = [(n, run_ranks(a.model, data, n, a.warmup + a.steps)) for n in nprocs]
+    base = next((r for _, r in runs if "recs" in r), {})
+    print(f"\nData parallel: `mlx_qlora train --nproc N`, SmolLM2-135M 4-bit, WikiSQL, global batch {BATCH}, "
+          f"LoRA rank {RANK} on the last {LAYERS} layers, {a.steps} steps timed after {a.warmup} "
+          f"({os.cpu_count()} CPU cores)\n")
+    print("| ranks | threads/rank | tok/s | s/step | per-rank tok/s | max abs(loss - first run's) |")
+    print("|------:|-------------:|------:|-------:|:---------------|----------------------------:|")
+    tok_s: dict[int, list[float]] = {}
+    for n, r in runs:
+        if "error" in r:
+            print(f"| {n} | failed: {r['error']} |")
+            continue
+        timed_recs = r["recs"][a.warmup:]
+        tokens = timed_recs[-1]["tokens"] - (r["recs"][a.warmup - 1]["tokens"] if a.warmup else 0)
+        secs = sum(x["step_s"] for x in timed_recs)
+        tok_s.setdefault(n, []).append(tokens / secs)
+        diff = max(abs(x["train_loss"] - y["train_loss"]) for x, y in zip(r["recs"], base["recs"]))
+        per = ", ".join(f"{x:.0f}" for x in r["per_rank"]) or "-"
+        print(f"| {n} | {r['threads']} | {tokens / secs:.1f} | {secs / len(timed_recs):.3f} | {per} | {diff:.1e} |")
+    if len(tok_s) > 1:
+        ref = sorted(tok_s[nprocs[0]])[len(tok_s[nprocs[0]]) // 2]
+        print("\nmedian tok/s: " + ", ".join(f"{n} rank(s) {sorted(v)[len(v) // 2]:.1f} "
+                                             f"({sorted(v)[len(v) // 2] / ref:.2f}x)" for n, v in tok_s.items()))
+    if max(nprocs) > 1:
+        launcher = Path(sys.executable).parent / "mlx.launch"
+        p = subprocess.run([str(launcher), "-n", "2", "--backend", "ring", "--", sys.executable, __file__,
+                            "--worker", "allreduce", "--allreduce-size", str(a.allreduce_size)],
+                           capture_output=True, text=True)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        if lines:
+            r = json.loads(lines[0])
+            print(f"\nall_sum of {r['floats']:,} fp32 (one step's gradients) between 2 local ranks: "
+                  f"{1000 * r['s_per_all_sum']:.1f} ms")
+
+
 def run_worker(name: str, argv: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", name] + argv
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -285,8 +369,14 @@ def main():
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--weight-cache-mb", type=float, default=1024, help=argparse.SUPPRESS)
     ap.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--nproc", default=None, help="data parallel only: rank counts to compare, e.g. 1,2")
+    ap.add_argument("--allreduce-size", type=int, default=1_302_528, help=argparse.SUPPRESS)  # the trainable count
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
+
+    if a.worker == "allreduce":
+        print(json.dumps(worker_allreduce(a.allreduce_size)))
+        return
 
     if a.worker == "7b":
         print(json.dumps(worker_7b(a.steps_7b)))
@@ -301,6 +391,9 @@ def main():
     if not (Path(a.model) / "config.json").exists():
         from mlx_qlora.model.convert import ConvertConfig, run_convert
         run_convert(ConvertConfig(source=None, out_dir=a.model, q_bits=4, q_group_size=32))
+    if a.nproc:
+        data_parallel(a)
+        return
     base = ["--model", a.model, "--warmup", str(a.warmup)]
     results = {}
     for name, flags in MLX_QLORA_ROWS.items():

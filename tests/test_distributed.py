@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from lora_fixtures import converted
 
 from mlx_qlora.cli import main
 from mlx_qlora.train.config import load_config
@@ -34,11 +35,7 @@ SETTINGS = {"steps": 10, "batch_size": 3, "checkpoint_every": 5, "eval_every": 5
 
 @pytest.fixture(scope="module")
 def tiny_q4(tiny_hf_llama, tmp_path_factory) -> Path:
-    from mlx_lm import convert
-
-    out = tmp_path_factory.mktemp("dist_q4") / "model"
-    convert(str(tiny_hf_llama), str(out), quantize=True, q_group_size=32, q_bits=4)
-    return out
+    return converted(tmp_path_factory, tiny_hf_llama, "tiny_llama_q4", q_group_size=32)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import require
 
-STOP_GRACE_S = 20.0
+STOP_GRACE_S = 10.0
 THREAD_VARS = ("MLX_QLORA_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS")
 FOLLOWERS = (3, -signal.SIGTERM)
@@ -166,9 +166,13 @@ def launch_local(cfg: LaunchConfig) -> None:
     if not failed:
         return
     # The rank that failed first on its own; the others lost it or were stopped by the launcher.
-    rank, how, _ = next((f for f in failed if not f[2]), failed[0])
+    culprits = [f for f in failed if not f[2]]
+    if culprits:
+        what = f"rank {culprits[0][0]} of {cfg.nproc} {culprits[0][1]}"
+    else:   # only ranks that gave up on their peers: one hung (or the network dropped)
+        what = f"a rank stopped answering (rank {failed[0][0]} of {cfg.nproc} gave up waiting, {failed[0][1]})"
     ck = Path(train_cfg.out_dir) / "checkpoints" / "latest"
     last = f"the last checkpoint is {ck.parent / ck.read_text().strip()}" if ck.is_file() else "no checkpoint was written"
-    print(f"error: rank {rank} of {cfg.nproc} {how}; every rank stopped; {last}: continue with the same "
+    print(f"error: {what}; every rank stopped; {last}: continue with the same "
           f"command and --resume", file=sys.stderr, flush=True)
     raise SystemExit(1)
