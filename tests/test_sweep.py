@@ -166,3 +166,18 @@ def test_existing_out_dir_is_refused_unless_same_sweep_or_force(recipe, tmp_path
     with pytest.raises(UserError, match=r"holds a different sweep \(its search differ\)"):
         run_sweep(load_sweep(sw))
     assert json.loads((out / "sweep.json").read_text())["search"] == {"rank": [4, 8]}
+
+
+def test_task_metric_per_trial(recipe, tmp_path):
+    """A task: block adds `mlx_qlora eval --task` on each trial's adapter to the table."""
+    task = {"type": "exact-match", "data": str(recipe.parent), "split": "valid", "answer_prefix": "A:",
+            "max_rows": 2, "engine": "mlx"}
+    sw = write_sweep(tmp_path / "sweep.yaml", recipe, {"rank": [2]}, task=task)
+    run_sweep(load_sweep(sw))
+    out = tmp_path / "out"
+    [row] = read_csv(out)
+    result = json.loads((out / "trials" / "trial_000" / "eval.json").read_text())
+    assert result["rows"] == 2 and float(row["task_metric"]) == result["exact_match"]
+    assert 0.0 <= result["exact_match"] <= 1.0
+    header = (out / "results.md").read_text().splitlines()[2]
+    assert "| valid loss | exact match % |" in header

@@ -210,8 +210,25 @@ def _train_trial(cfg: SweepConfig, values: dict, tdir: Path) -> dict:
     t0 = time.perf_counter()
     _run_child([sys.executable, "-m", "mlx_qlora.cli", "train", "-c", str(recipe)], tdir / "train.log")
     summary = json.loads((Path(tcfg.out_dir) / "summary.json").read_text())
+    if cfg.task is not None:
+        summary["task_metric"] = _task_metric(cfg, tcfg, tdir)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+def _task_metric(cfg: SweepConfig, tcfg, tdir: Path) -> float:
+    """``mlx_qlora eval --task`` on the trial's adapter; its exact match (or pair F1)."""
+    t, res = cfg.task, tdir / "eval.json"
+    cmd = [sys.executable, "-m", "mlx_qlora.cli", "eval", tcfg.model, "--adapter", tcfg.out_dir, "--data", t.data,
+           "--split", t.split, "--task", t.type, "--max-rows", str(t.max_rows), "--engine", t.engine,
+           "--json", str(res)]
+    if t.answer_prefix:
+        cmd += ["--answer-prefix", t.answer_prefix]
+    _run_child(cmd, tdir / "eval.log")
+    value = json.loads(res.read_text()).get(t.metric)
+    if not isinstance(value, (int, float)):
+        raise TrialFailed(f"mlx_qlora eval wrote no {t.metric} in {res}")
+    return float(value)
 
 
 def base_model(cfg: SweepConfig, bits: int, tdir: Path) -> str:

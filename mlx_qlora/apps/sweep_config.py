@@ -93,6 +93,32 @@ class BaseConfig:
         require(isinstance(self.cache, str) and self.cache, f"base.cache={self.cache!r}: give a directory")
 
 
+TASK_METRICS = {"exact-match": "exact_match", "json-fields": "pair_f1"}   # key in `mlx_qlora eval --json`
+
+
+@dataclass
+class TaskSpec:
+    """A task metric per trial: ``mlx_qlora eval --task`` on the trial's adapter (greedy answers)."""
+
+    type: str = "exact-match"              # exact-match | json-fields
+    data: str = ""                         # JSONL file, or a directory holding SPLIT.jsonl
+    split: str = "valid"                   # with a directory: which file (keep test for the end)
+    answer_prefix: str | None = None       # text rows: the answer follows its last occurrence, e.g. "A:"
+    max_rows: int = 20                     # rows answered per trial
+    engine: str = "auto"                   # generation engine: auto | mlx | llama.cpp
+
+    def __post_init__(self):
+        require(self.type in TASK_METRICS, f"task.type={self.type!r}: use one of {', '.join(TASK_METRICS)}")
+        require(isinstance(self.data, str) and Path(self.data).exists(),
+                f"task.data={self.data!r}: give an existing JSONL file or a directory holding {self.split}.jsonl")
+        require(_is_int(self.max_rows) and self.max_rows >= 1, f"task.max_rows={self.max_rows!r}: use a positive integer")
+        require(self.engine in ("auto", "mlx", "llama.cpp"), f"task.engine={self.engine!r}: use auto, mlx or llama.cpp")
+
+    @property
+    def metric(self) -> str:
+        return TASK_METRICS[self.type]
+
+
 @dataclass
 class SweepConfig:
     recipe: str = ""                        # base training recipe (YAML)
@@ -103,6 +129,7 @@ class SweepConfig:
     train: dict = field(default_factory=dict)     # overrides of the recipe for every trial
     base: Any = field(default_factory=BaseConfig)
     search: dict = field(default_factory=dict)
+    task: Any = None                        # TaskSpec: a task metric per trial (optional)
     force: bool = False                     # replace an out_dir holding another sweep
     path: str = ""                          # the sweep file (set by load_sweep)
     params: list = field(default_factory=list, init=False)
@@ -110,6 +137,8 @@ class SweepConfig:
     def __post_init__(self):
         if isinstance(self.base, dict):
             self.base = _build(BaseConfig, self.base, "base.")
+        if self.task is not None:
+            self.task = _build(TaskSpec, self.task, "task.")
         require(isinstance(self.recipe, str) and self.recipe, "recipe is empty: give the base training recipe, e.g. recipes/smollm2-wikisql.yaml")
         require(Path(self.recipe).is_file(), f"recipe {self.recipe} not found: give the path of a training recipe (see recipes/)")
         require(isinstance(self.out_dir, str) and self.out_dir, "out_dir is empty: give a directory for the sweep")
@@ -163,10 +192,15 @@ class SweepConfig:
         return Path(self.base.cache).expanduser() / f"{slug}-q{bits}-g{self.base.group_size}"
 
     def identity(self) -> dict:
-        """What makes two runs the same study (trials may grow; out_dir and force may differ)."""
-        recipe_hash = hashlib.sha256(Path(self.recipe).read_bytes()).hexdigest()[:16]
-        return {"recipe": self.recipe, "recipe_sha256": recipe_hash, "sampler": self.sampler, "seed": self.seed,
-                "train": self.train, "base": dataclasses.asdict(self.base), "search": self.search}
+        """What makes two runs the same study (trials may grow; out_dir, force and the recipe's
+        comments may differ)."""
+        settings = json.dumps(load_config(self.recipe).to_dict(), sort_keys=True)   # comments may change
+        recipe_hash = hashlib.sha256(settings.encode()).hexdigest()[:16]
+        ident = {"recipe": self.recipe, "recipe_settings_sha256": recipe_hash, "sampler": self.sampler, "seed": self.seed,
+                 "train": self.train, "base": dataclasses.asdict(self.base), "search": self.search}
+        if self.task is not None:
+            ident["task"] = dataclasses.asdict(self.task)
+        return ident
 
     def _param(self, name, spec) -> Param:
         key = resolve_key(str(name))

@@ -17,7 +17,8 @@ from ..atomic import atomic_file
 from .sweep_config import BASE_BITS, SweepConfig
 
 # Numbers a trial reports (from the training summary); stored on the Optuna trial.
-RESULT_KEYS = ("val_loss", "val_loss_start", "tok_per_s", "peak_rss_gib", "trainable", "adapter_bytes", "wall_s")
+RESULT_KEYS = ("val_loss", "val_loss_start", "task_metric", "tok_per_s", "peak_rss_gib", "trainable", "adapter_bytes",
+               "wall_s")
 MIB = 1024 ** 2
 
 
@@ -30,6 +31,7 @@ class Row:
     dir: str = ""
     val_loss: float | None = None
     val_loss_start: float | None = None
+    task_metric: float | None = None        # exact match / pair F1 of `mlx_qlora eval --task`, 0-1
     tok_per_s: float | None = None
     peak_rss_gib: float | None = None
     trainable: int | None = None
@@ -38,7 +40,8 @@ class Row:
 
     def line(self) -> str:
         """The numbers of one finished trial, for its progress line."""
-        return (f"valid {self.val_loss:.4f} (from {self.val_loss_start:.4f}), {self.tok_per_s:,.0f} tok/s, "
+        task = f"task {100 * self.task_metric:.1f}%, " if self.task_metric is not None else ""
+        return (f"valid {self.val_loss:.4f} (from {self.val_loss_start:.4f}), {task}{self.tok_per_s:,.0f} tok/s, "
                 f"RSS {self.peak_rss_gib:.2f} GiB, {self.trainable:,} trainable, "
                 f"{self.adapter_bytes / MIB:.2f} MiB, {self.wall_s:.0f} s")
 
@@ -57,19 +60,21 @@ def cell(v) -> str:
 
 def markdown(cfg: SweepConfig, rows: list[Row]) -> str:
     keys = [p.key for p in cfg.params]
-    head = ["", "trial"] + [_short(k) for k in keys] + ["valid loss", "tok/s", "peak RSS GiB", "trainable",
-                                                         "adapter MiB", "time s"]
+    task = [f"{cfg.task.metric.replace('_', ' ')} %"] if cfg.task else []
+    head = (["", "trial"] + [_short(k) for k in keys] + ["valid loss"] + task
+            + ["tok/s", "peak RSS GiB", "trainable", "adapter MiB", "time s"])
     ok = sorted((r for r in rows if r.ok), key=lambda r: r.val_loss)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for i, r in enumerate(ok):
         lines.append("| " + " | ".join(
             ["best" if i == 0 else str(i + 1), f"#{r.number}"] + [cell(r.values.get(k)) for k in keys]
-            + [f"{r.val_loss:.4f}", f"{r.tok_per_s:,.0f}", f"{r.peak_rss_gib:.2f}", f"{r.trainable:,}",
+            + [f"{r.val_loss:.4f}"] + ([f"{100 * r.task_metric:.1f}"] if task else [])
+            + [f"{r.tok_per_s:,.0f}", f"{r.peak_rss_gib:.2f}", f"{r.trainable:,}",
                f"{r.adapter_bytes / MIB:.2f}", f"{r.wall_s:.0f}"]) + " |")
     for r in rows:
         if not r.ok:
             lines.append("| failed | " + " | ".join([f"#{r.number}"] + [cell(r.values.get(k)) for k in keys])
-                         + f" | {r.error} | | | | | |")
+                         + f" | {r.error} |" + " |" * (len(head) - len(keys) - 3))
     start = {r.val_loss_start for r in ok}
     note = (f"valid loss of the untrained base: {', '.join(f'{v:.4f}' for v in sorted(start))}" if start else "")
     over = ", ".join(f"{k}={cell(v)}" for k, v in cfg.train.items()) or "none"
