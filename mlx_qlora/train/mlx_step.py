@@ -60,6 +60,16 @@ def _matmul(x, arrays, quant, transpose: bool):
                                mode=mode)
 
 
+def _rows(arrays, quant, ids):
+    """Rows ``ids`` of the head's (vocab, dim) weight, dequantized when quantized."""
+    if quant is None:
+        return arrays[0][ids]
+    group_size, bits, mode, has_biases = quant
+    w, scales = arrays[0][ids], arrays[1][ids]
+    biases = arrays[2][ids] if has_biases else None
+    return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+
+
 def _chunks(h, targets, weights, arrays, quant, rows: int, grad: bool):
     """(sum of weighted token losses, dL/dh or None), one chunk of rows after another."""
     losses, grads, done = [], [], None
@@ -74,10 +84,11 @@ def _chunks(h, targets, weights, arrays, quant, rows: int, grad: bool):
         losses.append(loss)
         done = [loss]
         if grad:
-            # d(loss)/d logits = weight * (softmax - onehot), pushed through the head right away
-            p = mx.exp(logits - lse)
-            p = mx.put_along_axis(p, tc, mx.take_along_axis(p, tc, axis=-1) - 1.0, axis=-1) * wc
-            grads.append(_matmul(p.astype(h.dtype), arrays, quant, transpose=False))
+            # d(loss)/d logits = weight * (softmax - onehot), pushed through the head right away;
+            # onehot @ W is the targets' rows of W, so no second (rows, vocab) array is made
+            p = (mx.exp(logits - lse) * wc).astype(h.dtype)
+            gh = _matmul(p, arrays, quant, transpose=False) - wc.astype(h.dtype) * _rows(arrays, quant, tc[:, 0])
+            grads.append(gh.astype(h.dtype))
             done = [loss, grads[-1]]
     total = losses[0] if len(losses) == 1 else mx.sum(mx.stack(losses))
     return total, (mx.concatenate(grads) if grad else None)
