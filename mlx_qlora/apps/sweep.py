@@ -81,7 +81,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
                   f"valid {best.val_loss:.4f}", flush=True)
         elif not trial.user_attrs.get("interrupted"):
             print(f"trial {n}/{cfg.trials} (#{trial.number}) failed: {trial.user_attrs.get('error')} "
-                  f"(log: {out / trial.user_attrs.get('dir', '') / 'train.log'})", flush=True)
+                  f"(logs in {out / trial.user_attrs.get('dir', '')})", flush=True)
 
     try:
         if todo > 0:
