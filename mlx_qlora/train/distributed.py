@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
@@ -65,7 +66,9 @@ class World:
 def init_world() -> World:
     """The group when launched by mlx.launch / mpirun, else a single-process world."""
     launched = any(os.environ.get(k) for k in LAUNCH_ENV)
-    if not launched:
+    hostfile = os.environ.get("MLX_HOSTFILE", "")
+    alone = os.environ.get("MLX_WORLD_SIZE") == "1" or (os.path.isfile(hostfile) and not Path(hostfile).read_text().strip())
+    if not launched or alone:   # mlx.launch -n 1 writes an empty ring hostfile
         return World()
     try:
         group = mx.distributed.init(strict=True)
