@@ -282,9 +282,16 @@ def test_bad_input(case, base, tmp_path):
     after = snapshot(tmp_path)
     assert after == before, f"{name} wrote or changed: {sorted(set(after.items()) ^ set(before.items()))}"
     if os.environ.get("MLX_QLORA_BAD_INPUT_LOG"):  # bench/bad_inputs_table.py collects the lines
+        short = [(str(tmp_path), "$T")] + [(str(v), k.upper()) for k, v in base.items()]
+
+        def shorten(text):
+            for long, name in short:
+                text = text.replace(long, name)
+            return text
+
         with open(os.environ["MLX_QLORA_BAD_INPUT_LOG"], "a") as f:
-            f.write(json.dumps({"case": name, "command": "mlx_qlora " + " ".join(
-                a.replace(str(tmp_path), "$T") for a in args[:1] + args[1:])[:140], "line": line}) + "\n")
+            f.write(json.dumps({"case": name, "command": shorten("mlx_qlora " + " ".join(args))[:120],
+                                "line": shorten(line)}) + "\n")
 
 
 # ---- cases that need their own process ------------------------------------------------------

@@ -96,7 +96,8 @@ def run_import_peft(peft_dir: str, out_dir: str, force: bool = False) -> Path:
     for key in ("r", "lora_alpha"):
         v = pc.get(key)
         require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                f"{src / CONFIG}: '{key}' is {v!r}; a LoRA adapter config needs a positive '{key}'")
+                f"{src / CONFIG}: " + (f"lacks '{key}'" if v is None else f"'{key}' is {v!r}")
+                + f"; a LoRA adapter config needs a positive '{key}'")
     r, alpha = int(pc["r"]), float(pc["lora_alpha"])
     scale = alpha / math.sqrt(r) if pc.get("use_rslora") else alpha / r
     try:
