@@ -85,6 +85,15 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in r.stdout.split()]
 
 
+def _rank_of(pid: int) -> int | None:
+    """MLX_RANK of a local rank process (Linux /proc; None elsewhere)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(e[9:]) for e in env if e.startswith(b"MLX_RANK=")), None)
+
+
 def _calm(pid: int, n: int) -> None:
     """Nice mlx.launch's own threads (not the ranks it started) once all N ranks run."""
     deadline = time.monotonic() + 30
@@ -157,10 +166,14 @@ def launch_local(cfg: LaunchConfig) -> None:
             if first_failure and time.monotonic() - first_failure[0] > STOP_GRACE_S:
                 os.killpg(proc.pid, signal.SIGKILL)   # the launcher and every local rank
                 proc.wait()
-    except KeyboardInterrupt:   # Ctrl-C: the ranks save a checkpoint (rank 0) and stop
-        for pid in _children(proc.pid):
+    except KeyboardInterrupt:   # Ctrl-C: rank 0 saves a checkpoint and stops; the launcher stops the rest
+        ranks = _children(proc.pid)
+        for pid in [p for p in ranks if _rank_of(p) == 0] or ranks:
             os.kill(pid, signal.SIGINT)
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
         raise
     reader.join(timeout=5)
     if not failed:
