@@ -181,3 +181,14 @@ def test_task_metric_per_trial(recipe, tmp_path):
     assert 0.0 <= result["exact_match"] <= 1.0
     header = (out / "results.md").read_text().splitlines()[2]
     assert "| valid loss | exact match % |" in header
+
+
+def test_failed_trial_is_recorded_and_the_sweep_goes_on(recipe, tmp_path):
+    sw = write_sweep(tmp_path / "sweep.yaml", recipe, {"layers": ["last 2", "last 9"]})   # the model has 2
+    res = run_sweep(load_sweep(sw))
+    rows = {r["lora.layers"]: r for r in read_csv(tmp_path / "out")}
+    assert rows["last 2"]["state"] == "complete" and rows["last 9"]["state"] == "failed"
+    assert "lora.layers=9: the model has only 2 layers" in rows["last 9"]["error"]
+    assert res["best"].values == {"lora.layers": "last 2"}
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert md.count("| failed | ") == 1 and "the model has only 2 layers" in md
