@@ -59,11 +59,12 @@ def launch(args: list[str], **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
-def run_ranks(model, data, out, nproc=2, **kw) -> None:
+def run_ranks(model, data, out, nproc=2, **kw) -> str:
     p = launch(["--nproc", str(nproc), "-m", str(model), "--data", str(data), "-o", str(out),
                 *flags({**SETTINGS, **kw})])
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
+    return err
 
 
 def losses(out: Path, key: str = "train_loss") -> list[tuple[int, float]]:
@@ -78,7 +79,8 @@ def weights(path) -> dict:
 @pytest.fixture(scope="module")
 def two_rank_cpu(tiny_q4, data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist_runs") / "two_cpu"
-    run_ranks(tiny_q4, data_dir, out, cpu_engine=True)
+    err = run_ranks(tiny_q4, data_dir, out, cpu_engine=True)
+    (out.parent / "two_cpu.log").write_text(err)
     return out
 
 
@@ -103,6 +105,10 @@ def test_two_ranks_train_the_single_process_losses(tiny_q4, data_dir, tmp_path, 
     assert [s for s, _ in vb] == [0, 5, 10] and max(abs(x - y) for (_, x), (_, y) in zip(va, vb)) <= 1e-4
     wa, wb = weights(one / "adapters.safetensors"), weights(two / "adapters.safetensors")
     assert wa.keys() == wb.keys() and max(np.abs(wa[k] - wb[k]).max() for k in wa) <= 1e-4
+    if cpu_engine:   # what the user sees: the ranks on the progress line, each rank's tok/s in the summary
+        log = (two.parent / "two_cpu.log").read_text()
+        assert "data parallel: 2 ranks (ring)" in log and log.count("tok/s on 2 ranks") >= 5, log
+        assert "rank 0: " in log and "rank 1: " in log and log.count("training summary") == 1, log
     s = json.loads((two / "summary.json").read_text())
     assert s["ranks"] == 2 and len(s["tok_per_s_per_rank"]) == 2 and min(s["tok_per_s_per_rank"]) > 0
     assert s["tokens"] == json.loads((one / "summary.json").read_text())["tokens"]   # summed over ranks
