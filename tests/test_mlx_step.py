@@ -11,6 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from test_cpu_engine import batch, model_for, reference, rel_err
+from test_train import cfg, data_dir, tiny_q4, weights  # noqa: F401  (fixtures)
 from tolerance import tol
 from mlx_qlora.train import mlx_cpu_kernels, mlx_step
 from mlx_qlora.train.config import LoraConfig
@@ -170,3 +171,28 @@ def test_checkpointed_blocks_recompute_the_forward_dropout_masks(tiny_hf_llama, 
     assert loss == pytest.approx(ref_loss, rel=tol(1e-5))
     for k in ref:
         assert rel_err(g[k], ref[k]) < tol(1e-4), k
+
+
+def test_train_end_to_end_on_the_gpu_path(tiny_q4, data_dir, tmp_path, monkeypatch):
+    """train() with the CPU kernels off runs the GPU path (padded compiled step, compiled AdamW
+    update): the same adapter as with the plain update, and the CPU engine's losses."""
+    from functools import partial
+
+    from mlx_qlora.train.loop import train
+
+    run = partial(cfg, tiny_q4, data_dir, steps=3, eval_every=0, checkpoint_every=0)
+    said = []
+    monkeypatch.setattr("mlx_qlora.train.report.Reporter.print", lambda self, msg, *a, **k: said.append(str(msg)))
+    with mlx_cpu_kernels.disabled():
+        a = train(run(tmp_path / "a", cpu_engine=False))
+        assert any("padding waste" in s for s in said)          # not the packed CPU engine
+        with monkeypatch.context() as m:
+            m.setattr(mlx_step, "make_update", lambda model, opt: partial(opt.update, model))
+            b = train(run(tmp_path / "b", cpu_engine=False))
+    c = train(run(tmp_path / "c"))                              # the CPU engine
+    wa, wb, wc = (weights(tmp_path / x / "adapters.safetensors") for x in "abc")
+    assert max(np.abs(wa[k]).max() for k in wa) > 0
+    assert max(np.abs(wa[k] - wb[k]).max() for k in wa) < tol(1e-6)
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=tol(1e-6))
+    for key in ("train_loss", "val_loss"):
+        assert a[key] == pytest.approx(c[key], rel=tol(1e-4)), key

@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -28,7 +29,7 @@ from . import distributed as dist
 from . import numpy_engine
 
 from . import mlx_cpu_kernels
-from ..atomic import atomic_dir, atomic_file
+from ..atomic import atomic_dir, atomic_file, remove_stale
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
 from ..errors import UserError, require
 from .lora import apply_lora, count_parameters, dropout_key, save_adapter, save_weights
@@ -300,12 +301,18 @@ def train(cfg: TrainConfig) -> dict:
         require(state["step"] < cfg.steps, f"--resume: the checkpoint is at step {state['step']}, not below "
                                            f"steps={cfg.steps}; raise --steps to train further")
     out.mkdir(parents=True, exist_ok=True)
+    for d in (out, out / "checkpoints"):  # half-written temporaries of a killed run
+        remove_stale(d)
     rep = Reporter(out, cfg.steps, state["step"], progress=cfg.progress, started=started, ranks=world.size,
                    write=world.main)
     trainable, total = count_parameters(model)
     rep.print(f"model {cfg.model}: {total / 1e6:.2f}M parameters, trainable {trainable:,} ({100 * trainable / total:.3f}%)")
     grad_fn, eval_fn, packed = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb,
                                              rep.print, batch_shape=(cfg.batch_size, cfg.data.max_seq_len))
+    update = partial(optimizer.update, model)
+    if not packed and not mlx_cpu_kernels.on_cpu():   # the GPU path: the update compiled too
+        from .mlx_step import make_update
+        update = make_update(model, optimizer)
     waste = "no padding (the CPU engine packs rows)" if packed else \
         f"padding waste {100 * padding_waste(ds.train, cfg.batch_size, cfg.seed):.1f}% with length bucketing"
     rep.print(f"data: {len(ds.train)} train / {len(ds.valid)} valid rows ({ds.fmt}), {waste}")
@@ -372,7 +379,7 @@ def train(cfg: TrainConfig) -> dict:
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 raise UserError(f"loss became {mean_loss} (grad norm {norm.item()}) at step {state['step'] + 1}: "
                                 f"training stopped, {where}; lower optim.learning_rate or set optim.max_grad_norm")
-            optimizer.update(model, grads)
+            update(grads)
             mx.eval(model.trainable_parameters(), optimizer.state)
             state["step"] += 1
             step = state["step"]

@@ -248,3 +248,14 @@ def make_device_step(model: nn.Module, head: nn.Module | None, compile: bool = T
         return loss.item()
 
     return grad_fn, eval_fn
+
+
+def make_update(model: nn.Module, optimizer):
+    """update(grads): ``optimizer.update(model, grads)`` compiled with the model's and optimizer's
+    state captured (hundreds of small LoRA tensors: one graph instead of a kernel per op each)."""
+    state = [model.state, optimizer.state]
+
+    def update(grads):
+        optimizer.update(model, grads)
+
+    return mx.compile(update, inputs=state, outputs=state)
