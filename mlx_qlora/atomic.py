@@ -97,3 +97,15 @@ def atomic_file(path: str | Path, force: bool = False):
         yield Path(tmp)
     os.chmod(tmp, 0o644)  # mkstemp makes it private; an exported file is an ordinary file
     os.replace(tmp, out)
+
+
+def remove_stale(directory: str | Path) -> list[str]:
+    """Remove the temporaries a killed writer left in ``directory`` (``.NAME.tmp-*`` and
+    ``.NAME.old-*``, the names this module gives them); only for a directory one process writes,
+    such as a training run's output. Returns the names removed."""
+    d = Path(directory)
+    gone = []
+    for p in (list(d.glob(".*.tmp-*")) + list(d.glob(".*.old-*"))) if d.is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        gone.append(p.name)
+    return gone

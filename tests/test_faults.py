@@ -126,6 +126,8 @@ def resume_finishes(q4, data, out, steps):
     p = cli(train_args(q4, data, out, steps, "--resume"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert assert_loadable(out) == steps
+    stale = [f.name for d in (out, out / "checkpoints") for f in d.iterdir() if ".tmp-" in f.name or ".old-" in f.name]
+    assert not stale, stale  # what a killed run left half-written is gone
 
 
 def wait_for(pred, proc, timeout=120):
