@@ -29,7 +29,7 @@ from . import distributed as dist
 from . import numpy_engine
 
 from . import mlx_cpu_kernels
-from ..atomic import atomic_dir, atomic_file, remove_stale
+from ..atomic import atomic_dir, atomic_file
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
 from ..errors import UserError, require
 from .lora import apply_lora, count_parameters, dropout_key, save_adapter, save_weights
@@ -301,8 +301,6 @@ def train(cfg: TrainConfig) -> dict:
         require(state["step"] < cfg.steps, f"--resume: the checkpoint is at step {state['step']}, not below "
                                            f"steps={cfg.steps}; raise --steps to train further")
     out.mkdir(parents=True, exist_ok=True)
-    for d in (out, out / "checkpoints"):  # half-written temporaries of a killed run
-        remove_stale(d)
     rep = Reporter(out, cfg.steps, state["step"], progress=cfg.progress, started=started, ranks=world.size,
                    write=world.main)
     trainable, total = count_parameters(model)
