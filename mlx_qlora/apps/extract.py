@@ -13,6 +13,7 @@ Ctrl-C or kill -9 loses at most the rows in flight and never duplicates one.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -139,6 +140,9 @@ def judge(text: str, finish: str, validator, max_tokens: int) -> tuple[str, obje
     """("result", obj) for schema-valid output, else ("error", message)."""
     if finish == "length":
         return "error", f"output cut at --max-tokens {max_tokens} before the JSON was complete; raise --max-tokens"
+    # bytes that are not UTF-8 (an untrained model emits some) decode to U+FFFD, one per byte,
+    # while the grammar counted them as fewer characters (maxLength): drop them
+    text = text.replace("\ufffd", "")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -222,12 +226,13 @@ def run_extract(cfg: ExtractConfig) -> dict:
     done = resume_point(out, len(rows))
     price = default_price_per_hour() if cfg.price_per_hour is None else cfg.price_per_hour
     todo = rows[done:]
-    engine = load_engine(EngineConfig(model=cfg.model, adapters=[f"adapter={cfg.adapter}"] if cfg.adapter else [],
-                                      engine=cfg.engine, gguf=cfg.gguf, n_ctx=2048, threads=cfg.threads))
-    if engine.name == "llama.cpp":  # compile the grammar before any row runs: a bad schema is one line
-        from ..infer.engines.llamacpp_batch import schema_to_gbnf
+    gbnf = None
+    if cfg.engine != "mlx" and importlib.util.find_spec("llama_cpp") is not None:
+        from ..infer.engines.llamacpp_batch import schema_to_gbnf  # a bad schema: one line, before loading
         gbnf = schema_to_gbnf(schema)
-    else:
+    engine = load_engine(EngineConfig(model=cfg.model, adapters=[f"adapter={cfg.adapter}"] if cfg.adapter else [],
+                                      engine=cfg.engine, gguf=cfg.gguf, n_ctx=256, threads=cfg.threads))
+    if engine.name != "llama.cpp":  # compile llguidance's grammar before any row runs
         from ..infer.structured import GuidanceConstraint
         GuidanceConstraint(engine._hf, schema, len(engine._hf), engine.stop_ids)
     if cfg.adapter:

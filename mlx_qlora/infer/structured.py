@@ -16,6 +16,8 @@ import json
 from ..errors import UserError
 
 ANY_OBJECT = {"type": "object"}
+_LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
 
 
 def check_schema(schema) -> dict:
@@ -36,13 +38,20 @@ def llamacpp_grammar(schema: dict):
     from llama_cpp.llama_grammar import LlamaGrammar
 
     try:
-        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        gbnf = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)._grammar
     except Exception as e:  # the converter raises bare Exception/ValueError/KeyError on unsupported input
         raise UserError(f"llama.cpp cannot turn the JSON schema into a grammar ({type(e).__name__}: {e}); "
                         f"simplify the schema (plain types, properties, enum, arrays)") from None
+    # llama-cpp-python's converter lets raw control characters into strings, which JSON forbids;
+    # llama.cpp's own (C++) converter excludes them: use its rule.
+    gbnf = gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR)
+    return LlamaGrammar.from_string(gbnf, verbose=False)
 
 
 _TOKENIZERS: dict[tuple, object] = {}
+# json.dumps' layout and no free whitespace: bounded output (llguidance's default lets a model
+# emit whitespace forever) in the form the training rows use
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GuidanceConstraint:
@@ -57,7 +66,7 @@ class GuidanceConstraint:
             _TOKENIZERS[key] = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=n_vocab,
                                                             eos_token=sorted(eos_ids) or None)
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
         except ValueError as e:
             raise UserError(f"llguidance cannot compile the JSON schema: {e}") from None
         self.matcher = llguidance.LLMatcher(_TOKENIZERS[key], grammar, log_level=0)

@@ -65,7 +65,10 @@ class BatchDecoder:
         p.n_threads = p.n_threads_batch = n_threads
         p.kv_unified = True
         p.no_perf = True
-        self.ctx = lc.llama_init_from_model(llm.model, p)
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=False):  # llama.cpp logs context sizes to stderr
+            self.ctx = lc.llama_init_from_model(llm.model, p)
         require(bool(self.ctx), f"llama.cpp could not create a context of {p.n_ctx} tokens for "
                                 f"{parallel} sequences; lower --parallel or --max-tokens")
         self.mem = lc.llama_get_memory(self.ctx)
