@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from .engines import EngineConfig, load_engine
 from ..errors import UserError
 from .generate import SamplingConfig
+from .structured import schema_from_response_format
 
 MAX_BODY = 8 * 1024 * 1024  # bytes; a request body larger than this is refused (413)
 
@@ -73,6 +74,10 @@ def sampling_from(body: dict, default_max: int, limit: int = 4096) -> tuple[Samp
         seed=_num(body, "seed", None, int),
         max_tokens=_num({"max_tokens": max_tokens}, "max_tokens", default_max, int, lo=1,
                         hi=max(limit, default_max)))
+    try:  # enforced by the engine's grammar library (infer/structured.py)
+        cfg.json_schema = schema_from_response_format(body.get("response_format"))
+    except UserError as e:
+        raise ApiError(400, str(e), "response_format") from None
     stop = body.get("stop")
     if stop is None:
         stop = ()

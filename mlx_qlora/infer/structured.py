@@ -33,6 +33,23 @@ def check_schema(schema) -> dict:
     return schema
 
 
+def schema_from_response_format(rf) -> dict | None:
+    """OpenAI's ``response_format`` -> the JSON schema to enforce (None for plain text), or UserError."""
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ANY_OBJECT
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise UserError("response_format.json_schema.schema must be a JSON schema object")
+        return check_schema(spec["schema"])
+    raise UserError(f"response_format type {kind!r} is not supported; use text, json_object or json_schema")
+
+
 def llamacpp_grammar(schema: dict):
     """A ``LlamaGrammar`` for ``schema`` (llama-cpp-python's converter), or UserError."""
     from llama_cpp.llama_grammar import LlamaGrammar
