@@ -112,6 +112,21 @@ def _flip(pos: int, mask: int):
     return edit
 
 
+def _header_only_gguf(env: Env, vocab: bool = True, heads: int | None = None) -> Path:
+    """A GGUF with the tiny llama's hyper-parameters (and no tensors), optionally broken."""
+    cfg = json.loads((env.hf / "config.json").read_text())
+    path = env.tmp / "bad.gguf"
+    w = tiny._gguf_writer(path, {**cfg, "num_attention_heads": cfg["num_attention_heads"] if heads is None else heads,
+                                 "num_key_value_heads": cfg["num_key_value_heads"] if heads is None else 1})
+    if vocab:
+        w.add_vocab_size(cfg["vocab_size"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def _safetensors(env: Env, edit: Callable[[bytes], bytes]) -> Path:
     src = env.copy_hf()
     st = src / "model.safetensors"
@@ -194,6 +209,10 @@ CASES = [
                                       "-o", e.tmp / "out"], ["bad.gguf"]),
     ("gguf-bit-flip-key-length", lambda e: ["convert", e.gguf_bytes(_flip(24 + 5, 0x10)), "-o", e.tmp / "out"],
      ["bad.gguf"]),
+    ("gguf-no-vocabulary", lambda e: ["convert", _header_only_gguf(e, vocab=False), "-o", e.tmp / "out"],
+     ["vocab_size", "download it again"]),  # found by bench/fuzz.py (was a KeyError)
+    ("gguf-uneven-heads", lambda e: ["convert", _header_only_gguf(e, heads=3), "-o", e.tmp / "out"],
+     ["num_attention_heads 3", "do not divide evenly"]),
     # ---- convert: Hugging Face directory
     ("safetensors-truncated", lambda e: ["convert", _safetensors(e, lambda d: d[:1000]), "-o", e.tmp / "out"],
      ["model.safetensors", "download it again"]),

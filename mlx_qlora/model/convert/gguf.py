@@ -11,6 +11,7 @@ on a CPU, with no export step and no flag.
 """
 from __future__ import annotations
 
+import numbers
 import struct
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,7 @@ from ...atomic import atomic_dir
 from ..model_io import record_gguf, write_model_dir
 from ..quant import GGUF_EXACT, GGUF_FLOAT, QuantStats, bits_per_weight, quantize, unpermute_qk
 from . import ConvertConfig, ConvertReport
+from .hf import CONFIG_INTS, check_config
 
 
 # magic, version, tensor count, metadata count; then per key/value and per tensor at least:
@@ -89,17 +91,27 @@ def gguf_config(meta: dict, tensor_names: set[str]) -> dict:
     cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
     cfg.setdefault("rms_norm_eps", 1e-5)
     cfg.setdefault("rope_theta", 10000.0)
+    bad = "the file is corrupt or incomplete: download it again"
+    check_config(cfg, "GGUF metadata", bad, required=tuple(k for k in CONFIG_INTS if k != "vocab_size"))
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     rope_dim = meta.get(f"{arch}.rope.dimension_count", head_dim)
+    require(isinstance(rope_dim, numbers.Integral) and rope_dim > 0,
+            f"GGUF metadata: {arch}.rope.dimension_count is {rope_dim!r}; {bad}")
     if rope_dim != head_dim:
         cfg["head_dim"] = int(rope_dim)
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
-        cfg["rope_scaling"] = {"type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
-    cfg["vocab_size"] = len(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta \
-        else int(meta[f"{arch}.vocab_size"])
+        factor = meta.get(f"{arch}.rope.scaling.factor")
+        require(isinstance(factor, numbers.Real) and factor > 0,
+                f"GGUF metadata: linear rope scaling with factor {factor!r}; {bad}")
+        cfg["rope_scaling"] = {"type": "linear", "factor": float(factor)}
+    tokens = meta.get("tokenizer.ggml.tokens")
+    cfg["vocab_size"] = len(tokens) if isinstance(tokens, list) else meta.get(f"{arch}.vocab_size")
+    check_config(cfg, "GGUF metadata", bad, required=("vocab_size",))
     cfg["tie_word_embeddings"] = "output.weight" not in tensor_names
     for name, key in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
         if key in meta:
+            require(isinstance(meta[key], numbers.Integral) and 0 <= meta[key] < cfg["vocab_size"],
+                    f"GGUF metadata: {key} is {meta[key]!r}, not a token of the {cfg['vocab_size']}; {bad}")
             cfg[name] = int(meta[key])
     # float32 metadata (1e-5 stored as 9.99999974e-06) -> the shortest decimal that round-trips
     cfg = {k: (float(np.format_float_positional(np.float32(v), unique=True)) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (int, np.integer))

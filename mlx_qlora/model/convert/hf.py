@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import shutil
 from pathlib import Path
 
@@ -38,23 +40,25 @@ OPTIONAL_INTS = ("num_key_value_heads", "head_dim")
 OPTIONAL_NUMBERS = ("rms_norm_eps", "rope_theta")
 
 
-def check_config(config: dict, cfg_file: Path) -> None:
-    """Each field the model is built from present and of the right type, named when not."""
-    for key in CONFIG_INTS + OPTIONAL_INTS:
+def check_config(config: dict, where: str, fix: str = "fix or re-download config.json",
+                 required: tuple[str, ...] = CONFIG_INTS) -> None:
+    """Each field the model is built from present and of the right type, named when not
+    (``where``: the file or metadata the values came from; ``fix``: what to do about it)."""
+    for key in required + OPTIONAL_INTS:
         if key not in config and key in OPTIONAL_INTS:
             continue
-        require(key in config, f"{cfg_file} lacks '{key}'; is it the config.json of this checkpoint? re-download it")
+        require(key in config, f"{where} lacks '{key}'; {fix}")
         v = config[key]
-        require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                f"{cfg_file}: '{key}' is {v!r}; it must be a positive integer: fix or re-download config.json")
+        require(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0,
+                f"{where}: '{key}' is {v!r}; it must be a positive integer: {fix}")
     for key in OPTIONAL_NUMBERS:
         v = config.get(key, 1.0)
-        require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                f"{cfg_file}: '{key}' is {v!r}; it must be a positive number: fix or re-download config.json")
+        require(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+                f"{where}: '{key}' is {v!r}; it must be a positive number: {fix}")
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     require(heads % kv == 0 and ("head_dim" in config or config["hidden_size"] % heads == 0),
-            f"{cfg_file}: hidden_size {config['hidden_size']}, num_attention_heads {heads} and "
-            f"num_key_value_heads {kv} do not divide evenly; fix or re-download config.json")
+            f"{where}: hidden_size {config['hidden_size']}, num_attention_heads {heads} and "
+            f"num_key_value_heads {kv} do not divide evenly; {fix}")
 
 
 def read_hf_dir(path: Path) -> tuple[dict, dict]:
@@ -75,7 +79,7 @@ def read_hf_dir(path: Path) -> tuple[dict, dict]:
     mtype = config.get("model_type")
     require(mtype in names.HF_MODEL_TYPES,
             f"architecture {mtype!r} is not supported; supported: {', '.join(names.HF_MODEL_TYPES)}")
-    check_config(config, cfg_file)
+    check_config(config, str(cfg_file))
     files = sorted(path.glob("*.safetensors"))
     require(bool(files), f"{path} has no *.safetensors weights; convert PyTorch .bin checkpoints to "
                          "safetensors first (or download the safetensors variant)")
