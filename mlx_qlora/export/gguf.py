@@ -71,7 +71,7 @@ def lossless_type(weights: dict, config: dict) -> tuple[str | None, str]:
         return ("f16" if kinds == {mx.float16} else "bf16" if kinds == {mx.bfloat16} else "f32"), ""
     type_name = default_type(config)
     if type_name not in BLOCK_TYPES:
-        q = config["quantization"]
+        q = config.get("quantization") or {}
         return None, (f"its {q.get('bits')}-bit groups of {q.get('group_size')} weights are no GGUF block type "
                       f"(Q4_1 holds 4-bit groups of 32*k)")
     for m in quantized:
