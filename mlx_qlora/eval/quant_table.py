@@ -115,7 +115,10 @@ def gguf_bits_per_weight(path: Path) -> float:
 
 def _mlx_label(model_dir: Path) -> str:
     q = json.loads((model_dir / "config.json").read_text()).get("quantization")
-    return f"MLX {q['bits']}-bit g{q['group_size']}" if q else "MLX float"
+    if not q:
+        return "MLX float"
+    mixed = sorted({v["bits"] for v in q.values() if isinstance(v, dict) and "bits" in v} - {q["bits"]})
+    return f"MLX {q['bits']}-bit g{q['group_size']}" + (f", some {'/'.join(map(str, mixed))}-bit" if mixed else "")
 
 
 def quant_sweep(cfg, say=print) -> dict:
