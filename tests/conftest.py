@@ -28,6 +28,14 @@ def tiny_hf_qwen2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_q4(tmp_path_factory, tiny_hf_llama) -> Path:
+    """The tiny llama as a 4-bit (group 32) MLX directory, converted once per session."""
+    from lora_fixtures import converted
+
+    return converted(tmp_path_factory, tiny_hf_llama, "tiny_llama_q4", q_group_size=32)
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     from mlx_qlora.model.embedded import find_embedded_gguf
 

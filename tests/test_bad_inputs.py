@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 import tiny
-from lora_fixtures import ATTN, converted, write_adapter
+from lora_fixtures import ATTN, write_adapter
 from mlx_qlora.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,9 +263,9 @@ def converted_other(env: Env) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, tiny_hf_llama):
+def base(tmp_path_factory, tiny_hf_llama, tiny_llama_q4):
     d = tmp_path_factory.mktemp("bad_inputs_base")
-    q4 = converted(tmp_path_factory, tiny_hf_llama, "tiny_llama_q4", q_group_size=32)
+    q4 = tiny_llama_q4
     return {"hf": tiny_hf_llama, "q4": q4, "gguf": tiny.write_gguf(tiny_hf_llama, d / "m.gguf", "Q4_1"),
             "adapter": write_adapter(d / "adapter", q4, targets=ATTN),
             "other_hf": tiny.write_hf_dir(d / "other_hf", hidden=32, intermediate=64)}

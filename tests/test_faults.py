@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from lora_fixtures import converted
-
 DRIVER = r'''
 import errno, os, signal, sys
 import mlx_qlora
@@ -77,15 +75,15 @@ ROWS = [f"row {i}: SELECT name FROM t{i % 5} WHERE id = {i}" for i in range(24)]
 
 
 @pytest.fixture(scope="module")
-def q4(tmp_path_factory, tiny_hf_llama):
-    return converted(tmp_path_factory, tiny_hf_llama, "tiny_llama_q4", q_group_size=32)
+def q4(tiny_llama_q4):
+    return tiny_llama_q4
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("fault_data")
-    (d / "train.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in ROWS))
-    (d / "valid.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in ROWS[:4]))
+    for name, rows in (("train", ROWS), ("valid", ROWS[:4])):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
     return d
 
 
