@@ -289,10 +289,10 @@ def worker_allreduce(size: int, reps: int = 20) -> dict:
     return {"ranks": world.size, "s_per_all_sum": (time.perf_counter() - t0) / reps, "floats": size}
 
 
-def run_ranks(model: str, data: Path, nproc: int, steps: int) -> dict:
+def run_ranks(model: str, data: Path, nproc: int, steps: int, threads: int = 0) -> dict:
     out = CACHE / f"dp_{nproc}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    threads = str(threads or max(1, (os.cpu_count() or 1) // nproc))
     env = dict(os.environ, **{k: threads for k in ("MLX_QLORA_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     cmd = [sys.executable, "-m", "mlx_qlora.cli", "train", "--nproc", str(nproc), "-m", model, "--data", str(data),
            "-o", str(out), "--steps", str(steps), "--batch_size", str(BATCH), "--lora.rank", str(RANK),
@@ -315,7 +315,7 @@ def data_parallel(a) -> None:
     (data / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows[:-8]))
     (data / "valid.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows[-8:]))
     # a list like 1,2,1,2 interleaves repeats, so a shared machine's drift hits every N alike
-    runs = [(n, run_ranks(a.model, data, n, a.warmup + a.steps)) for n in nprocs]
+    runs = [(n, run_ranks(a.model, data, n, a.warmup + a.steps, a.threads_per_rank)) for n in nprocs]
     base = next((r for _, r in runs if "recs" in r), {})
     print(f"\nData parallel: `mlx_qlora train --nproc N`, SmolLM2-135M 4-bit, WikiSQL, global batch {BATCH}, "
           f"LoRA rank {RANK} on the last {LAYERS} layers, {a.steps} steps timed after {a.warmup} "
@@ -370,6 +370,7 @@ def main():
     ap.add_argument("--weight-cache-mb", type=float, default=1024, help=argparse.SUPPRESS)
     ap.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--nproc", default=None, help="data parallel only: rank counts to compare, e.g. 1,2")
+    ap.add_argument("--threads-per-rank", type=int, default=0, help="with --nproc (default: cores / N)")
     ap.add_argument("--allreduce-size", type=int, default=1_302_528, help=argparse.SUPPRESS)  # the trainable count
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
