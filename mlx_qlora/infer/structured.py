@@ -50,10 +50,26 @@ def schema_from_response_format(rf) -> dict | None:
     raise UserError(f"response_format type {kind!r} is not supported; use text, json_object or json_schema")
 
 
+_LLAMACPP_IGNORES = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
+
+
+def _keywords(node) -> set[str]:
+    """Every key used anywhere in a schema (property names included: over-cautious, cheap)."""
+    if isinstance(node, dict):
+        return set(node).union(*(_keywords(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_keywords(v) for v in node))
+    return set()
+
+
 def llamacpp_grammar(schema: dict):
     """A ``LlamaGrammar`` for ``schema`` (llama-cpp-python's converter), or UserError."""
     from llama_cpp.llama_grammar import LlamaGrammar
 
+    ignored = sorted(_keywords(schema) & _LLAMACPP_IGNORES)
+    if ignored:  # refuse rather than hand back output the schema rejects
+        raise UserError(f"llama.cpp's JSON-schema grammar does not enforce {', '.join(ignored)}; use an enum "
+                        f"instead, or the MLX engine (llguidance enforces them)")
     try:
         gbnf = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)._grammar
     except Exception as e:  # the converter raises bare Exception/ValueError/KeyError on unsupported input
