@@ -96,9 +96,13 @@ def run_mlx_qlora(a, d: dict, system: str) -> dict:
     from mlx_qlora.train.data import Example, collate
     from mlx_qlora.train.lora import apply_lora
 
+    if a.ce_chunk_rows:
+        mlx_step.CE_CHUNK_ELEMENTS = a.ce_chunk_rows * d["vocab_size"]
     model = mlx_model(d)
     apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, layers="all", targets="all-linear"))
     opt = optim.AdamW(learning_rate=1e-5)
+    # as train() does on the GPU path: grads / loss tokens, clipped to norm 1, compiled AdamW update
+    update, scale_clip = mlx_step.make_update(model, opt), mlx_step.make_scale_clip(1.0, compiled=True)
     with mlx_cpu_kernels.disabled():         # on CPU: the GPU path, not the CPU kernels
         if system == "mlx_qlora_plain_ce":
             grad_fn, _ = mlx_step.make_device_step(model, None)   # head=None: full logits
@@ -111,7 +115,9 @@ def run_mlx_qlora(a, d: dict, system: str) -> dict:
         def step(i):
             b = collate([Example(row, mask) for row in tokens(a, d["vocab_size"], i)])
             loss, g = grad_fn(b, (0, i, 0))
-            opt.update(model, g)
+            g, norm = scale_clip(g, b.n_loss)
+            assert np.isfinite(norm.item())     # train() checks the norm before updating
+            update(g)
             mx.eval(model.trainable_parameters(), opt.state)
             return loss / b.n_loss
 
@@ -172,8 +178,9 @@ def run_torch(a, d: dict) -> dict:
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     torch.manual_seed(0)
     cfg = LlamaConfig(**d, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=max(a.seq + 1, 2048))
+    torch.set_default_dtype(dtype)          # built in bf16 directly: no fp32 copy of an 8B model
     with torch.device(dev):
-        model = LlamaForCausalLM(cfg).to(dtype)
+        model = LlamaForCausalLM(cfg)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                              target_modules=[n.split(".")[-1] for n in LINEARS]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -228,6 +235,7 @@ def run_one(a, shape: str, system: str) -> dict:
             str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup)]
     argv += ["--layers", str(a.layers)] if a.layers else []
     argv += ["--vocab", str(a.vocab)] if a.vocab else []
+    argv += ["--ce-chunk-rows", str(a.ce_chunk_rows)] if a.ce_chunk_rows else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     t = time.perf_counter()
     p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=a.timeout)
@@ -267,6 +275,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--layers", type=int, default=0, help="override the shape's layer count (CPU runs)")
     p.add_argument("--vocab", type=int, default=0, help="override the shape's vocabulary (CPU runs)")
+    p.add_argument("--ce-chunk-rows", type=int, default=0, help="rows per chunk of the chunked loss (CPU runs)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per system")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)

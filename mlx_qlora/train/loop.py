@@ -307,10 +307,11 @@ def train(cfg: TrainConfig) -> dict:
     rep.print(f"model {cfg.model}: {total / 1e6:.2f}M parameters, trainable {trainable:,} ({100 * trainable / total:.3f}%)")
     grad_fn, eval_fn, packed = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb,
                                              rep.print, batch_shape=(cfg.batch_size, cfg.data.max_seq_len))
-    update = partial(optimizer.update, model)
-    if not packed and not mlx_cpu_kernels.on_cpu():   # the GPU path: the update compiled too
-        from .mlx_step import make_update
-        update = make_update(model, optimizer)
+    from .mlx_step import make_scale_clip, make_update
+
+    gpu_path = not packed and not mlx_cpu_kernels.on_cpu()   # the GPU path: scaling, clipping, update compiled
+    update = make_update(model, optimizer) if gpu_path else partial(optimizer.update, model)
+    scale_clip = make_scale_clip(cfg.optim.max_grad_norm, compiled=gpu_path)
     waste = "no padding (the CPU engine packs rows)" if packed else \
         f"padding waste {100 * padding_waste(ds.train, cfg.batch_size, cfg.seed):.1f}% with length bucketing"
     rep.print(f"data: {len(ds.train)} train / {len(ds.valid)} valid rows ({ds.fmt}), {waste}")
@@ -366,11 +367,7 @@ def train(cfg: TrainConfig) -> dict:
                                                              f"the gradient all_sum of step {state['step'] + 1}",
                                                              watchdog, time.perf_counter() - t_step)
             n_tok = int(n_tok)
-            grads = tree_map(lambda g: g / n_loss, grads)
-            if cfg.optim.max_grad_norm is not None:
-                grads, norm = optim.clip_grad_norm(grads, cfg.optim.max_grad_norm)
-            else:
-                norm = optim.clip_grad_norm(grads, float("inf"))[1]
+            grads, norm = scale_clip(grads, n_loss)
             mean_loss = loss_sum / n_loss
             if not (math.isfinite(mean_loss) and math.isfinite(norm.item())):
                 state["epoch"], state["batch_index"] = pos

@@ -259,3 +259,21 @@ def make_update(model: nn.Module, optimizer):
         optimizer.update(model, grads)
 
     return mx.compile(update, inputs=state, outputs=state)
+
+
+def make_scale_clip(max_norm: float | None, compiled: bool):
+    """scale_clip(grads, n) -> (grads / n clipped to ``max_norm`` (None: not clipped), their norm),
+    as the loop does before the update; compiled on the GPU path (one graph for every tensor)."""
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+
+    def scale_clip(grads, n):
+        grads = tree_map(lambda g: g / n, grads)
+        if max_norm is None:
+            return grads, optim.clip_grad_norm(grads, float("inf"))[1]
+        return optim.clip_grad_norm(grads, max_norm)
+
+    if not compiled:
+        return scale_clip
+    fn = mx.compile(scale_clip)
+    return lambda grads, n: fn(grads, mx.array(n, mx.float32))   # a traced count: no recompiles
