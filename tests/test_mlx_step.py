@@ -45,6 +45,19 @@ def test_chunked_cross_entropy_matches_plain(quantized):
     assert rel_err(l2, l0) < tol(1e-5) and rel_err(g2, g0) < tol(1e-4)
 
 
+def test_chunked_cross_entropy_in_bf16_keeps_bf16_gradients():
+    """A bf16 model: bf16 logits per chunk, float32 softmax, dL/dh back in bf16 (an fp32 cotangent
+    would promote the whole backward of the model to fp32)."""
+    mx.random.seed(2)
+    h, lin = mx.random.normal((200, 64)), nn.Linear(64, 300, bias=False)
+    t, w = mx.random.randint(0, 300, (200,)), mx.ones((200,))
+    ref_l, ref_g = mx.value_and_grad(lambda h: mlx_step.chunked_cross_entropy(h, lin, t, w, rows=64))(h)
+    lin.set_dtype(mx.bfloat16)
+    l, g = mx.value_and_grad(lambda h: mlx_step.chunked_cross_entropy(h, lin, t, w, rows=64))(h.astype(mx.bfloat16))
+    assert l.dtype == mx.float32 and g.dtype == mx.bfloat16
+    assert rel_err(l, ref_l) < tol(1e-5, mx.bfloat16) and rel_err(g.astype(mx.float32), ref_g) < tol(1e-4, mx.bfloat16)
+
+
 def test_chunk_rows_bound_the_logits():
     assert mlx_step.chunk_rows(128_256, 2048) * 128_256 <= mlx_step.CE_CHUNK_ELEMENTS
     assert mlx_step.chunk_rows(300, 100) == 100 and mlx_step.chunk_rows(10 ** 9, 4096) == mlx_step.MIN_CHUNK_ROWS

@@ -106,7 +106,9 @@ def _chunked_ce_fn(quant, rows: int):
     def f_vjp(primals, cotangents, outputs):
         # the head is frozen and the targets/weights are data: only dL/dh is ever used (MLX
         # picks the cotangents it needs; the zeros of the others are never evaluated)
-        return (cotangents[0] * outputs[1],) + tuple(mx.zeros_like(a) for a in primals[1:])
+        # in h's dtype: an fp32 scalar times bf16 would promote the whole backward to fp32
+        dh = outputs[1] * cotangents[0].astype(outputs[1].dtype)
+        return (dh,) + tuple(mx.zeros_like(a) for a in primals[1:])
 
     return f
 
