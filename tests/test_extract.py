@@ -107,14 +107,22 @@ def test_kill_9_then_rerun_gives_every_row_exactly_once(tiny_gguf, tmp_path):
     out = tmp_path / "out.jsonl"
     argv = [sys.executable, "-m", "mlx_qlora.cli", "extract", str(tiny_gguf), "--input", str(inp), "--output", str(out),
             "--schema", str(schema), "--parallel", "2", "--threads", "1", "--no-progress"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kept = out.read_text().count("\n")
-    assert 5 <= kept < n, "the job finished before it could be killed; give it more rows"
+
+    def start_and_stop(sig, at_least):
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < at_least):
+            time.sleep(0.05)
+        os.kill(proc.pid, sig)
+        stdout, _ = proc.communicate(timeout=60)
+        kept = out.read_text().count("\n")
+        assert at_least <= kept < n, "the job finished before it could be stopped; give it more rows"
+        return proc.returncode, stdout, kept
+
+    rc, stdout, kept = start_and_stop(signal.SIGINT, 3)            # Ctrl-C: finished rows stay
+    assert rc == 130 and f"interrupted: {kept} of {n} rows are in" in stdout
+    rc, _, kept2 = start_and_stop(signal.SIGKILL, kept + 3)        # kill -9 on the resumed run
+    assert rc == -signal.SIGKILL and kept2 > kept
     with open(out, "a") as f:            # a row torn in the middle of its write
         f.write('{"i": 999, "text": "half a li')
     cli(tiny_gguf, "--input", inp, "--output", out, "--schema", schema, "--parallel", "2")

@@ -268,7 +268,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
                 evaluated = _decode_mlx(engine, todo, prompts, cfg, schema, on_row)
     except KeyboardInterrupt:
         writer.close()
-        print(f"interrupted: {done + writer.written} of {len(rows)} rows are in {out}; "
+        kept = out.read_bytes().count(b"\n")
+        print(f"interrupted: {kept} of {len(rows)} rows are in {out}; "
               f"rerun the same command to continue")
         raise SystemExit(130) from None
     finally:
