@@ -42,3 +42,13 @@ def test_schema_and_multisets():
     assert field_accuracy([{"a": "X", "b": 1}, None], [{"a": "x", "b": 2}, {"a": "y", "b": 2}]) == {"a": 0.5, "b": 0.0}
     with pytest.raises(ValueError):
         score_json_fields([REF], [])
+
+
+def test_score_file_counts_error_rows_as_invalid(tmp_path):
+    from mlx_qlora.eval.json_fields import score_file
+
+    p = tmp_path / "out.jsonl"
+    p.write_text(json.dumps({"text": "a", "reference": REF, "result": REF}) + "\n"
+                 + json.dumps({"text": "b", "reference": REF, "error": "cut"}) + "\n")
+    s = score_file(str(p))
+    assert s["n"] == 2 and s["valid"] == 1 and s["pair_precision"] == 1.0 and s["pair_recall"] == 0.5

@@ -124,3 +124,24 @@ def score_json_fields(predictions: list, references: list, schema: dict | None =
             "term_precision": tprec, "term_recall": trec, "term_f1": tf1,
             "pair_precision": pprec, "pair_recall": prec_, "pair_f1": pf1,
             "field_accuracy": field_accuracy(preds, refs)}
+
+
+def score_file(path: str, pred_field: str = "result", ref_field: str = "reference", **kw) -> dict:
+    """Score an ``mlx_qlora extract`` output: each line's ``result`` (absent on error rows, which
+    count as invalid) against its ``reference``."""
+    preds, refs = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            preds.append(row.get(pred_field))
+            refs.append(row[ref_field])
+    return score_json_fields(preds, refs, **kw)
+
+
+if __name__ == "__main__":  # python -m mlx_qlora.eval.json_fields OUTPUT.jsonl [...]
+    import sys
+
+    for p in sys.argv[1:]:
+        s = score_file(p)
+        print(f"{p}: rows {s['n']}, JSON valid {100 * s['json_validity']:.1f}%, term F1 {100 * s['term_f1']:.1f}, "
+              f"(term, sentiment) F1 {100 * s['pair_f1']:.1f}")
