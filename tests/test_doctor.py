@@ -1,4 +1,5 @@
 """doctor: a real CBLAS is bound on Linux and measured fast; the report names every component."""
+import os
 import sys
 
 import pytest
@@ -27,7 +28,8 @@ def test_blas_off_switch(tmp_path):
     import subprocess
 
     code = "import mlx_qlora, mlx_qlora.model.blas as b; print(b.STATE.reason)"
-    out = subprocess.run([sys.executable, "-c", code], env={"MLX_QLORA_BLAS": "off", "PATH": "/usr/bin"},
+    # the environment inherited (a CUDA machine's library paths), only the switch set
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLX_QLORA_BLAS": "off"},
                          capture_output=True, text=True)
     assert "disabled" in out.stdout, out.stderr
     out = subprocess.run([sys.executable, "-c", "import mlx.core, mlx_qlora, mlx_qlora.model.blas as b; print(b.STATE.reason)"],
