@@ -62,8 +62,8 @@ class Env:
         p.write_text(text)
         return p
 
-    def train(self, *extra, data: Path | None = None) -> list:
-        return ["train", "--model", self.q4, "--data", data or self.good_data(), "--out", self.tmp / "run",
+    def train(self, *extra, data: Path | None = None, model: Path | None = None) -> list:
+        return ["train", "--model", model or self.q4, "--data", data or self.good_data(), "--out", self.tmp / "run",
                 "--steps", "1", "--no-progress", *extra]
 
     def good_data(self) -> Path:
@@ -140,6 +140,13 @@ def _config(env: Env, edit: Callable[[dict], object]) -> Path:
     new = edit(cfg)
     (src / "config.json").write_text(new if isinstance(new, str) else json.dumps(cfg if new is None else new))
     return src
+
+
+def _model(env: Env, name: str, content: bytes | int) -> Path:
+    """A copy of the 4-bit model with one file replaced by ``content`` (or cut to that many bytes)."""
+    m = Path(shutil.copytree(env.q4, env.tmp / "model"))
+    (m / name).write_bytes((m / name).read_bytes()[:content] if isinstance(content, int) else content)
+    return m
 
 
 def _adapter(env: Env, edit: Callable[[Path], None]) -> Path:
@@ -229,6 +236,12 @@ CASES = [
     ("config-bad-json", lambda e: ["convert", _config(e, lambda c: "{"), "-o", e.tmp / "out"], ["config.json"]),
     ("convert-bad-bits", lambda e: ["convert", e.hf, "-o", e.tmp / "out", "--q-bits", "5"], ["--q-bits 5"]),
     ("convert-read-only-out", lambda e: ["convert", e.hf, "-o", _read_only_out(e)], ["cannot write", "writable"]),
+    # ---- an MLX model directory (what train, generate, chat, serve, fuse and export read)
+    ("model-config-not-object", lambda e: e.train(model=_model(e, "config.json", b"[1]")), ["config.json", "JSON object"]),
+    ("model-config-bad-json", lambda e: ["export", _model(e, "config.json", b"{"), "-o", e.tmp / "m.gguf"],
+     ["config.json", "not valid JSON"]),
+    ("model-safetensors-truncated", lambda e: ["generate", _model(e, "model.safetensors", 3000), "-p", "hi", "--engine", "mlx"],
+     ["model.safetensors", "re-create it"]),
     # ---- adapters: fuse / export / generate / import-peft
     ("adapter-other-shapes", lambda e: ["fuse", e.q4, write_adapter(e.tmp / "ad", converted_other(e)), "-o", e.tmp / "out"],
      ["another base model"]),

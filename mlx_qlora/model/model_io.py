@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import require
+from ..errors import UserError, require
 
 
 def normalize_config(cfg: dict) -> dict:
@@ -48,7 +48,28 @@ def check_model_dir(path: str | Path) -> Path:
     require(p.exists(), f"model path {p} does not exist; give an MLX model directory (mlx_qlora convert -o DIR)")
     require(p.is_dir(), f"model path {p} is not a directory; give an MLX model directory")
     require((p / "config.json").exists(), f"{p} has no config.json; is it a model directory? (mlx_qlora convert makes one)")
+    check_model_files(p)
     return p
+
+
+def check_model_files(p: Path) -> None:
+    """config.json a JSON object and every ``*.safetensors`` header whole (read by the
+    safetensors library: header only, checked against the file size), or one UserError line."""
+    from safetensors import safe_open
+
+    cfg_file = p / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_file} is not valid JSON ({e}); fix it or re-create the model with mlx_qlora convert") from None
+    require(isinstance(cfg, dict), f"{cfg_file} is not a JSON object; re-create the model with mlx_qlora convert")
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "numpy"):
+                pass
+        except Exception as e:  # SafetensorError / OSError: a cut or damaged file
+            raise UserError(f"{f} is not a readable safetensors file ({e}); the model directory is damaged: "
+                            "re-create it with mlx_qlora convert") from None
 
 
 def load(path: str | Path, dtype=None, lazy: bool = False, dequantize: bool = False):

@@ -29,9 +29,10 @@ from . import distributed as dist
 from . import numpy_engine
 
 from . import mlx_cpu_kernels
-from ..atomic import atomic_dir, atomic_file
+from ..atomic import atomic_dir, atomic_file, remove_stale
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
 from ..errors import UserError, require
+from ..model.model_io import check_model_dir
 from .lora import apply_lora, count_parameters, dropout_key, save_adapter, save_weights
 from .report import Reporter
 from .config import OptimConfig, TrainConfig
@@ -49,6 +50,8 @@ def load_base(path: str):
     p = Path(path).expanduser()
     require(p.exists() or (path.count("/") == 1 and not path.startswith((".", "/", "~"))),
             f"model {path!r} not found: give an MLX model directory (see `mlx_qlora convert`) or a Hugging Face id")
+    if p.is_dir():
+        check_model_dir(p)  # a damaged config.json or safetensors: one line, not mlx-lm's traceback
     try:
         return load(str(p) if p.exists() else path)
     except FileNotFoundError as e:
@@ -301,6 +304,8 @@ def train(cfg: TrainConfig) -> dict:
         require(state["step"] < cfg.steps, f"--resume: the checkpoint is at step {state['step']}, not below "
                                            f"steps={cfg.steps}; raise --steps to train further")
     out.mkdir(parents=True, exist_ok=True)
+    for d in (out, out / "checkpoints"):  # half-written temporaries of a killed run
+        remove_stale(d)
     rep = Reporter(out, cfg.steps, state["step"], progress=cfg.progress, started=started, ranks=world.size,
                    write=world.main)
     trainable, total = count_parameters(model)
