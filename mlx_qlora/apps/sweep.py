@@ -39,7 +39,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
     optuna.logging.set_verbosity(optuna.logging.ERROR)   # trials report in our own lines
     out = _open_out_dir(cfg)
     study = optuna.create_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
-                                direction="minimize", sampler=_sampler(cfg, optuna))
+                                direction="minimize", sampler=_sampler(cfg, optuna, 0))
+    if study.trials:   # resumed: a fresh seed stream, or random / TPE would redraw trial 0's setting
+        study.sampler = _sampler(cfg, optuna, len(study.trials))
     requeued = _requeue_interrupted(study, out)
     done = _done(study)
     todo = cfg.trials - len(done)
@@ -108,12 +110,14 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
 
 # ---------------------------------------------------------------- study bookkeeping
-def _sampler(cfg: SweepConfig, optuna):
+def _sampler(cfg: SweepConfig, optuna, offset: int):
+    """The sampler, seeded with ``seed + offset`` (offset: trials the study already holds)."""
+    seed = cfg.seed + offset
     if cfg.sampler == "grid":
-        return optuna.samplers.GridSampler({p.key: p.labels() for p in cfg.params}, seed=cfg.seed)
+        return optuna.samplers.GridSampler({p.key: p.labels() for p in cfg.params}, seed=seed)
     if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed)
-    return optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=min(10, max(cfg.trials // 2, 1)))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(cfg.trials // 2, 1)))
 
 
 def _done(study) -> list:
