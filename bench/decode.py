@@ -193,9 +193,10 @@ def main():
     rows = [(f"llama.cpp (llama-cpp-python generate, all {cores} cores)", None,
              bench_llama_raw(gguf, prompt_text, n, cores))]
     if threads != cores:
-        rows.append((f"llama.cpp (llama-cpp-python generate, {threads} threads)", None,
+        rows.append((f"llama.cpp (llama-cpp-python generate, {threads} thread{'s' * (threads > 1)})", None,
                      bench_llama_raw(gguf, prompt_text, n, threads)))
-    rows += [(f"mlx_qlora engine llama.cpp ({threads} threads)", "llama.cpp", bench_engine(lc, prompt_text, n)),
+    rows += [(f"mlx_qlora engine llama.cpp ({threads} thread{'s' * (threads > 1)})", "llama.cpp",
+              bench_engine(lc, prompt_text, n)),
              ("mlx_qlora engine llama.cpp + LoRA r8", None, bench_engine(lc, prompt_text, n, "bench"))]
     me = dflt if default == "mlx" else MLXEngine(model_dir, [adapter, adapter2])
     rows += [("mlx_qlora engine mlx (CPU rewrite)" if me.cpu_fast else "mlx_qlora engine mlx", "mlx",
