@@ -197,10 +197,22 @@ def comparisons(rows: dict) -> list[str]:
     return out
 
 
+def command(cfg) -> str:
+    """The command line that makes this table."""
+    parts = [f"mlx_qlora eval {cfg.model} --quant-sweep --data {cfg.data}"]
+    if cfg.split != "test":
+        parts.append(f"--split {cfg.split}")
+    if cfg.max_rows:
+        parts.append(f"--max-rows {cfg.max_rows}")
+    parts.append(f"--bits {','.join(map(str, cfg.bits)) or 'none'} --group-size {cfg.group_size}")
+    parts.append(f"--gguf-types {','.join(cfg.gguf_types) or 'none'}")
+    return " ".join(parts)
+
+
 def markdown(rows: dict, src: Path, cfg, examples: list, notes: list[str]) -> str:
     n_tok = sum(int(e.mask[1:].sum()) for e in examples)
     lines = [f"Quantization sweep of `{src.name}` on `{cfg.data_cfg.train}` ({len(examples)} rows, "
-             f"{n_tok:,} loss tokens; `mlx_qlora eval {src} --quant-sweep --data {cfg.data}`).",
+             f"{n_tok:,} loss tokens; `{command(cfg)}`).",
              "", "| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     lines += ["| " + " | ".join(r.cells(rows)) + " |" for r in rows.values()]
     lines += ["", "'vs 16-bit': MLX rows against MLX 16-bit, GGUF rows against GGUF F16."]
