@@ -173,8 +173,8 @@ def quant_sweep(cfg, say=print) -> dict:
         tmp.write_text(md)
     png = plot(rows, out / "quant_table.png", src.name)
     result = {"model": str(src), "data": str(cfg.data_cfg.train), "rows": {k: {
-        "format": r.fmt, "engine": r.engine, "bits_per_weight": r.bits_per_weight, "size_bytes": r.size_bytes,
-        "ref": r.ref, **r.result.as_dict()} for k, r in rows.items()}, "notes": notes}
+        **r.result.as_dict(), "format": r.fmt, "scored_by": r.engine, "bits_per_weight": r.bits_per_weight,
+        "size_bytes": r.size_bytes, "ref": r.ref} for k, r in rows.items()}, "notes": notes}
     with atomic_file(out / "quant_table.json", force=True) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     say("")
@@ -233,10 +233,12 @@ def plot(rows: dict, path: Path, title: str) -> Path:
                        label=engine)
             for r in pts:
                 ax.annotate(r.fmt.replace("MLX ", "").replace("GGUF ", ""), (r.size_bytes / 2**20, r.result.perplexity),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+                            textcoords="offset points", xytext=(4, 4 if engine == "MLX" else -11), fontsize=7)
     ax.set_xlabel("size on disk (MiB)")
     ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
+    ppl = [r.result.perplexity for r in rows.values()]
+    if max(ppl) / min(ppl) > 20:          # 2-bit rows can be orders of magnitude off
+        ax.set_yscale("log")
     ax.set_title(f"{title}: size vs perplexity")
     ax.grid(alpha=0.3)
     ax.legend()
