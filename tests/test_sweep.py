@@ -192,3 +192,25 @@ def test_failed_trial_is_recorded_and_the_sweep_goes_on(recipe, tmp_path):
     assert res["best"].values == {"lora.layers": "last 2"}
     md = (tmp_path / "out" / "results.md").read_text()
     assert md.count("| failed | ") == 1 and "the model has only 2 layers" in md
+
+
+def test_resumed_random_sweep_draws_new_settings(recipe, tmp_path, monkeypatch):
+    """A resumed process reseeds its sampler: a fresh seed-0 stream would redraw trial 0's setting."""
+    sw = write_sweep(tmp_path / "sweep.yaml", recipe, {"rank": [2, 3, 4, 5, 6, 7, 8, 9]}, sampler="random", trials=2)
+    real, calls = sweep_mod._train_trial, []
+
+    def interrupt_second(cfg, values, tdir):
+        calls.append(values["lora.rank"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, values, tdir)
+
+    monkeypatch.setattr(sweep_mod, "_train_trial", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(load_sweep(sw, trials=3))
+    first, interrupted = calls
+    calls.clear()
+    monkeypatch.setattr(sweep_mod, "_train_trial", lambda c, v, t: calls.append(v["lora.rank"]) or real(c, v, t))
+    run_sweep(load_sweep(sw, trials=3))
+    assert calls[0] == interrupted and len(calls) == 2 and calls[1] != first
+    assert sorted(int(r["lora.rank"]) for r in read_csv(tmp_path / "out")) == sorted([first, interrupted, calls[1]])
