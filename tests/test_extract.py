@@ -180,3 +180,19 @@ def test_smollm2_reviews_valid_and_parallel_matches_serial(smollm2_gguf, tmp_pat
     for g in outs[2]:
         jsonschema.validate(g["result"], ASPECTS)
     assert outs[1] == outs[2]
+
+
+@pytest.mark.llamacpp
+def test_span_field_terms_are_copied_from_the_text(tiny_gguf, tmp_path):
+    from mlx_qlora.apps.extract import text_spans
+
+    assert text_spans("the lobster/mango summer roll, great!", 20)[:3] == ["the", "the lobster", "the lobster/mango"]
+    schema = write_jsonl(tmp_path / "s.json", [{**SMALL, "properties": {"aspects": {**SMALL["properties"]["aspects"],
+        "items": {**SMALL["properties"]["aspects"]["items"], "properties": {
+            "term": {"type": "string", "maxLength": 20}, "sentiment": {"enum": ["positive", "negative"]}}}}}}])
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": r} for r in REVIEWS[:3]])
+    out = tmp_path / "out.jsonl"
+    run(tiny_gguf, inp, out, parallel=2, schema=str(schema), span_field="term")
+    got = read(out)
+    terms = [(g["text"], a["term"]) for g in got for a in g["result"]["aspects"]]
+    assert len(got) == 3 and terms and all(t in text for text, t in terms)

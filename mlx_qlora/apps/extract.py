@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class ExtractConfig:
     gguf: str | None = None
     threads: int | None = None
     progress: bool = True
+    span_field: str | None = None     # string fields of this name must be spans of the row's text
 
     def __post_init__(self):
         require(Path(self.input).is_file(), f"--input {self.input!r}: file not found")
@@ -126,6 +128,32 @@ class OrderedWriter:
         self.f.close()
 
 
+WORD = re.compile(r"\w+(?:['&]\w+)*")
+MAX_SPAN_WORDS = 6
+
+
+def text_spans(text: str, max_len: int | None = None) -> list[str]:
+    """Every run of 1..6 consecutive words of ``text``, as written (punctuation inside kept)."""
+    words = [(m.start(), m.end()) for m in WORD.finditer(text)]
+    out = dict.fromkeys(text[words[i][0]:words[j][1]] for i in range(len(words))
+                        for j in range(i, min(i + MAX_SPAN_WORDS, len(words))))
+    return [s for s in out if max_len is None or len(s) <= max_len] or [text[:max_len or None]]
+
+
+def with_spans(node, field: str, text: str):
+    """A copy of the schema whose string properties named ``field`` are an enum of text spans."""
+    if isinstance(node, list):
+        return [with_spans(v, field, text) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: with_spans(v, field, text) for k, v in node.items()}
+    props = out.get("properties")
+    if isinstance(props, dict) and isinstance(props.get(field), dict) and props[field].get("type") == "string":
+        spec = props[field]
+        props[field] = {"enum": text_spans(text, spec.get("maxLength"))}
+    return out
+
+
 @dataclass
 class Tally:
     rows: int = 0
@@ -162,7 +190,7 @@ def _progress(enabled: bool, total: int, done: int):
     return bar, task
 
 
-def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row):
+def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row, schema):
     from ..infer.engines.llamacpp import default_threads
     from ..infer.engines.llamacpp_batch import BatchDecoder, Job
 
@@ -171,15 +199,21 @@ def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row):
     try:
         if engine.active_adapter:
             dec.set_lora(engine._loras[engine.active_adapter])
-        jobs = []
-        for row in rows:
-            why = row.error or dec.check(prompts[row.index])
-            if why:
-                on_row(row, None, None, why)
-            else:
-                jobs.append(Job(row.index, prompts[row.index]))
+
+        def jobs():  # lazily: a row's own grammar (--span-field) is built when a slot takes it
+            for row in rows:
+                why = row.error or dec.check(prompts[row.index])
+                if why:
+                    on_row(row, None, None, why)
+                    continue
+                gbnf_row = None
+                if cfg.span_field:
+                    from ..infer.engines.llamacpp_batch import schema_to_gbnf
+                    gbnf_row = schema_to_gbnf(with_spans(schema, cfg.span_field, row.text))
+                yield Job(row.index, prompts[row.index], gbnf=gbnf_row)
+
         by_index = {r.index: r for r in rows}
-        for job in dec.run(jobs):
+        for job in dec.run(jobs()):
             on_row(by_index[job.key], dec.text(job.tokens), job, None)
         return dec.tokens_evaluated
     finally:
@@ -195,6 +229,8 @@ def _decode_mlx(engine, rows, prompts, cfg, schema, on_row):
         if row.error:
             on_row(row, None, None, row.error)
             continue
+        if cfg.span_field:
+            sampling.json_schema = with_spans(schema, cfg.span_field, row.text)
         text = engine.generate(prompts[row.index], sampling)
         st = engine.stats
         evaluated += st.prompt_tokens - st.reused_tokens
@@ -263,7 +299,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     try:
         with bar:
             if engine.name == "llama.cpp":
-                evaluated = _decode_llamacpp(engine, todo, prompts, cfg, gbnf, prefix, on_row)
+                evaluated = _decode_llamacpp(engine, todo, prompts, cfg, gbnf, prefix, on_row, schema)
             else:
                 evaluated = _decode_mlx(engine, todo, prompts, cfg, schema, on_row)
     except KeyboardInterrupt:

@@ -35,6 +35,7 @@ def schema_to_gbnf(schema: dict) -> str:
 class Job:
     key: object                       # the caller's handle (a row index)
     prompt: list[int]
+    gbnf: str | None = None           # this job's own grammar (default: the decoder's)
     tokens: list[int] = field(default_factory=list)
     finish: str = "stop"              # "stop" (end of grammar / eos) or "length"
 
@@ -139,7 +140,12 @@ class BatchDecoder:
         keep = min(common_prefix(job.prompt, self.prefix), len(job.prompt) - 1)
         if keep:
             lc.llama_memory_seq_cp(self.mem, 0, slot.seq, 0, keep)
-        lc.llama_sampler_reset(slot.grammar)
+        if job.gbnf is not None:
+            lc.llama_sampler_free(slot.grammar)
+            slot.grammar = lc.llama_sampler_init_grammar(self.vocab, job.gbnf.encode(), b"root")
+            require(bool(slot.grammar), "llama.cpp could not parse a row's grammar; simplify the schema")
+        else:
+            lc.llama_sampler_reset(slot.grammar)
         slot.job, slot.pos = job, len(job.prompt)
         rest = job.prompt[keep:]
         self.tokens_evaluated += len(rest)
