@@ -111,10 +111,11 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
 # ---------------------------------------------------------------- study bookkeeping
 def _sampler(cfg: SweepConfig, optuna, offset: int):
-    """The sampler, seeded with ``seed + offset`` (offset: trials the study already holds)."""
+    """The sampler, seeded with ``seed + offset`` (offset: trials the study already holds). Not the
+    grid: its seed fixes the order of its grid ids, which must not change across runs."""
     seed = cfg.seed + offset
     if cfg.sampler == "grid":
-        return optuna.samplers.GridSampler({p.key: p.labels() for p in cfg.params}, seed=seed)
+        return optuna.samplers.GridSampler({p.key: p.labels() for p in cfg.params}, seed=cfg.seed)
     if cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(cfg.trials // 2, 1)))
