@@ -8,7 +8,8 @@ training's masks) with the same summed cross-entropy:
 - ``MLX N-bit``: the 16-bit weights re-quantized with MLX affine quantization (``--bits``,
   ``--group-size``), every Linear/Embedding whose width divides the group size;
 - ``GGUF T``: ``mlx_qlora export --type T`` of MODEL, scored by llama.cpp; the reference for
-  GGUF rows is F16.
+  GGUF rows is F16. Export keeps a tensor that is exact in a finer block type (a Q4_1 model asked
+  for Q4_0 stays Q4_1); the row then says ``(kept Q4_1)``.
 
 A 16-bit row is only as precise as MODEL: a model converted from a 4-bit GGUF gives back its
 4-bit values in float16, so its "16-bit" is the dequantized 4-bit model, not the original
@@ -106,11 +107,23 @@ def write_mlx_variant(src: Path, dst: Path, bits: int, group_size: int, force: b
     return dst
 
 
-def gguf_bits_per_weight(path: Path) -> float:
+def gguf_facts(path: Path) -> tuple[float, str]:
+    """(bits per weight over all tensors, the block type holding most of the weights)."""
+    from collections import Counter
+
     import gguf
 
     r = gguf.GGUFReader(str(path))
-    return 8 * sum(int(t.n_bytes) for t in r.tensors) / max(sum(int(t.n_elements) for t in r.tensors), 1)
+    by_type: Counter = Counter()
+    for t in r.tensors:
+        by_type[t.tensor_type.name] += int(t.n_elements)
+    bits = 8 * sum(int(t.n_bytes) for t in r.tensors) / max(sum(int(t.n_elements) for t in r.tensors), 1)
+    return bits, by_type.most_common(1)[0][0] if by_type else "?"
+
+
+def _gguf_label(requested: str, written: str) -> str:
+    """'GGUF Q4_0', or 'GGUF Q4_0 (kept Q4_1)' when export kept exact blocks of a finer type."""
+    return f"GGUF {requested.upper()}" + (f" (kept {written})" if written != requested.upper() else "")
 
 
 def _mlx_label(model_dir: Path) -> str:
@@ -164,7 +177,8 @@ def quant_sweep(cfg, say=print) -> dict:
             f = out / f"model.{v}.gguf"
             export_merged_gguf(ExportConfig(model=str(src), out=str(f), type=v, modelfile=False, force=True))
             s = LlamaCppScorer(f, n_ctx=n_ctx)
-            add(f"gguf-{v}", Row(f"GGUF {v.upper()}", "llama.cpp", gguf_bits_per_weight(f), f.stat().st_size,
+            bits, written = gguf_facts(f)
+            add(f"gguf-{v}", Row(_gguf_label(v, written), "llama.cpp", bits, f.stat().st_size,
                                  score(examples, s, cfg.batch_size, s.engine), "gguf-f16"))
             s.close()
     notes = comparisons(rows)
