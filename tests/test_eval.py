@@ -192,3 +192,22 @@ def test_bad_data_task_and_adapter_are_one_line(q4, data, tmp_path, tmp_path_fac
     wrong = write_adapter(tmp_path / "wrong", other, targets=ALL)
     code, out = run_cli("eval", q4, "--adapter", wrong, "--data", data)
     assert_one_line_error(code, out, "adapter")
+
+
+@pytest.mark.llamacpp
+def test_json_fields_task_scores_through_json_fields(q4, tmp_path):
+    """Completions whose answers are JSON: scored by eval/json_fields.py (a random model writes
+    no valid JSON, so validity and every field's accuracy are 0, and every row is listed)."""
+    from mlx_qlora.eval.config import EvalConfig
+    from mlx_qlora.eval.run import run_eval
+
+    refs = [{"aspects": [{"term": "food", "sentiment": "positive"}], "overall": "positive"},
+            {"aspects": [], "overall": "neutral"}]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"prompt": f"review {i}", "completion": json.dumps(r)})
+                                                 + "\n" for i, r in enumerate(refs)))
+    lines = []
+    res = run_eval(EvalConfig(model=str(q4), data=str(tmp_path), task="json-fields", engine="llama.cpp"),
+                   say=lines.append)
+    assert res["n"] == 2 and res["json_validity"] == 0.0 and res["term_recall"] == 0.0
+    assert res["field_accuracy"] == {"aspects": 0.0, "overall": 0.0}
+    assert any("JSON valid 0.0%" in line for line in lines)
