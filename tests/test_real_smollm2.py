@@ -66,7 +66,7 @@ def test_logits_match_llama_cpp(mlx_model, llama):
     to ~0.2 mean |Δlogit|; re-quantized weights would agree on only about half of the top-1s."""
     model, tok = mlx_model
     agree = total = 0
-    diffs = []
+    diffs, margins = [], []
     for p in PROMPTS:
         ids = tok.encode(p)
         llama.reset()
@@ -76,9 +76,16 @@ def test_logits_match_llama_cpp(mlx_model, llama):
         agree += int((ref.argmax(-1) == ours.argmax(-1)).sum())
         total += len(ids)
         diffs.append(np.abs(ref - ours).mean())
+        top2 = np.sort(ref[ref.argmax(-1) != ours.argmax(-1)], axis=-1)[:, -2:]
+        margins += list(top2[:, 1] - top2[:, 0])
     top1, mean_diff = agree / total, float(np.mean(diffs))
-    print(f"top-1 agreement {top1:.3%}, mean |dlogit| {mean_diff:.3f} over {total} positions")
-    assert top1 >= 0.99 and mean_diff <= 0.25
+    print(f"top-1 agreement {top1:.3%}, mean |dlogit| {mean_diff:.3f} over {total} positions; "
+          f"llama.cpp's own top-2 margin where we differ: {[round(float(m), 3) for m in margins]}")
+    # llama-cpp-python 0.3.36 flips 2 of 142 (margins 0.003 and 0.001 logits), earlier builds 1: a
+    # count alone measures llama.cpp's tie-breaking; what must hold is that every top-1 we differ
+    # on is one llama.cpp itself can barely tell apart (< 0.25 logits, as on WikiSQL rows below).
+    assert mean_diff <= 0.25 and top1 >= 0.98
+    assert all(m < 0.25 for m in margins), margins
 
 
 def test_disagreements_on_digit_heavy_text_are_near_ties(mlx_model, llama):
