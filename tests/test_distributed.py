@@ -20,7 +20,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from lora_fixtures import converted
 
 from mlx_qlora.cli import main
 from mlx_qlora.train.config import load_config
@@ -31,11 +30,6 @@ ONE_THREAD = {k: "1" for k in ("MLX_QLORA_THREADS", "OMP_NUM_THREADS", "OPENBLAS
 # epoch's last batch leaves rank 1 empty (its gradient is zeros) and 10 steps cross an epoch.
 SETTINGS = {"steps": 10, "batch_size": 3, "checkpoint_every": 5, "eval_every": 5, "keep_checkpoints": 2,
             "progress": False, "lora.rank": 4, "lora.alpha": 8.0, "optim.learning_rate": 1e-3}
-
-
-@pytest.fixture(scope="module")
-def tiny_q4(tiny_hf_llama, tmp_path_factory) -> Path:
-    return converted(tmp_path_factory, tiny_hf_llama, "tiny_llama_q4", q_group_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -77,24 +71,24 @@ def weights(path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_rank_cpu(tiny_q4, data_dir, tmp_path_factory) -> Path:
+def two_rank_cpu(tiny_llama_q4, data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist_runs") / "two_cpu"
-    err = run_ranks(tiny_q4, data_dir, out, cpu_engine=True)
+    err = run_ranks(tiny_llama_q4, data_dir, out, cpu_engine=True)
     (out.parent / "two_cpu.log").write_text(err)
     return out
 
 
 @pytest.mark.parametrize("cpu_engine", [True, False], ids=["cpu_engine", "mlx_autodiff"])
-def test_two_ranks_train_the_single_process_losses(tiny_q4, data_dir, tmp_path, two_rank_cpu, cpu_engine):
+def test_two_ranks_train_the_single_process_losses(tiny_llama_q4, data_dir, tmp_path, two_rank_cpu, cpu_engine):
     extra = {"cpu_engine": cpu_engine} if cpu_engine else {"cpu_engine": False, "optim.grad_accum": 2}
     one = tmp_path / "one"
-    train(load_config(None, {"model": str(tiny_q4), "data.train": str(data_dir), "out_dir": str(one),
+    train(load_config(None, {"model": str(tiny_llama_q4), "data.train": str(data_dir), "out_dir": str(one),
                              **SETTINGS, **extra}))
     if cpu_engine:
         two = two_rank_cpu
     else:
         two = tmp_path / "two"
-        run_ranks(tiny_q4, data_dir, two, **extra)
+        run_ranks(tiny_llama_q4, data_dir, two, **extra)
     a, b = losses(one), losses(two)
     assert [s for s, _ in b] == list(range(1, 11))          # rank 0 alone wrote, once per step
     assert [s for s, _ in a] == [s for s, _ in b]
@@ -115,12 +109,12 @@ def test_two_ranks_train_the_single_process_losses(tiny_q4, data_dir, tmp_path, 
     assert sorted(p.name for p in (two / "checkpoints").glob("step_*")) == ["step_0000005", "step_0000010"]
 
 
-def test_resume_under_two_ranks_equals_uninterrupted(tiny_q4, data_dir, tmp_path, two_rank_cpu):
+def test_resume_under_two_ranks_equals_uninterrupted(tiny_llama_q4, data_dir, tmp_path, two_rank_cpu):
     out = tmp_path / "resumed"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(two_rank_cpu / "checkpoints" / "step_0000005", out / "checkpoints" / "step_0000005")
     (out / "checkpoints" / "latest").write_text("step_0000005\n")
-    run_ranks(tiny_q4, data_dir, out, cpu_engine=True, resume=True)
+    run_ranks(tiny_llama_q4, data_dir, out, cpu_engine=True, resume=True)
     wa, wb = weights(two_rank_cpu / "adapters.safetensors"), weights(out / "adapters.safetensors")
     assert max(np.abs(wa[k] - wb[k]).max() for k in wa) <= 1e-6
     assert [s for s, _ in losses(out)] == list(range(6, 11))
@@ -140,14 +134,14 @@ def _rank_pid(rank: int, marker: str) -> int | None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
-def test_killed_rank_is_named_and_the_checkpoint_resumes(tiny_q4, data_dir, tmp_path):
+def test_killed_rank_is_named_and_the_checkpoint_resumes(tiny_llama_q4, data_dir, tmp_path):
     from mlx_lm.utils import load
     from mlx_qlora.train.loop import build_optimizer, load_checkpoint
     from mlx_qlora.train.lora import apply_lora
 
     out = tmp_path / "killed"
     settings = {**SETTINGS, "steps": 100000, "checkpoint_every": 3, "eval_every": 0}
-    p = launch(["--nproc", "2", "-m", str(tiny_q4), "--data", str(data_dir), "-o", str(out), *flags(settings)])
+    p = launch(["--nproc", "2", "-m", str(tiny_llama_q4), "--data", str(data_dir), "-o", str(out), *flags(settings)])
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 120
     while not latest.is_file() and p.poll() is None and time.monotonic() < deadline:
@@ -167,8 +161,8 @@ def test_killed_rank_is_named_and_the_checkpoint_resumes(tiny_q4, data_dir, tmp_
     step = json.loads((ck / "state.json").read_text())["step"]
     assert step >= 3 and step % 3 == 0
     # the checkpoint loads, and --resume continues from it (one process, a few more steps)
-    cfg = load_config(None, {"model": str(tiny_q4), "data.train": str(data_dir), "out_dir": str(out), **settings})
-    model, _ = load(str(tiny_q4))
+    cfg = load_config(None, {"model": str(tiny_llama_q4), "data.train": str(data_dir), "out_dir": str(out), **settings})
+    model, _ = load(str(tiny_llama_q4))
     apply_lora(model, cfg.lora)
     assert load_checkpoint(out, model, build_optimizer(cfg.optim, cfg.steps))["step"] == step
     s = train(load_config(None, {**cfg.to_dict(), "steps": step + 2, "resume": True, "eval_batches": 1}))
@@ -176,10 +170,10 @@ def test_killed_rank_is_named_and_the_checkpoint_resumes(tiny_q4, data_dir, tmp_
     assert [r for r, _ in losses(out)][-2:] == [step + 1, step + 2]
 
 
-def test_nproc_bad_values_are_one_line(tiny_q4, data_dir, tmp_path):
-    r = CliRunner().invoke(main, ["train", "--nproc", "0", "-m", str(tiny_q4), "--data", str(data_dir)])
+def test_nproc_bad_values_are_one_line(tiny_llama_q4, data_dir, tmp_path):
+    r = CliRunner().invoke(main, ["train", "--nproc", "0", "-m", str(tiny_llama_q4), "--data", str(data_dir)])
     assert r.exit_code == 2 and r.output.startswith("error: --nproc 0:") and r.output.count("\n") == 1, r.output
     # the recipe is checked before anything is launched
-    r = CliRunner().invoke(main, ["train", "--nproc", "2", "-m", str(tiny_q4), "--data", str(data_dir),
+    r = CliRunner().invoke(main, ["train", "--nproc", "2", "-m", str(tiny_llama_q4), "--data", str(data_dir),
                                   "-o", str(tmp_path / "x"), "--batch_size", "0"])
     assert r.exit_code == 2 and r.output.startswith("error: batch_size=0") and not (tmp_path / "x").exists(), r.output

@@ -18,11 +18,6 @@ ROWS = [f"table: t{i}\ncolumns: name, age, city\nQ: who is {i} years old\nA: SEL
 
 
 @pytest.fixture(scope="module")
-def q4(tmp_path_factory, tiny_hf_llama):
-    return converted(tmp_path_factory, tiny_hf_llama, "tiny_llama_q4", q_group_size=32)
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval_data")
     (d / "test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ROWS))
@@ -32,8 +27,8 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory, q4):
-    return write_adapter(tmp_path_factory.mktemp("eval_adapter") / "a", q4, targets=ALL, b_std=0.2)
+def adapter(tmp_path_factory, tiny_llama_q4):
+    return write_adapter(tmp_path_factory.mktemp("eval_adapter") / "a", tiny_llama_q4, targets=ALL, b_std=0.2)
 
 
 def _eval(model, data, **kw):
@@ -56,13 +51,13 @@ def _training_fns(model_dir, adapter_dir=None, cpu_engine=True):
 
 
 @pytest.mark.parametrize("split", ["test", "valid"])   # text rows; completions rows (prompt masked)
-def test_eval_loss_is_the_training_loss(q4, data, adapter, split):
+def test_eval_loss_is_the_training_loss(tiny_llama_q4, data, adapter, split):
     from mlx_qlora.train.config import DataConfig
     from mlx_qlora.train.data import batch_order, collate, encode_jsonl
     from mlx_qlora.train.loop import evaluate
 
-    res = _eval(q4, data, adapter=str(adapter), split=split, batch_size=3)
-    fns, tok, _ = _training_fns(q4, adapter)
+    res = _eval(tiny_llama_q4, data, adapter=str(adapter), split=split, batch_size=3)
+    fns, tok, _ = _training_fns(tiny_llama_q4, adapter)
     examples, _, _ = encode_jsonl(data / f"{split}.jsonl", tok, DataConfig(train=str(data)))
     # training's own validation over every batch: the same number, bit for bit
     assert res.loss == evaluate(fns.loss, examples, 3, 0, 0)
@@ -71,20 +66,20 @@ def test_eval_loss_is_the_training_loss(q4, data, adapter, split):
     if split == "valid":
         assert res.loss_tokens < res.tokens          # the prompt is masked out of the loss
     # and MLX autodiff's loss function on the same batches agrees
-    mlx_fns, _, _ = _training_fns(q4, adapter, cpu_engine=False)
+    mlx_fns, _, _ = _training_fns(tiny_llama_q4, adapter, cpu_engine=False)
     total = sum(mlx_fns.loss(collate([examples[i] for i in b])) for b in batch_order(
         [len(e.tokens) for e in examples], 3, 0, 0))
     assert total / res.loss_tokens == pytest.approx(res.loss, rel=1e-4)
 
 
-def test_perplexity_is_exp_of_mean_token_loss(q4, data):
+def test_perplexity_is_exp_of_mean_token_loss(tiny_llama_q4, data):
     import mlx.core as mx
 
     from mlx_qlora.train.config import DataConfig
     from mlx_qlora.train.data import encode_jsonl
 
-    res = _eval(q4, data)
-    _, tok, model = _training_fns(q4)
+    res = _eval(tiny_llama_q4, data)
+    _, tok, model = _training_fns(tiny_llama_q4)
     examples, _, _ = encode_jsonl(data / "test.jsonl", tok, DataConfig(train=str(data)))
     losses = []
     for e in examples:   # full logits, log-softmax in float64, loss where the mask says
@@ -98,16 +93,16 @@ def test_perplexity_is_exp_of_mean_token_loss(q4, data):
     assert res.loss_tokens == len(losses) and res.tokens_per_s > 0
 
 
-def test_fresh_adapter_evaluates_like_the_base(q4, data, tmp_path):
+def test_fresh_adapter_evaluates_like_the_base(tiny_llama_q4, data, tmp_path):
     from mlx_qlora.train.config import LoraConfig
     from mlx_qlora.train.lora import apply_lora, save_adapter
     from mlx_qlora.train.loop import load_base
 
-    model, _ = load_base(str(q4))
+    model, _ = load_base(str(tiny_llama_q4))
     apply_lora(model, LoraConfig(rank=4, layers="all"))   # lora_b = 0: a fresh adapter
-    save_adapter(model, tmp_path / "fresh", base_model=str(q4))
-    base = _eval(q4, data)
-    fresh = _eval(q4, data, adapter=str(tmp_path / "fresh"))
+    save_adapter(model, tmp_path / "fresh", base_model=str(tiny_llama_q4))
+    base = _eval(tiny_llama_q4, data)
+    fresh = _eval(tiny_llama_q4, data, adapter=str(tmp_path / "fresh"))
     assert fresh.loss == base.loss and fresh.loss_tokens == base.loss_tokens
 
 
@@ -124,12 +119,12 @@ def test_mlx_and_gguf_score_the_same_tokens_alike(tiny_hf_llama, tmp_path_factor
 
 
 @pytest.mark.llamacpp
-def test_quant_sweep_table(q4, data, tmp_path):
+def test_quant_sweep_table(tiny_llama_q4, data, tmp_path):
     from mlx_qlora.eval.config import EvalConfig
     from mlx_qlora.eval.run import run_eval
 
     out = tmp_path / "sweep"
-    res = run_eval(EvalConfig(model=str(q4), data=str(data), quant_sweep=True, bits=(16, 8, 2), group_size=32,
+    res = run_eval(EvalConfig(model=str(tiny_llama_q4), data=str(data), quant_sweep=True, bits=(16, 8, 2), group_size=32,
                               gguf_types=("f16", "q8_0", "q4_1"), out=str(out)), say=lambda *_: None)
     rows = res["rows"]
     assert list(rows) == ["source", "mlx16", "mlx8", "mlx2", "gguf-f16", "gguf-q8_0", "gguf-q4_1"]
@@ -147,18 +142,18 @@ def test_quant_sweep_table(q4, data, tmp_path):
     table = (out / "quant_table.md").read_text()
     assert table.count("\n| ") == 8 and "| +0.00% |" in table   # header + 7 rows; 16-bit vs itself
     assert (out / "quant_table.png").stat().st_size > 5000
-    code, text = run_cli("eval", q4, "--quant-sweep", "--data", data, "-o", out, "--bits", "8", "--gguf-types", "none")
+    code, text = run_cli("eval", tiny_llama_q4, "--quant-sweep", "--data", data, "-o", out, "--bits", "8", "--gguf-types", "none")
     assert_one_line_error(code, text, "--force")    # nothing silently overwritten
 
 
 @pytest.mark.llamacpp
-def test_exact_match_counts_hits(q4, data, tmp_path):
+def test_exact_match_counts_hits(tiny_llama_q4, data, tmp_path):
     """Make row 1's reference the model's own greedy answer: exactly that row is a hit."""
     from mlx_qlora.eval.config import EvalConfig
     from mlx_qlora.eval.run import run_eval
 
     def run(d, lines):
-        return run_eval(EvalConfig(model=str(q4), data=str(d), task="exact-match", answer_prefix="A:", max_rows=3,
+        return run_eval(EvalConfig(model=str(tiny_llama_q4), data=str(d), task="exact-match", answer_prefix="A:", max_rows=3,
                                    engine="llama.cpp"), say=lines.append)
 
     first = run(data, [])
@@ -175,27 +170,27 @@ def test_exact_match_counts_hits(q4, data, tmp_path):
     assert any("worst 2" in line for line in lines) and any("nothing alike" in line for line in lines)
 
 
-def test_bad_data_task_and_adapter_are_one_line(q4, data, tmp_path, tmp_path_factory):
-    code, out = run_cli("eval", q4, "--data", tmp_path / "missing.jsonl")
+def test_bad_data_task_and_adapter_are_one_line(tiny_llama_q4, data, tmp_path, tmp_path_factory):
+    code, out = run_cli("eval", tiny_llama_q4, "--data", tmp_path / "missing.jsonl")
     assert_one_line_error(code, out, "missing.jsonl")
-    code, out = run_cli("eval", q4, "--data", data, "--split", "train")
+    code, out = run_cli("eval", tiny_llama_q4, "--data", data, "--split", "train")
     assert_one_line_error(code, out, "train.jsonl", "--split")
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\nnot json\n')
-    code, out = run_cli("eval", q4, "--data", tmp_path / "bad.jsonl")
+    code, out = run_cli("eval", tiny_llama_q4, "--data", tmp_path / "bad.jsonl")
     assert_one_line_error(code, out, "line 2")
-    code, out = run_cli("eval", q4, "--data", data, "--task", "bleu")
+    code, out = run_cli("eval", tiny_llama_q4, "--data", data, "--task", "bleu")
     assert_one_line_error(code, out, "bleu", "exact-match")
-    code, out = run_cli("eval", q4, "--data", data, "--task", "exact-match")
+    code, out = run_cli("eval", tiny_llama_q4, "--data", data, "--task", "exact-match")
     assert_one_line_error(code, out, "--answer-prefix")
     other = converted(tmp_path_factory, tiny.write_hf_dir(tmp_path / "other_hf", hidden=32, intermediate=64),
                       "tiny_other", q_group_size=32)
     wrong = write_adapter(tmp_path / "wrong", other, targets=ALL)
-    code, out = run_cli("eval", q4, "--adapter", wrong, "--data", data)
+    code, out = run_cli("eval", tiny_llama_q4, "--adapter", wrong, "--data", data)
     assert_one_line_error(code, out, "adapter")
 
 
 @pytest.mark.llamacpp
-def test_json_fields_task_scores_through_json_fields(q4, tmp_path):
+def test_json_fields_task_scores_through_json_fields(tiny_llama_q4, tmp_path):
     """Completions whose answers are JSON: scored by eval/json_fields.py (a random model writes
     no valid JSON, so validity and every field's accuracy are 0, and every row is listed)."""
     from mlx_qlora.eval.config import EvalConfig
@@ -206,7 +201,7 @@ def test_json_fields_task_scores_through_json_fields(q4, tmp_path):
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({"prompt": f"review {i}", "completion": json.dumps(r)})
                                                  + "\n" for i, r in enumerate(refs)))
     lines = []
-    res = run_eval(EvalConfig(model=str(q4), data=str(tmp_path), task="json-fields", engine="llama.cpp"),
+    res = run_eval(EvalConfig(model=str(tiny_llama_q4), data=str(tmp_path), task="json-fields", engine="llama.cpp"),
                    say=lines.append)
     assert res["n"] == 2 and res["json_validity"] == 0.0 and res["term_recall"] == 0.0
     assert res["field_accuracy"] == {"aspects": 0.0, "overall": 0.0}

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from lora_fixtures import converted
 
 from mlx_qlora.apps import sweep as sweep_mod
 from mlx_qlora.apps.sweep import run_sweep
@@ -28,17 +27,12 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_q4(tiny_hf_llama, tmp_path_factory) -> Path:
-    return converted(tmp_path_factory, tiny_hf_llama, "tiny_llama_q4", q_group_size=32)
-
-
-@pytest.fixture(scope="module")
-def recipe(tiny_q4, tmp_path_factory) -> Path:
+def recipe(tiny_llama_q4, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("sweep_data")
     (d / "train.jsonl").write_text("".join(json.dumps({"text": ROWS[i % 4]}) + "\n" for i in range(16)))
     (d / "valid.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in ROWS))
     r = d / "base.yaml"
-    r.write_text(yaml.safe_dump({"model": str(tiny_q4), "out_dir": str(d / "adapters"), "steps": 100,
+    r.write_text(yaml.safe_dump({"model": str(tiny_llama_q4), "out_dir": str(d / "adapters"), "steps": 100,
                                  "batch_size": 4, "eval_every": 0, "checkpoint_every": 0, "data": {"train": str(d)},
                                  "lora": {"rank": 8, "alpha": 16.0}, "optim": {"learning_rate": 1e-3}}))
     return r
