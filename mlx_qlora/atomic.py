@@ -15,7 +15,6 @@ from pathlib import Path
 
 from .errors import UserError
 
-
 # errno values that mean "this place cannot take the output", not a bug
 _NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _NO_WRITE = {errno.EACCES, errno.EPERM, errno.EROFS}

@@ -119,8 +119,8 @@ def train(ctx, config_path, model, out_dir, resume, nproc):
 
         launch_local(LaunchConfig(nproc=nproc, config_path=config_path, args=extra))
         return
-    from .train.loop import train as run_train
     from .train.config import load_config
+    from .train.loop import train as run_train
 
     run_train(load_config(config_path, extra))
 
@@ -337,7 +337,8 @@ def eval_(model, adapter, data, split, recipe, task, answer_prefix, max_rows, ba
 @click.option("--force", is_flag=True, help="Replace files in OUT.")
 def prepare_reviews(data, out_dir, schema, force):
     """MAMS reviews (XML) -> train/valid prompt-completion JSONL and review JSONL for extract."""
-    from .apps.reviews import PrepareConfig, prepare_reviews as run
+    from .apps.reviews import PrepareConfig
+    from .apps.reviews import prepare_reviews as run
 
     for name, n in run(PrepareConfig(data=data, out_dir=out_dir, schema=schema, force=force)).items():
         click.echo(f"{out_dir}/{name}: {n} rows")

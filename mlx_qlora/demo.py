@@ -31,12 +31,12 @@ def _complete(engine, prompt: str, max_tokens: int = 48) -> str:
 
 def run_demo(out_dir: str | Path = "demo_out", steps: int = 60, data: str | Path | None = None) -> dict:
     """Run every stage into ``out_dir``; returns what each produced (paths, losses, answers)."""
-    from .model.convert import ConvertConfig, run_convert
-    from .infer.engines import EngineConfig, load_engine
     from .export import ExportConfig, run_export
+    from .infer.engines import EngineConfig, load_engine
     from .infer.generate import SamplingConfig
-    from .train.loop import train
+    from .model.convert import ConvertConfig, run_convert
     from .train.config import load_config
+    from .train.loop import train
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

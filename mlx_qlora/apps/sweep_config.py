@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from ..errors import UserError, require
 from ..model.quant import ALLOWED_BITS, ALLOWED_GROUP_SIZES
 from ..train.config import ALIASES, _build, _field_types, load_config, read_yaml

@@ -50,8 +50,8 @@ class MLXScorer:
     """An MLX model directory (+ LoRA adapter): the training loss function, no gradient."""
 
     def __init__(self, model_dir: str | Path, adapter: str | None = None, weight_cache_mb: float = 1024):
-        from ..train.lora import load_adapter
         from ..train.loop import load_base, make_step_fns, prepare_model
+        from ..train.lora import load_adapter
 
         self.model, self.tokenizer = load_base(str(model_dir))
         self.model.freeze()

@@ -15,10 +15,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..train.adapter_files import Adapter, read_adapter
 from ..atomic import atomic_dir
 from ..errors import require
 from ..model.model_io import GGUF_RECORD, check_model_dir, write_model_dir
+from ..train.adapter_files import Adapter, read_adapter
+
 
 def _quant_of(config: dict, module: str) -> tuple[int, int]:
     q = config["quantization"]

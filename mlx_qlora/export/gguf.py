@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model import names
 from ..atomic import atomic_file
 from ..errors import UserError, require
-from ..train.adapter_files import read_adapter
-from .fuse import merge_weights, read_weights
+from ..model import names
 from ..model.model_io import check_model_dir
 from ..model.quant import permute_qk
+from ..train.adapter_files import read_adapter
 from . import ExportConfig, ExportReport
 from .blocks import AT_LEAST, BLOCK_TYPES, Packed, exact_block_type, float_tensor, fp16_exact, quantized_tensor
+from .fuse import merge_weights, read_weights
 
 # HF / mlx-lm model_type -> GGUF general.architecture (Mistral checkpoints are llama in GGUF).
 MODEL_TYPE_TO_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError, require
 from ..atomic import atomic_dir
+from ..errors import UserError, require
 from . import ExportConfig, ExportReport
 
 PREFIX = "base_model.model."
@@ -38,8 +38,8 @@ def _targets_and_layers(modules) -> tuple[list[str], list[int]]:
 def export_peft(cfg: ExportConfig) -> ExportReport:
     from safetensors.numpy import save_file
 
-    from ..train.adapter_files import read_adapter
     from ..model.model_io import read_config
+    from ..train.adapter_files import read_adapter
 
     adapter = read_adapter(cfg.adapter)
     config = read_config(cfg.model)

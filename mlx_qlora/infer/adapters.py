@@ -18,8 +18,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..train.adapter_files import Adapter, read_adapter
 from ..errors import require
+from ..train.adapter_files import Adapter, read_adapter
 from ..train.lora import linear_dims
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")

@@ -12,8 +12,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .engines import EngineConfig, load_engine
 from ..errors import UserError, require
+from .engines import EngineConfig, load_engine
 from .generate import SamplingConfig
 
 HELP = """commands:

@@ -18,8 +18,8 @@ import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .engines import EngineConfig, load_engine
 from ..errors import UserError
+from .engines import EngineConfig, load_engine
 from .generate import SamplingConfig
 from .structured import schema_from_response_format
 

@@ -25,17 +25,15 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import distributed as dist
-from . import numpy_engine
-
-from . import mlx_cpu_kernels
 from ..atomic import atomic_dir, atomic_file, remove_stale
-from .data import Batch, batch_order, collate, load_dataset, padding_waste
 from ..errors import UserError, require
 from ..model.model_io import check_model_dir
+from . import distributed as dist
+from . import mlx_cpu_kernels, numpy_engine
+from .config import OptimConfig, TrainConfig
+from .data import Batch, batch_order, collate, load_dataset, padding_waste
 from .lora import apply_lora, count_parameters, dropout_key, save_adapter, save_weights
 from .report import Reporter
-from .config import OptimConfig, TrainConfig
 
 # Architectures whose ``model.model(x)`` returns the final normed hidden states and whose logits
 # are a plain projection (lm_head or tied embedding): the fused chunked loss applies to them.

@@ -30,8 +30,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from . import numpy_kernels as ops
-from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 from .lora import LoRALinear, linear_dims
+from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 
 ENGINE_TYPES = {"llama", "mistral", "qwen2"}
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -42,7 +42,6 @@ def resolve(cfg: EngineConfig) -> tuple[Path | None, Path | None]:
         require(gguf.is_file(), f"GGUF file {cfg.model!r} not found")
     else:
         from ...model.model_io import check_model_dir
-
         from .gguf_cache import find_gguf
 
         model_dir = check_model_dir(Path(cfg.model).expanduser())

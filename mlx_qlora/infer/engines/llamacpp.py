@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..adapters import AdapterSpec
 from ...errors import UserError, require
+from ..adapters import AdapterSpec
 from ..generate import ByteDetokenizer, SamplingConfig, common_prefix
 from .base import Engine
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from ..adapters import AdapterSet, AdapterSpec
 from ...errors import UserError, require
+from ..adapters import AdapterSet, AdapterSpec
 from ..generate import Detokenizer, KVSession, SamplingConfig, generate_tokens
 from .base import Engine
 

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import names
-from ...errors import UserError, require
 from ...atomic import atomic_dir
+from ...errors import UserError, require
+from .. import names
 from ..model_io import record_gguf, write_model_dir
 from ..quant import GGUF_EXACT, GGUF_FLOAT, QuantStats, bits_per_weight, quantize, unpermute_qk
 from . import ConvertConfig, ConvertReport
 from .hf import CONFIG_INTS, check_config
-
 
 # magic, version, tensor count, metadata count; then per key/value and per tensor at least:
 GGUF_HEADER = struct.Struct("<4sIQQ")

@@ -7,9 +7,9 @@ import numbers
 import shutil
 from pathlib import Path
 
-from .. import names
-from ...errors import UserError, require
 from ...atomic import atomic_dir
+from ...errors import UserError, require
+from .. import names
 from ..model_io import normalize_config, write_model_dir
 from ..quant import QuantStats, bits_per_weight, quantize
 from . import ConvertConfig, ConvertReport
