@@ -1,18 +1,42 @@
 """Shared fixtures: tiny random models (fast) and the embedded SmolLM2 (marked ``real``)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-import mlx_qlora  # noqa: F401  (binds the fast BLAS before any test imports mlx.core)
+# float32 is float32 in this suite: MLX runs float32 matmuls as TF32 on CUDA (and M5) GPUs by
+# default, a speed setting (10-bit mantissa) that the parity tests are not about; children inherit
+# it. The benches keep MLX's default. tests/tolerance.py still allows GPU kernels their own order.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import mlx_qlora  # noqa: E402, F401  (binds the fast BLAS before any test imports mlx.core)
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WIKISQL = ROOT.parent / "shared" / "data" / "wikisql"
+
+
+@pytest.fixture(autouse=True)
+def _cpu_math(request):
+    """``@pytest.mark.cpu_math``: the test checks an identity of weights and maths (fused = base +
+    adapter, MLX = PEFT, blocks kept exactly), not a device's kernels, so its MLX work runs on the
+    CPU on every machine, under the CPU bounds that CI checks. GPU kernels have their own tests."""
+    if request.node.get_closest_marker("cpu_math") is None:
+        yield
+        return
+    import mlx.core as mx
+
+    before = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        yield
+    finally:
+        mx.set_default_device(before)
 
 
 @pytest.fixture(scope="session")

@@ -93,6 +93,7 @@ def _logits(model, ids):
     return model(mx.array(ids)[None])[0]
 
 
+@pytest.mark.cpu_math
 def test_each_adapter_gives_its_fused_model_logits(tiny_hf_llama, two_adapters):
     from mlx_qlora.model.model_io import load
 

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 import tiny
 from lora_fixtures import ATTN, write_adapter
+from subproc import child_env
 from mlx_qlora.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -338,8 +339,8 @@ sys.meta_path.insert(0, _NoBackend())
 '''
 
 
-def _cli_process(args, env_extra=None, preexec=None, cwd=None):
-    env = {**os.environ, **(env_extra or {})}
+def _cli_process(args, env_extra=None, preexec=None, cwd=None, front=()):
+    env = child_env(*front, **(env_extra or {}))
     return subprocess.run([sys.executable, "-c", "from mlx_qlora.cli import entry; entry()", *map(str, args)],
                           capture_output=True, text=True, env=env, preexec_fn=preexec, cwd=cwd, timeout=300)
 
@@ -350,7 +351,7 @@ def test_missing_mlx_backend_names_the_extra(command, tiny_hf_llama, tmp_path):
     (tmp_path / "site" / "sitecustomize.py").write_text(NO_BACKEND)
     args = {"convert": ["convert", tiny_hf_llama, "-o", tmp_path / "out"],
             "train": ["train", "--model", tiny_hf_llama, "--data", tmp_path, "--out", tmp_path / "run"]}[command]
-    p = _cli_process(args, {"PYTHONPATH": str(tmp_path / "site")})
+    p = _cli_process(args, front=[tmp_path / "site"])
     line = assert_one_line_error(p.returncode, p.stderr + p.stdout, ["pip install 'mlx_qlora[cpu]'", "libmlx.so"])
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists(), line
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tolerance import transient_s
+from tolerance import on_gpu, tol_abs, transient_s
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,10 +21,15 @@ def test_tiny_shape_runs_every_system(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())["results"]["tiny"]
     ours, plain, lm = res["mlx_qlora"], res["mlx_qlora_plain_ce"], res["mlx_lm"]
-    for r in (ours, plain, lm):
-        assert r["tok_s"] > 0 and r["peak_gib"] > 0
-    # same random model, same tokens: the chunked and the plain loss agree, and mlx-lm's mean too
-    assert abs(ours["loss"] - plain["loss"]) < 1e-3 and abs(ours["loss"] - lm["loss"]) < 1e-2
+    for system in ("mlx_qlora", "mlx_qlora_plain_ce", "mlx_lm"):
+        assert res[system].get("tok_s", 0) > 0 and res[system]["peak_gib"] > 0, (system, res[system])
+    # same random model, same tokens: the chunked and the plain loss agree, and mlx-lm's mean too;
+    # the bench's MLX model is float32 on CPU, bfloat16 on a GPU (its rounding bounds the losses there)
+    import mlx.core as mx
+
+    dt = mx.bfloat16 if on_gpu() else mx.float32
+    assert abs(ours["loss"] - plain["loss"]) < tol_abs(1e-3, ours["loss"], dt)
+    assert abs(ours["loss"] - lm["loss"]) < tol_abs(1e-2, ours["loss"], dt)
     assert "torch" in res and ("tok_s" in res["torch"] or "skipped" in res["torch"])
     assert re.search(r"\| tiny \| mlx_qlora \| [\d,]+ \| [\d.]+ \| [\d.]+x \| [\d.]+x \|", p.stdout), p.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "train_gpu.py"), "--shape", "huge"],

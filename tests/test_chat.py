@@ -15,6 +15,7 @@ import pytest
 
 import mlx_qlora  # noqa: F401  (fast BLAS before mlx.core)
 from test_adapters import make_adapter, write_untied_llama
+from subproc import child_env
 from tolerance import transient_s
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +26,7 @@ class Terminal:
     """A child process on a pty: what a user at a terminal sees and types (with echo, \\r\\n)."""
 
     def __init__(self, argv: list[str]):
-        env = {**os.environ, "TERM": "dumb", "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(ROOT)}
+        env = child_env(ROOT, TERM="dumb", PYTHONIOENCODING="utf-8")
         pid, fd = pty.fork()
         if pid == 0:  # child: becomes the session leader with the pty as controlling terminal
             os.chdir(ROOT)
@@ -209,6 +210,6 @@ def test_cli_errors_are_one_line(chat_model, tmp_path):
                          ([str(model), "--adapter", "base=/x"], "bad adapter name"),
                          ([str(model), "--top-p", "0"], "top-p")]:
         r = subprocess.run([sys.executable, "-m", "mlx_qlora.cli", "generate", "--engine", "mlx", "-p", "hi", *args],
-                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           capture_output=True, text=True, cwd=ROOT, env=child_env(ROOT))
         assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr

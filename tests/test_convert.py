@@ -36,6 +36,7 @@ def test_hf_dir_unquantized_is_exact(arch, tmp_path, tiny_hf_llama, tiny_hf_qwen
     assert np.allclose(logits(tmp_path / "o"), logits(ref), atol=1e-5)
 
 
+@pytest.mark.cpu_math
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("bits,gs", [(4, 32), (4, 64), (8, 64)])
 def test_hf_dir_quantized_error_tracks_reported_error(arch, bits, gs, tmp_path, tiny_hf_llama, tiny_hf_qwen2):
@@ -100,6 +101,7 @@ def _dequant_gguf_reference(gguf_path, hf_dir, tmp_path):
     return ref
 
 
+@pytest.mark.cpu_math
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32"])
 def test_gguf_blocks_kept_exactly(arch, qtype, tmp_path, tiny_hf_llama, tiny_hf_qwen2):

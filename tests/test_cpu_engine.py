@@ -62,6 +62,7 @@ def reference(model, b):
     ("llama", 8, [0], ["k_proj", "o_proj", "up_proj"]),       # frozen block above the adapted one
     ("qwen2", 4, "all", "all-linear"),                          # q/k/v biases, untied head
 ])
+@pytest.mark.cpu_math
 def test_loss_and_grads_match_mlx_autodiff(request, arch, bits, layers, targets):
     path = request.getfixturevalue(f"tiny_hf_{arch}")
     model = model_for(path, bits, LoraConfig(rank=4, alpha=8, layers=layers, targets=targets))

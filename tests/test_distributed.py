@@ -177,3 +177,15 @@ def test_nproc_bad_values_are_one_line(tiny_llama_q4, data_dir, tmp_path):
     r = CliRunner().invoke(main, ["train", "--nproc", "2", "-m", str(tiny_llama_q4), "--data", str(data_dir),
                                   "-o", str(tmp_path / "x"), "--batch_size", "0"])
     assert r.exit_code == 2 and r.output.startswith("error: batch_size=0") and not (tmp_path / "x").exists(), r.output
+
+
+def test_launcher_without_the_console_script(monkeypatch):
+    """MLX installed with no `mlx.launch` script on PATH (pip --target + PYTHONPATH, as on a GPU box
+    with no registry): the launcher is the function that script calls, run by this interpreter."""
+    from mlx_qlora.train import launch
+
+    monkeypatch.setattr(launch, "_console_script", lambda: None)
+    cmd = launch._launcher()
+    assert cmd[0] == sys.executable
+    p = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "--backend" in p.stdout, p.stderr[-2000:]

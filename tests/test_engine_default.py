@@ -14,6 +14,7 @@ import pytest
 
 import mlx_qlora  # noqa: F401  (fast BLAS before mlx.core)
 import tiny
+from subproc import child_env
 from test_adapters import make_adapter, write_untied_llama
 from mlx_qlora.errors import UserError
 
@@ -96,8 +97,8 @@ def test_weights_without_an_exact_gguf_stay_on_mlx_and_say_why(tiny_hf_llama, tm
     from mlx_qlora.export.gguf import lossless_type
     from mlx_qlora.model.convert import ConvertConfig, run_convert
 
-    rounded = tmp_path / "q4_fp32_scales"  # what convert makes on a CPU: fp32 scales, group 64
-    run_convert(ConvertConfig(source=str(tiny_hf_llama), out_dir=str(rounded)))
+    rounded = tmp_path / "q4_fp32_scales"  # convert's CPU default (GPUs default to fp16): fp32 scales, group 64
+    run_convert(ConvertConfig(source=str(tiny_hf_llama), out_dir=str(rounded), dtype="float32"))
     cfg = json.loads((rounded / "config.json").read_text())
     assert lossless_type(read_weights(rounded), cfg) == (None, "its quantization scales are float32 values "
                                                                "that GGUF blocks (fp16) would round")
@@ -140,8 +141,8 @@ def test_convert_records_the_gguf_it_kept_exactly(tiny_hf_llama, tmp_path):
     from mlx_qlora.model.model_io import recorded_gguf
 
     src = tiny.write_gguf(tiny_hf_llama, tmp_path / "m.gguf", "Q4_1")
-    kept = tmp_path / "kept"
-    run_convert(ConvertConfig(source=str(src), out_dir=str(kept)))
+    kept = tmp_path / "kept"   # fp32 floats hold the GGUF's F32 norms (a GPU's fp16 default would not)
+    run_convert(ConvertConfig(source=str(src), out_dir=str(kept), dtype="float32"))
     path, rec = recorded_gguf(kept)
     assert path == src.resolve() and rec["how"].startswith("converted from it")
     assert find_gguf(kept)[0] == src.resolve()
@@ -212,7 +213,7 @@ def test_converted_smollm2_chats_generates_and_serves_on_llamacpp_with_no_flag(s
         want[text] = ref.generate(prompt, SamplingConfig(max_tokens=8))
         assert want[text] == ref._hf.decode(ids, skip_special_tokens=True)
     assert "Paris" in want[PROMPTS[0]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env(ROOT)
 
     r = subprocess.run(_cli("generate", smollm2_mlx, "-p", PROMPTS[0], "-n", 8, "--stats"), cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)

@@ -72,6 +72,7 @@ def test_import_errors_are_one_line(tmp_path):
         run_import_peft(str(tmp_path / "d"), str(tmp_path / "o"))
 
 
+@pytest.mark.cpu_math
 def test_loads_in_real_peft_with_mlx_logits(f32, adapter, tiny_hf_llama, tmp_path):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")

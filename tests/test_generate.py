@@ -162,6 +162,7 @@ def test_stop_strings_are_cut(llama_dir):
     assert cut == full[:full.index(stop)] and eng.stats.finish_reason == "stop"
 
 
+@pytest.mark.cpu_math
 @pytest.mark.parametrize("which", ["tiny_hf_llama", "tiny_hf_qwen2"])  # tied head, biases
 def test_cpu_rewrite_keeps_logits(which, request):
     import mlx.nn as nn

@@ -161,6 +161,7 @@ def test_rslora_scale():
     assert LoraConfig(rank=16, alpha=32, use_rslora=True).scale == 8.0
 
 
+@pytest.mark.cpu_math
 def test_save_load_roundtrip_and_mlx_lm_compat(tiny_hf_llama, tmp_path):
     model = load(tiny_hf_llama)
     cfg = LoraConfig(rank=4, alpha=12, targets=["q_proj", "v_proj", "mlp.down_proj"], layers="last 1")

@@ -12,6 +12,7 @@ import pytest
 
 import mlx_qlora  # noqa: F401  (fast BLAS before mlx.core)
 from test_adapters import make_adapter, write_untied_llama
+from subproc import child_env
 from tolerance import transient_s
 
 openai = pytest.importorskip("openai")
@@ -162,7 +163,6 @@ class ServeProcess:
     line named none); ``stop()`` sends Ctrl-C (SIGINT) and returns the exit code."""
 
     def __init__(self, *args):
-        import os
         import re
         import signal
         import subprocess
@@ -172,7 +172,7 @@ class ServeProcess:
         root = Path(__file__).resolve().parent.parent
         self.proc = subprocess.Popen([sys.executable, "-m", "mlx_qlora.cli", "serve", *map(str, args), "--port", "0"],
                                      cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(root)},
+                                     env=child_env(root),
                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.line = self.proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", self.line)

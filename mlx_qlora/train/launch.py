@@ -73,11 +73,22 @@ def _free_ports(n: int) -> int:
     raise RuntimeError("no free consecutive ports on 127.0.0.1")
 
 
-def _launcher() -> list[str]:
+def _console_script() -> str | None:
     exe = Path(sys.executable).parent / "mlx.launch"
-    found = str(exe) if exe.is_file() else shutil.which("mlx.launch")
-    require(found is not None, "mlx.launch not found: install MLX >= 0.29 in this environment (pip install mlx)")
-    return [found]
+    return str(exe) if exe.is_file() else shutil.which("mlx.launch")
+
+
+def _launcher() -> list[str]:
+    found = _console_script()
+    if found:
+        return [found]
+    # MLX installed without its console scripts (pip --target, a PYTHONPATH install): run the
+    # function the `mlx.launch` script calls, with this interpreter
+    import importlib.util
+
+    require(importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx._distributed_utils.launch")
+            is not None, "mlx.launch not found: install MLX >= 0.29 in this environment (pip install mlx)")
+    return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
 
 
 def _children(pid: int) -> list[int]:
