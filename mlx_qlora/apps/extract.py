@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError, require
+from ..infer.generate import common_prefix
 from .costs import cost_rows, default_price_per_hour, load_prices
 from .prompt import instruction_of, load_schema, messages
 
@@ -195,7 +196,7 @@ def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row, schema):
     from ..infer.engines.llamacpp_batch import BatchDecoder, Job
 
     dec = BatchDecoder(engine.llm, gbnf, prefix, parallel=cfg.parallel, max_tokens=cfg.max_tokens,
-                       slot_tokens=1024, n_threads=cfg.threads or default_threads())
+                       slot_tokens=512, n_threads=cfg.threads or default_threads())
     try:
         if engine.active_adapter:
             dec.set_lora(engine._loras[engine.active_adapter])
@@ -273,7 +274,9 @@ def run_extract(cfg: ExtractConfig) -> dict:
         GuidanceConstraint(engine._hf, schema, len(engine._hf), engine.stop_ids)
     if cfg.adapter:
         engine.set_adapter("adapter")
-    prefix = engine.encode(engine.chat_text(messages(instruction, "")))
+    # the tokens every row's prompt starts with: what two different reviews' prompts share
+    probe_a, probe_b = (engine.encode(engine.chat_text(messages(instruction, t))) for t in ("a", "b"))
+    prefix = probe_a[:common_prefix(probe_a, probe_b)]
     prompts = {r.index: engine.chat_prompt(messages(instruction, r.text)) for r in todo if r.text is not None}
     tally = Tally()
     writer = OrderedWriter(out, done)

@@ -4,8 +4,17 @@
 carries one new token for each slot that is generating plus the prompt tokens of slots that just
 took a new row, so the weights are read once per step for all of them. The prompt prefix every
 row shares (chat template + instruction) is evaluated once on sequence 0 and copied to each slot
-with ``llama_memory_seq_cp`` (in the unified KV cache the copy shares cells, it copies nothing);
-when a row finishes only its own cells are dropped (``llama_memory_seq_rm`` from the prefix on).
+with ``llama_memory_seq_cp``; when a row finishes its sequence is dropped.
+
+Same answers at any ``parallel``: each sequence has its own KV stream (``kv_unified = false``), so a
+row's keys and values sit in the same cells whatever else runs beside it, and its attention sums
+run over the same cells in the same order as when it runs alone (in one unified cache the cells of
+other rows interleave with its own and the SIMD sums group them differently: near-ties broke the
+other way on ~1 row in 4). With quantized weights (Q4_x, Q8_0: ggml's dot product per output,
+one token or many) a row's logits are then bit-identical at any ``parallel``
+(tests/test_extract.py); F32 weights take another matmul path for several tokens than for one, so
+there they agree to rounding only. The prefix copy is a copy of the stream (llama.cpp copies whole
+streams only), a few MB per row.
 
 Output is constrained by llama.cpp's own grammar sampler (``llama_sampler_init_grammar``) fed the
 GBNF that ``LlamaGrammar.from_json_schema`` writes. Decoding is greedy; as llama.cpp's common
@@ -60,11 +69,12 @@ class BatchDecoder:
         self.prefix = list(prefix)
         self.slot_tokens = slot_tokens
         p = lc.llama_context_default_params()
-        p.n_ctx = len(self.prefix) + parallel * (slot_tokens + max_tokens) + 16
+        per_seq = -(-(len(self.prefix) + slot_tokens + max_tokens + 16) // 256) * 256   # cells per stream
+        p.n_ctx = per_seq * (parallel + 1)      # sequence 0 (the prefix) + one stream per slot
         p.n_batch = p.n_ubatch = n_batch
         p.n_seq_max = parallel + 1
         p.n_threads = p.n_threads_batch = n_threads
-        p.kv_unified = True
+        p.kv_unified = False
         p.no_perf = True
         from llama_cpp._utils import suppress_stdout_stderr
 
@@ -137,9 +147,11 @@ class BatchDecoder:
     def _start(self, slot: _Slot, job: Job) -> list[tuple[int, int, int, bool]]:
         lc = self.lc
         lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-        keep = min(common_prefix(job.prompt, self.prefix), len(job.prompt) - 1)
+        # the whole prefix stream or nothing (cross-stream copies are whole-buffer copies)
+        keep = len(self.prefix) if self.prefix and len(job.prompt) > len(self.prefix) and \
+            common_prefix(job.prompt, self.prefix) == len(self.prefix) else 0
         if keep:
-            lc.llama_memory_seq_cp(self.mem, 0, slot.seq, 0, keep)
+            lc.llama_memory_seq_cp(self.mem, 0, slot.seq, -1, -1)
         if job.gbnf is not None:
             lc.llama_sampler_free(slot.grammar)
             slot.grammar = lc.llama_sampler_init_grammar(self.vocab, job.gbnf.encode(), b"root")
