@@ -100,8 +100,9 @@ def main() -> None:
     print(f"| (a) llama-cpp-python, one at a time | {rps_a:.2f} | 1.00x | {1e6 / rps_a / 3600 * price:,.2f} |")
     if rps_all:
         print(f"| (a') the same, every core | {rps_all:.2f} | {rps_all / rps_a:.2f}x | {1e6 / rps_all / 3600 * price:,.2f} |")
-    print(f"| (b) mlx_qlora extract --parallel {args.parallel} | {rps_b:.2f} | {rps_b / rps_a:.2f}x"
-          f"{f' ({rps_b / rps_all:.2f}x (a))' if rps_all else ''} | {1e6 / rps_b / 3600 * price:,.2f} |")
+    vs_all = f" ({rps_b / rps_all:.2f}x (a'))" if rps_all else ""
+    print(f"| (b) mlx_qlora extract --parallel {args.parallel} | {rps_b:.2f} | {rps_b / rps_a:.2f}x{vs_all} | "
+          f"{1e6 / rps_b / 3600 * price:,.2f} |")
     for who, usd in cost_rows(rps_b, summary["tokens_in"], summary["tokens_out"], price)[1:]:
         print(f"| API {who} ({summary['tokens_in']:.0f} in / {summary['tokens_out']:.0f} out tokens per review) | | | {usd:,.2f} |")
     print(f"\nsame result on {same}/{len(rows)} rows; price ${price}/h")

@@ -1,8 +1,8 @@
 """Many prompts at once through llama.cpp: one context, several sequence ids, grammar per sequence.
 
-``BatchDecoder`` keeps ``parallel`` slots busy (continuous batching): every ``llama_decode`` call
-carries one new token for each slot that is generating plus the prompt tokens of slots that just
-took a new row, so the weights are read once per step for all of them. The prompt prefix every
+``BatchDecoder`` keeps ``parallel`` slots busy (continuous batching): every ``llama_decode`` step
+carries one new token for each slot that is generating, so the weights are read once per step for
+all of them; a slot that just took a new row runs that row's prompt in a call of its own. The prompt prefix every
 row shares (chat template + instruction) is evaluated once on sequence 0 and copied to each slot
 with ``llama_memory_seq_cp``; when a row finishes its sequence is dropped.
 
@@ -181,6 +181,9 @@ class BatchDecoder:
         while True:
             items: list[tuple[int, int, int, bool]] = []
             pending.clear()
+            fresh = []   # (slot, logits) of rows just started: each prompt runs in a call of its own,
+            #              so its tokens meet the same kernels at any --parallel (with the generating
+            #              rows, llama.cpp would split them unevenly across its micro-batches)
             for slot in self.slots:
                 if slot.job is None and not exhausted:
                     job = next(todo, None)
@@ -188,18 +191,17 @@ class BatchDecoder:
                         exhausted = True
                         continue
                     new = self._start(slot, job)
-                    pending[len(items) + len(new) - 1] = slot
-                    items += new
+                    fresh.append((slot, self._run(new)[len(new) - 1]))
                 elif slot.job is not None and slot.job.tokens:
                     pending[len(items)] = slot
                     items.append((slot.job.tokens[-1], slot.pos, slot.seq, True))
                     slot.pos += 1
-            if not items:
+            if not items and not fresh:
                 return
-            logits = self._run(items)
-            for idx, slot in pending.items():
+            logits = self._run(items) if items else {}
+            for slot, row_logits in [(slot, logits[idx]) for idx, slot in pending.items()] + fresh:
                 job = slot.job
-                tok = self._pick(slot, logits[idx])
+                tok = self._pick(slot, row_logits)
                 if self.eog(tok):
                     job.finish = "stop"
                 elif len(job.tokens) + 1 >= self.max_tokens:
