@@ -106,9 +106,9 @@ def test_batched_logits_are_bit_identical_to_one_row_at_a_time(qtype, tmp_path):
     import numpy as np
     from llama_cpp import Llama
 
-    tiny_gguf = tiny.write_gguf(tiny.write_hf_dir(tmp_path / "hf", arch="llama", seed=3), tmp_path / "m.gguf", qtype)
-
     from mlx_qlora.infer.engines.llamacpp_batch import BatchDecoder, Job, schema_to_gbnf
+
+    tiny_gguf = tiny.write_gguf(tiny.write_hf_dir(tmp_path / "hf", arch="llama", seed=3), tmp_path / "m.gguf", qtype)
 
     class Recording(BatchDecoder):
         def _pick(self, slot, logits):
@@ -207,7 +207,7 @@ def test_plain_text_input_on_mlx_with_llguidance(tiny_hf_llama, tmp_path_factory
 @pytest.mark.real
 @pytest.mark.llamacpp
 def test_smollm2_reviews_valid_and_parallel_matches_serial(smollm2_gguf, tmp_path):
-    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": r} for r in REVIEWS[:2]])
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": r} for r in REVIEWS[:4]])
     outs = {}
     for par in (1, 2):
         out = tmp_path / f"o{par}.jsonl"

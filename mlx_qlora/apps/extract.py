@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError, require
+from ..errors import require
 from ..infer.generate import common_prefix
 from .costs import cost_rows, default_price_per_hour, load_prices
 from .prompt import instruction_of, load_schema, messages
@@ -193,7 +193,7 @@ def _progress(enabled: bool, total: int, done: int):
 
 def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row, schema):
     from ..infer.engines.llamacpp import default_threads
-    from ..infer.engines.llamacpp_batch import BatchDecoder, Job
+    from ..infer.engines.llamacpp_batch import BatchDecoder, Job, schema_to_gbnf
 
     dec = BatchDecoder(engine.llm, gbnf, prefix, parallel=cfg.parallel, max_tokens=cfg.max_tokens,
                        slot_tokens=512, n_threads=cfg.threads or default_threads())
@@ -207,10 +207,7 @@ def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row, schema):
                 if why:
                     on_row(row, None, None, why)
                     continue
-                gbnf_row = None
-                if cfg.span_field:
-                    from ..infer.engines.llamacpp_batch import schema_to_gbnf
-                    gbnf_row = schema_to_gbnf(with_spans(schema, cfg.span_field, row.text))
+                gbnf_row = schema_to_gbnf(with_spans(schema, cfg.span_field, row.text)) if cfg.span_field else None
                 yield Job(row.index, prompts[row.index], gbnf=gbnf_row)
 
         by_index = {r.index: r for r in rows}

@@ -2,9 +2,9 @@
 
 ``BatchDecoder`` keeps ``parallel`` slots busy (continuous batching): every ``llama_decode`` step
 carries one new token for each slot that is generating, so the weights are read once per step for
-all of them; a slot that just took a new row runs that row's prompt in a call of its own. The prompt prefix every
-row shares (chat template + instruction) is evaluated once on sequence 0 and copied to each slot
-with ``llama_memory_seq_cp``; when a row finishes its sequence is dropped.
+all of them; a slot that just took a new row runs that row's prompt in a call of its own. The
+prompt prefix every row shares (chat template + instruction) is evaluated once on sequence 0 and
+copied to each slot with ``llama_memory_seq_cp``; when a row finishes its sequence is dropped.
 
 Same answers at any ``parallel``: each sequence has its own KV stream (``kv_unified = false``), so a
 row's keys and values sit in the same cells whatever else runs beside it, and its attention sums
@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ...errors import UserError, require
+from ...errors import require
 from ..generate import common_prefix
 
 
