@@ -19,6 +19,7 @@ from ..errors import UserError, require
 
 SCHEDULES = ("cosine", "linear", "constant")
 FORMATS = ("auto", "text", "completions", "chat")
+BASE_MATMULS = ("auto", "quantized", "dense")   # train/dequant_gemm.py (kept here: no MLX import)
 
 
 def _is_int(v) -> bool:
@@ -153,6 +154,8 @@ class TrainConfig:
     seed: int = 0
     grad_checkpoint: bool = False    # recompute each layer in backward: less memory, ~30% slower
     cpu_engine: bool = True          # CPU: NumPy/BLAS engine (train/numpy_engine.py); false: MLX autodiff
+    base_matmul: str = "auto"        # GPU: frozen 4-bit products as "dense" (dequantize + GEMM, see
+                                     # train/dequant_gemm.py) or "quantized" kernels; auto: dense on CUDA
     cpu_weight_cache_mb: int = 1024  # CPU engine: MiB of fp32 copies of frozen weights kept between
                                      # steps (0: dequantize 4-bit weights at every use, least memory)
     checkpoint_every: int = 100      # steps between checkpoints (0: only at the end)
@@ -183,6 +186,8 @@ class TrainConfig:
             v = getattr(self, name)
             require(_is_int(v) and v >= 0, f"{name}={v!r}: use an integer >= 0")
         require(_is_int(self.keep_checkpoints) and self.keep_checkpoints >= 1, "keep_checkpoints: use an integer >= 1")
+        require(self.base_matmul in BASE_MATMULS,
+                f"base_matmul={self.base_matmul!r}: use one of {', '.join(BASE_MATMULS)}")
         require(self.optim.warmup_steps < self.steps or self.steps == 1,
                 f"optim.warmup_steps={self.optim.warmup_steps} is not below steps={self.steps}: lower it or train longer")
 

@@ -165,12 +165,13 @@ class StepFns(NamedTuple):
 
 
 def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_engine: bool = True,
-                  weight_cache_mb: float = 1024, say=print, batch_shape=None):
+                  weight_cache_mb: float = 1024, say=print, batch_shape=None, base_matmul: str = "auto"):
     """The step functions for this device (``StepFns``).
 
     On CPU the NumPy/BLAS engine (``numpy_engine``) when it covers the model, else MLX autodiff
-    (the fast-path kernels of ``mlx_cpu_kernels``; Metal/CUDA always take this path). Losses and
-    gradients are of the summed token loss; the caller divides by the loss-token count.
+    (the fast-path kernels of ``mlx_cpu_kernels``; Metal/CUDA always take this path, with the
+    frozen 4-bit products as ``base_matmul`` says: see ``dequant_gemm``). Losses and gradients
+    are of the summed token loss; the caller divides by the loss-token count.
     """
     if mlx_cpu_kernels.on_cpu() and use_cpu_engine:
         why = numpy_engine.unsupported(model)
@@ -181,12 +182,13 @@ def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_en
             return StepFns(eng.loss_and_grad, eng.loss, True)
         say(f"engine: MLX autodiff (the CPU engine does not cover {why})")
     if not mlx_cpu_kernels.on_cpu():   # Metal / CUDA (or CPU kernels off): compiled, chunked loss
-        from . import mlx_step
+        from . import dequant_gemm, mlx_step
 
         head = output_head(model)
-        if mlx_step.choose_checkpointing(model, head, grad_checkpointing, batch_shape, say):
+        dense = dequant_gemm.resolve(base_matmul)
+        if mlx_step.choose_checkpointing(model, head, grad_checkpointing, batch_shape, say, dense):
             grad_checkpoint(model)
-        return StepFns(*mlx_step.make_device_step(model, head), False)
+        return StepFns(*mlx_step.make_device_step(model, head, dense=dense), False)
     if grad_checkpointing:
         grad_checkpoint(model)
     loss_fn = make_loss(model)
@@ -309,7 +311,8 @@ def train(cfg: TrainConfig) -> dict:
     trainable, total = count_parameters(model)
     rep.print(f"model {cfg.model}: {total / 1e6:.2f}M parameters, trainable {trainable:,} ({100 * trainable / total:.3f}%)")
     grad_fn, eval_fn, packed = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb,
-                                             rep.print, batch_shape=(cfg.batch_size, cfg.data.max_seq_len))
+                                             rep.print, batch_shape=(cfg.batch_size, cfg.data.max_seq_len),
+                                             base_matmul=cfg.base_matmul)
     from .mlx_step import make_scale_clip, make_update
 
     gpu_path = not packed and not mlx_cpu_kernels.on_cpu()   # the GPU path: scaling, clipping, update compiled

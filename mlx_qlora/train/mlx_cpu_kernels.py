@@ -10,7 +10,7 @@ chunks, only at the positions where the loss mask is on, and never keeps a (toke
 logits array between forward and backward: the gradient w.r.t. the hidden states is formed in
 the forward pass (the loss is the last op, so its cotangent is a scalar) and only scaled later.
 
-On Metal and CUDA these are not used: ``quantized_matmul`` is fast there.
+On Metal and CUDA these are not used (the GPU step has its own: ``dequant_gemm``, ``mlx_step``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import numpy_kernels
+from . import dequant_gemm, numpy_kernels
 
 # Rows of the (tokens, vocab) logits handled at once by the fused loss: 256 x 49,152 fp32 is
 # 48 MiB, large enough that the matmul runs at full BLAS speed, small enough to stay cheap.
@@ -100,8 +100,9 @@ def dequant_matmul(x: mx.array, q: nn.QuantizedLinear) -> mx.array:
 
 def base_linear(linear: nn.Module, x: mx.array) -> mx.array:
     """Frozen base projection, using the fast path where it pays (quantized weights on CPU)."""
-    if isinstance(linear, nn.QuantizedLinear) and on_cpu():
-        y = dequant_matmul(x, linear)
+    if isinstance(linear, nn.QuantizedLinear) and (on_cpu() or dequant_gemm.applies(x)):
+        # CPU: dequantize + fp32 BLAS (evaluated eagerly); GPU step: dequantize + GEMM, traced
+        y = dequant_matmul(x, linear) if on_cpu() else dequant_gemm.matmul(x, linear)
         if "bias" in linear:
             y = y + linear["bias"]
         return y
@@ -109,14 +110,15 @@ def base_linear(linear: nn.Module, x: mx.array) -> mx.array:
 
 
 class FastQuantizedLinear(nn.QuantizedLinear):
-    """A QuantizedLinear whose CPU forward/backward go through ``dequant_matmul``.
+    """A QuantizedLinear whose CPU forward/backward go through ``dequant_matmul`` (and, in a GPU
+    step with ``dequant_gemm`` on, through ``dequant_gemm.matmul``).
 
     Swapped in by changing ``__class__`` (see ``accelerate``), so parameter names, isinstance
     checks and fusing code see an ordinary QuantizedLinear.
     """
 
     def __call__(self, x):
-        if on_cpu():
+        if on_cpu() or dequant_gemm.applies(x):
             return base_linear(self, x)
         return super().__call__(x)
 

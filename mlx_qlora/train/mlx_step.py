@@ -27,6 +27,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import dequant_gemm
+from .mlx_cpu_kernels import FastQuantizedLinear
+
 # float32 logits held at once by the chunked loss: 2**26 elements = 256 MiB (512 rows of a
 # 128k vocabulary); at least 64 rows per chunk so the matmuls stay efficient.
 CE_CHUNK_ELEMENTS = 2 ** 26
@@ -42,9 +45,7 @@ def chunk_rows(vocab: int, rows: int) -> int:
 def _head_layout(head: nn.Module):
     """(arrays, quantization layout or None) of a Linear / Embedding output head."""
     if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        has_biases = head.get("biases") is not None
-        arrays = (head.weight, head.scales) + ((head.biases,) if has_biases else ())
-        return arrays, (head.group_size, head.bits, getattr(head, "mode", "affine"), has_biases)
+        return dequant_gemm.quant_args(head)
     return (head.weight,), None
 
 
@@ -72,6 +73,9 @@ def _rows(arrays, quant, ids):
 
 def _chunks(h, targets, weights, arrays, quant, rows: int, grad: bool):
     """(sum of weighted token losses, dL/dh or None), one chunk of rows after another."""
+    if quant is not None and dequant_gemm.applies(h):
+        # the head dequantized once h exists (not held through the forward), dense GEMMs after
+        arrays, quant = (dequant_gemm.dequantized(arrays, quant, h, h.dtype),), None
     losses, grads, done = [], [], None
     for start in range(0, h.shape[0], rows):
         hc = h[start:start + rows]
@@ -159,32 +163,41 @@ def _compute_itemsize(model: nn.Module) -> int:
     return 2 if half >= full else 4
 
 
-def fixed_bytes(model: nn.Module, vocab: int, tokens: int) -> int:
-    """Weights, fp32 trainable copies for grads and AdamW (x4), one chunk of logits (x3)."""
+def fixed_bytes(model: nn.Module, vocab: int, tokens: int, dense: bool = False) -> int:
+    """Weights, fp32 trainable copies for grads and AdamW (x4), one chunk of logits (x3); with
+    ``dense`` (dequant_gemm) also the dense head and two layers' dense weights in flight."""
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
-    return weights + 4 * trainable + 3 * 4 * chunk_rows(vocab, tokens) * vocab
+    total = weights + 4 * trainable + 3 * 4 * chunk_rows(vocab, tokens) * vocab
+    if dense:
+        itemsize = _compute_itemsize(model)
+        d = getattr(getattr(model, "args", None), "hidden_size", 0)
+        total += vocab * d * itemsize + 2 * dequant_gemm.dense_linear_bytes(model, itemsize)
+    return total
 
 
 def memory_limit() -> int:
     return int(mx.get_memory_limit())
 
 
-def needs_checkpointing(model: nn.Module, vocab: int, batch: int, seq: int, limit: int | None = None) -> bool:
+def needs_checkpointing(model: nn.Module, vocab: int, batch: int, seq: int, limit: int | None = None,
+                        dense: bool = False) -> bool:
     """True when the step without checkpointing would exceed the memory budget."""
     limit = memory_limit() if limit is None else limit
-    return fixed_bytes(model, vocab, batch * seq) + activation_bytes(model, batch, seq, False) > \
+    return fixed_bytes(model, vocab, batch * seq, dense) + activation_bytes(model, batch, seq, False) > \
         MEMORY_HEADROOM * limit
 
 
-def choose_checkpointing(model: nn.Module, head: nn.Module | None, asked: bool, batch_shape, say=print) -> bool:
+def choose_checkpointing(model: nn.Module, head: nn.Module | None, asked: bool, batch_shape, say=print,
+                         dense: bool = False) -> bool:
     """Checkpoint when asked, or when (batch, seq) = ``batch_shape`` would not fit without it."""
     if asked or batch_shape is None:
         return asked
     vocab = head.weight.shape[0] if head is not None else 0
-    if not needs_checkpointing(model, vocab, *batch_shape):
+    if not needs_checkpointing(model, vocab, *batch_shape, dense=dense):
         return False
-    need = fixed_bytes(model, vocab, batch_shape[0] * batch_shape[1]) + activation_bytes(model, *batch_shape, False)
+    need = fixed_bytes(model, vocab, batch_shape[0] * batch_shape[1], dense) + \
+        activation_bytes(model, *batch_shape, False)
     say(f"gradient checkpointing on: a {batch_shape[0]} x {batch_shape[1]} step needs ~{need / 2**30:.1f} GiB "
         f"without it, over {MEMORY_HEADROOM:.0%} of the {memory_limit() / 2**30:.1f} GiB memory limit")
     return True
@@ -221,9 +234,20 @@ def make_loss(model: nn.Module, head: nn.Module | None):
     return loss
 
 
-def make_device_step(model: nn.Module, head: nn.Module | None, compile: bool = True):
+def route_dense(model: nn.Module) -> None:
+    """Frozen QuantizedLinears outside LoRA (untargeted projections) through ``base_linear`` too,
+    so ``dequant_gemm`` covers them (the class is swapped per instance; names are unchanged)."""
+    for _, m in model.named_modules():
+        if type(m) is nn.QuantizedLinear:
+            m.__class__ = FastQuantizedLinear
+
+
+def make_device_step(model: nn.Module, head: nn.Module | None, compile: bool = True, dense: bool = False):
     """(grad_fn, eval_fn) for StepFns: grad_fn(batch, seed) -> (summed token loss, gradient tree);
-    eval_fn(batch) -> summed token loss. ``compile=False`` runs the same graph eagerly."""
+    eval_fn(batch) -> summed token loss. ``compile=False`` runs the same graph eagerly; ``dense``:
+    4-bit projections and head as dequantize + GEMM (``dequant_gemm``)."""
+    if dense:
+        route_dense(model)
     loss_fn = make_loss(model, head)
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
@@ -240,13 +264,15 @@ def make_device_step(model: nn.Module, head: nn.Module | None, compile: bool = T
 
     def grad_fn(b, seed):
         mx.random.seed(seed[0] * 1_000_003 + seed[1] * 1_009 + seed[2])   # dropout: a function of the step
-        loss, g = lg(*pad_batch(b))
-        mx.eval(loss, g)
+        with dequant_gemm.enabled(dense):      # read while (re)tracing
+            loss, g = lg(*pad_batch(b))
+            mx.eval(loss, g)
         return loss.item(), g
 
     def eval_fn(b):
-        loss = ev(*pad_batch(b))
-        mx.eval(loss)
+        with dequant_gemm.enabled(dense):
+            loss = ev(*pad_batch(b))
+            mx.eval(loss)
         return loss.item()
 
     return grad_fn, eval_fn

@@ -1,0 +1,138 @@
+"""dequant_gemm (train/dequant_gemm.py): a 4-bit product as dequantize + dense matmul gives the
+quantized kernel's values and gradients, keeps no dense weight between forward and backward (peak
+memory), and the GPU step with it on gives the same losses and LoRA gradients (CPU kernels off)."""
+from __future__ import annotations
+
+import mlx_qlora  # noqa: F401  (BLAS before mlx.core)
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+
+from test_cpu_engine import batch, model_for, reference, rel_err
+from tolerance import tol
+from mlx_qlora.train import dequant_gemm, mlx_cpu_kernels, mlx_step
+from mlx_qlora.train.config import LoraConfig, TrainConfig
+from mlx_qlora.errors import UserError
+from mlx_qlora.train.loop import make_step_fns, output_head
+
+
+def _qlinear(d_in, d_out, seed=0, bias=False):
+    mx.random.seed(seed)
+    q = nn.QuantizedLinear.from_linear(nn.Linear(d_in, d_out, bias=bias), group_size=64, bits=4)
+    mx.eval(q.parameters())
+    return q
+
+
+@pytest.mark.parametrize("shape", [(300, 128), (2, 150, 128)])
+def test_values_and_gradient_equal_the_quantized_kernel(shape):
+    q = _qlinear(128, 96)
+    x = mx.random.normal(shape)
+    cot = mx.random.normal(shape[:-1] + (96,))
+
+    def ref(x):
+        return mx.sum(q(x) * cot)
+
+    def dense(x):
+        return mx.sum(dequant_gemm.matmul(x, q) * cot)
+
+    (l0, g0), (l1, g1) = mx.value_and_grad(ref)(x), mx.value_and_grad(dense)(x)
+    assert rel_err(dequant_gemm.matmul(x, q), q(x)) < tol(1e-5)
+    assert rel_err(l1, l0) < tol(1e-5) and rel_err(g1, g0) < tol(1e-5)
+    l2, g2 = mx.compile(mx.value_and_grad(dense))(x)
+    assert rel_err(l2, l0) < tol(1e-5) and rel_err(g2, g0) < tol(1e-5)
+    # a half-precision activation stays in its dtype, in both directions
+    xh = x.astype(mx.bfloat16)
+    gh = mx.grad(lambda x: mx.sum(dequant_gemm.matmul(x, q).astype(mx.float32) * cot))(xh)
+    assert dequant_gemm.matmul(xh, q).dtype == mx.bfloat16 and gh.dtype == mx.bfloat16
+    assert rel_err(gh.astype(mx.float32), g0) < tol(1e-5, mx.bfloat16)
+
+
+def test_applies_only_when_on_and_from_min_rows():
+    x_small, x_big = mx.zeros((2, 100, 64)), mx.zeros((3, 100, 64))
+    assert not dequant_gemm.applies(x_big)
+    with dequant_gemm.enabled():
+        assert dequant_gemm.applies(x_big) and not dequant_gemm.applies(x_small)   # 300 vs 200 rows
+        with dequant_gemm.enabled(False):
+            assert not dequant_gemm.applies(x_big)
+        assert dequant_gemm.applies(x_big)
+    assert not dequant_gemm.applies(x_big)
+    assert dequant_gemm.resolve("dense") and not dequant_gemm.resolve("quantized")
+    assert dequant_gemm.resolve("auto") == (mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available())
+
+
+def test_no_dense_weight_is_kept_for_backward():
+    """Peak memory of forward + backward through 12 layers: the quantized kernel's, plus at most
+    three dense weights in flight. Differentiating a plain ``x @ dequantize(W).T`` keeps all 12
+    dense weights for backward and fails the same bound (checked here, so the bound can fail)."""
+    d, n_layers, rows = 1024, 12, 512
+    layers = [_qlinear(d, d, seed=i) for i in range(n_layers)]
+    dense_w = d * d * 4                                           # float32: 4 MiB each
+    x0 = mx.random.normal((rows, d))
+    mx.eval(x0)
+
+    def net(how):
+        def f(x):
+            for q in layers:
+                if how == "quantized":
+                    x = q(x)
+                elif how == "dense":
+                    x = dequant_gemm.matmul(x, q)
+                else:
+                    x = x @ mx.dequantize(q.weight, q.scales, q.biases, group_size=64, bits=4).T
+                x = mx.tanh(x)
+            return mx.sum(x)
+        return mx.grad(f)
+
+    def peak(how, compiled):
+        g = mx.compile(net(how)) if compiled else net(how)
+        mx.eval(g(x0))                       # compile / warm caches first
+        mx.reset_peak_memory()
+        mx.eval(g(x0))
+        return mx.get_peak_memory()
+
+    for compiled in (False, True):
+        bound = peak("quantized", compiled) + 3 * dense_w
+        assert peak("dense", compiled) <= bound, compiled
+        assert peak("kept", compiled) > bound, compiled      # the bound does catch kept weights
+
+
+@pytest.mark.parametrize("arch,targets", [("llama", "all-linear"), ("qwen2", "all-linear"), ("llama", "q_proj,v_proj")])
+def test_device_step_with_dense_base_matches_todays_path(request, arch, targets, monkeypatch):
+    """The GPU step with dequantize + GEMM (adapted and untargeted projections, the tied or untied
+    head) == the gather-based uncompiled step, compiled and not; and it does take that route."""
+    monkeypatch.setattr(dequant_gemm, "MIN_ROWS", 1)            # the test batch has 3 x 64 rows
+    lora = LoraConfig(rank=4, alpha=8, layers="all", targets=targets)
+    model = model_for(request.getfixturevalue(f"tiny_hf_{arch}"), 4, lora)
+    b = batch(3, lengths=(9, 5, 40))
+    ref_loss, ref = reference(model, b)
+    calls, dequantized = [], []
+    real, real_dq = dequant_gemm.matmul, dequant_gemm.dequantized
+    monkeypatch.setattr(dequant_gemm, "matmul", lambda x, q: calls.append(q) or real(x, q))
+    monkeypatch.setattr(dequant_gemm, "dequantized", lambda a, *r: dequantized.append(a[0].shape) or real_dq(a, *r))
+    with mlx_cpu_kernels.disabled():
+        for compile in (False, True):
+            grad_fn, eval_fn = mlx_step.make_device_step(model, output_head(model), compile=compile, dense=True)
+            loss, g = grad_fn(b, (0, 0, 0))
+            g = dict(tree_flatten(g))
+            assert abs(loss - ref_loss) / ref_loss < tol(1e-5), compile
+            assert set(g) == set(ref) and len(g) > 0
+            for k in ref:
+                assert rel_err(g[k], ref[k]) < tol(1e-4), (compile, k)
+            assert abs(eval_fn(b) - ref_loss) / ref_loss < tol(1e-5)
+    head = output_head(model)
+    projections = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear) and m is not head]
+    assert {id(q) for q in calls} == {id(q) for q in projections}     # every 4-bit projection went dense
+    assert head.weight.shape in dequantized                           # and the head
+
+
+def test_make_step_fns_reads_base_matmul_and_the_config_checks_it(tiny_hf_llama, monkeypatch):
+    seen = []
+    real = mlx_step.make_device_step
+    monkeypatch.setattr(mlx_step, "make_device_step", lambda *a, **k: seen.append(k["dense"]) or real(*a, **k))
+    with mlx_cpu_kernels.disabled():
+        for mode in ("dense", "quantized", "auto"):
+            make_step_fns(model_for(tiny_hf_llama, 4), use_cpu_engine=False, say=lambda *_: None, base_matmul=mode)
+    assert seen == [True, False, dequant_gemm.auto_dense()]
+    with pytest.raises(UserError, match="base_matmul='fast': use one of auto, quantized, dense"):
+        TrainConfig(model="m", data={"train": "t.jsonl"}, base_matmul="fast")
