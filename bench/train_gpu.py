@@ -13,7 +13,11 @@ own), ``--warmup`` steps first (compilation), then ``--steps`` timed optimizer s
 - ``mlx_qlora``: ``loop.make_step_fns`` with the CPU engine off, i.e. the path Metal/CUDA take
   (train/mlx_step.py: compiled, chunked cross-entropy); on CPU the CPU kernels are switched off so
   the same path runs;
-- ``mlx_qlora_ckpt``: the same with gradient checkpointing;
+  its 4-bit products as ``base_matmul: auto`` picks them (dequantize + dense GEMM on CUDA,
+  train/dequant_gemm.py; the quantized kernels elsewhere);
+- ``mlx_qlora_qmm`` / ``mlx_qlora_dense``: the same with the quantized kernels / dequantize + GEMM
+  forced (the two side by side on any device);
+- ``mlx_qlora_ckpt``: ``mlx_qlora`` with gradient checkpointing;
 - ``mlx_qlora_plain_ce``: the same compiled step with a plain full-logits cross-entropy (the
   chunked loss's memory effect, side by side);
 - ``mlx_lm``: mlx-lm's LoRA layers, its ``default_loss`` and a step compiled the way its trainer
@@ -43,8 +47,10 @@ SHAPES = {  # Llama-3.2-1B / Llama-3.1-8B config.json dimensions; tiny: a CPU sm
     "8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
-SYSTEMS = ["mlx_qlora", "mlx_qlora_ckpt", "mlx_qlora_plain_ce", "mlx_lm", "torch"]
-DEFAULT_SYSTEMS = ["mlx_qlora", "mlx_qlora_ckpt", "mlx_lm", "torch"]
+SYSTEMS = ["mlx_qlora", "mlx_qlora_qmm", "mlx_qlora_dense", "mlx_qlora_ckpt", "mlx_qlora_plain_ce", "mlx_lm",
+           "torch"]
+DEFAULT_SYSTEMS = ["mlx_qlora", "mlx_qlora_qmm", "mlx_qlora_ckpt", "mlx_lm", "torch"]
+BASE_MATMUL = {"mlx_qlora_qmm": "quantized", "mlx_qlora_dense": "dense"}    # others: auto
 RANK, ALPHA, GROUP, BITS = 16, 32, 64, 4
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -91,7 +97,7 @@ def run_mlx_qlora(a, d: dict, system: str) -> dict:
     import mlx.optimizers as optim
     import numpy as np
 
-    from mlx_qlora.train import loop, mlx_cpu_kernels, mlx_step
+    from mlx_qlora.train import dequant_gemm, loop, mlx_cpu_kernels, mlx_step
     from mlx_qlora.train.config import LoraConfig
     from mlx_qlora.train.data import Example, collate
     from mlx_qlora.train.lora import apply_lora
@@ -104,12 +110,14 @@ def run_mlx_qlora(a, d: dict, system: str) -> dict:
     # as train() does on the GPU path: grads / loss tokens, clipped to norm 1, compiled AdamW update
     update, scale_clip = mlx_step.make_update(model, opt), mlx_step.make_scale_clip(1.0, compiled=True)
     with mlx_cpu_kernels.disabled():         # on CPU: the GPU path, not the CPU kernels
+        base_matmul = BASE_MATMUL.get(system, "auto")
         if system == "mlx_qlora_plain_ce":
-            grad_fn, _ = mlx_step.make_device_step(model, None)   # head=None: full logits
+            dense = dequant_gemm.resolve(base_matmul)
+            grad_fn, _ = mlx_step.make_device_step(model, None, dense=dense)   # head=None: full logits
         else:
             grad_fn = loop.make_step_fns(model, system == "mlx_qlora_ckpt", use_cpu_engine=False,
                                          say=lambda s: print(s, file=sys.stderr),
-                                         batch_shape=(a.batch, a.seq)).grad
+                                         batch_shape=(a.batch, a.seq), base_matmul=base_matmul).grad
         mask = np.ones(a.seq + 1, bool)
 
         def step(i):
