@@ -187,19 +187,25 @@ def test_checkpointed_blocks_recompute_the_forward_dropout_masks(tiny_hf_llama, 
 
 
 def test_train_end_to_end_on_the_gpu_path(tiny_q4, data_dir, tmp_path, monkeypatch):
-    """train() with the CPU kernels off runs the GPU path (padded compiled step, compiled AdamW
-    update): the same adapter as with the plain update, and the CPU engine's losses."""
+    """train() with the CPU kernels off runs the GPU path: the whole step as one compiled graph
+    (a) = the compiled loss-and-gradient step with the plain AdamW update apart (b), and the CPU
+    engine's losses (c)."""
     from functools import partial
 
+    from mlx_qlora.train import loop as loop_mod
     from mlx_qlora.train.loop import train
 
     run = partial(cfg, tiny_q4, data_dir, steps=3, eval_every=0, checkpoint_every=0)
-    said = []
+    said, built = [], []
     monkeypatch.setattr("mlx_qlora.train.report.Reporter.print", lambda self, msg, *a, **k: said.append(str(msg)))
+    real = mlx_step.make_train_step
+    monkeypatch.setattr(mlx_step, "make_train_step", lambda *a, **k: built.append(1) or real(*a, **k))
     with mlx_cpu_kernels.disabled():
         a = train(run(tmp_path / "a", cpu_engine=False))
-        assert any("padding waste" in s for s in said)          # not the packed CPU engine
+        assert any("padding waste" in s for s in said) and built == [1]    # not the CPU engine; one graph
         with monkeypatch.context() as m:
+            real_fns = loop_mod.make_step_fns
+            m.setattr(loop_mod, "make_step_fns", lambda *a, **k: real_fns(*a, **k)._replace(whole_step=None))
             m.setattr(mlx_step, "make_update", lambda model, opt: partial(opt.update, model))
             b = train(run(tmp_path / "b", cpu_engine=False))
     c = train(run(tmp_path / "c"))                              # the CPU engine
@@ -209,3 +215,40 @@ def test_train_end_to_end_on_the_gpu_path(tiny_q4, data_dir, tmp_path, monkeypat
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=tol(1e-6))
     for key in ("train_loss", "val_loss"):
         assert a[key] == pytest.approx(c[key], rel=tol(1e-4)), key
+
+
+def test_whole_step_keeps_nothing_of_a_nan_step(tiny_hf_llama, monkeypatch):
+    """make_train_step: a step whose loss is NaN leaves adapter and optimizer state bit for bit
+    as they were (the update is masked in the graph), the next finite step updates them; its
+    clipped update equals grad_fn + scale_clip + AdamW done apart."""
+    import mlx.optimizers as optim
+
+    b = batch(6)
+    runs = []
+    for whole in (True, False):
+        model = model_for(tiny_hf_llama, 4)
+        opt = optim.AdamW(learning_rate=1e-2)
+        with mlx_cpu_kernels.disabled():
+            if whole:
+                step = mlx_step.make_train_step(model, output_head(model), opt, max_norm=0.5)
+                before = [np.array(v) for _, v in tree_flatten(model.trainable_parameters())]
+                with monkeypatch.context() as m:
+                    real_pad = mlx_step.pad_batch
+                    m.setattr(mlx_step, "pad_batch", lambda b: (lambda i, t, w: (i, t, w * float("nan")))(*real_pad(b)))
+                    loss, norm = step(b, (0, 0, 0))
+                assert np.isnan(loss)
+                after = [np.array(v) for _, v in tree_flatten(model.trainable_parameters())]
+                assert all(np.array_equal(x, y) for x, y in zip(before, after))
+                assert opt.state["step"].item() == 0
+                loss, norm = step(b, (0, 0, 0))
+                assert opt.state["step"].item() == 1 and norm > 0.5       # clipped
+            else:
+                grad_fn, _ = mlx_step.make_device_step(model, output_head(model))
+                loss, g = grad_fn(b, (0, 0, 0))
+                g, norm = mlx_step.make_scale_clip(0.5, compiled=True)(g, b.n_loss)
+                opt.update(model, g)
+                norm = norm.item()
+        runs.append((loss, norm, dict(tree_flatten(model.trainable_parameters()))))
+    (l0, n0, p0), (l1, n1, p1) = runs
+    assert l0 == pytest.approx(l1, rel=tol(1e-6)) and n0 == pytest.approx(n1, rel=tol(1e-5))
+    assert max(rel_err(p0[k], p1[k]) for k in p0) < tol(1e-5)

@@ -110,7 +110,7 @@ def test_nan_stops_and_keeps_last_checkpoint(tiny_q4, data_dir, tmp_path, monkey
             loss, grads = fns.grad(b, seed)
             return (loss * float("nan") if calls["n"] >= 5 else loss), grads
 
-        return fns._replace(grad=nan_from_step_5)
+        return fns._replace(grad=nan_from_step_5, whole_step=None)   # the per-micro-batch path (GPU too)
 
     monkeypatch.setattr(train_mod, "make_step_fns", poisoned)
     out = tmp_path / "nan"

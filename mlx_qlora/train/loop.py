@@ -162,6 +162,7 @@ class StepFns(NamedTuple):
     grad: Callable        # (batch, seed) -> (summed token loss, gradient tree)
     loss: Callable        # batch -> summed token loss
     packed: bool          # rows packed without padding (the CPU engine)
+    whole_step: Callable | None = None   # GPU path: (optimizer, max_norm) -> one-graph train_step
 
 
 def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_engine: bool = True,
@@ -188,7 +189,8 @@ def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_en
         dense = dequant_gemm.resolve(base_matmul)
         if mlx_step.choose_checkpointing(model, head, grad_checkpointing, batch_shape, say, dense):
             grad_checkpoint(model)
-        return StepFns(*mlx_step.make_device_step(model, head, dense=dense), False)
+        return StepFns(*mlx_step.make_device_step(model, head, dense=dense), False,
+                       partial(mlx_step.make_train_step, model, head, dense=dense))
     if grad_checkpointing:
         grad_checkpoint(model)
     loss_fn = make_loss(model)
@@ -310,14 +312,17 @@ def train(cfg: TrainConfig) -> dict:
                    write=world.main)
     trainable, total = count_parameters(model)
     rep.print(f"model {cfg.model}: {total / 1e6:.2f}M parameters, trainable {trainable:,} ({100 * trainable / total:.3f}%)")
-    grad_fn, eval_fn, packed = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb,
-                                             rep.print, batch_shape=(cfg.batch_size, cfg.data.max_seq_len),
-                                             base_matmul=cfg.base_matmul)
+    fns = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb, rep.print,
+                        batch_shape=(cfg.batch_size, cfg.data.max_seq_len), base_matmul=cfg.base_matmul)
+    grad_fn, eval_fn, packed = fns.grad, fns.loss, fns.packed
     from .mlx_step import make_scale_clip, make_update
 
     gpu_path = not packed and not mlx_cpu_kernels.on_cpu()   # the GPU path: scaling, clipping, update compiled
     update = make_update(model, optimizer) if gpu_path else partial(optimizer.update, model)
     scale_clip = make_scale_clip(cfg.optim.max_grad_norm, compiled=gpu_path)
+    # one micro-batch, one process: the whole optimizer step as one compiled graph (mlx_step)
+    whole = fns.whole_step and cfg.optim.grad_accum == 1 and world.size == 1
+    train_step = fns.whole_step(optimizer, cfg.optim.max_grad_norm) if whole else None
     waste = "no padding (the CPU engine packs rows)" if packed else \
         f"padding waste {100 * padding_waste(ds.train, cfg.batch_size, cfg.seed):.1f}% with length bucketing"
     rep.print(f"data: {len(ds.train)} train / {len(ds.valid)} valid rows ({ds.fmt}), {waste}")
@@ -358,7 +363,11 @@ def train(cfg: TrainConfig) -> dict:
             t_step = time.perf_counter()
             pos = (state["epoch"], state["batch_index"])
             grads, loss_sum, n_loss, n_tok = None, 0.0, 0, 0
-            for micro in range(cfg.optim.grad_accum):
+            if train_step is not None:   # loss, gradient, clipping and update: one graph (not kept if NaN)
+                b = next_batch()
+                loss_sum, norm = train_step(b, (cfg.seed, state["step"], 0))
+                n_loss, n_tok = b.n_loss, b.real_tokens
+            for micro in range(cfg.optim.grad_accum if train_step is None else 0):
                 b = next_batch()
                 if b is None:   # a last short batch left this rank no row
                     grads = grads or tree_map(mx.zeros_like, model.trainable_parameters())
@@ -369,19 +378,22 @@ def train(cfg: TrainConfig) -> dict:
                 mx.eval(grads)
                 loss_sum, n_loss, n_tok = loss_sum + loss, n_loss + b.n_loss, n_tok + b.real_tokens
             my_tokens += n_tok
-            grads, (loss_sum, n_loss, n_tok) = dist.sum_step(world, grads, [loss_sum, n_loss, n_tok],
-                                                             f"the gradient all_sum of step {state['step'] + 1}",
-                                                             watchdog, time.perf_counter() - t_step)
+            if train_step is None:
+                grads, (loss_sum, n_loss, n_tok) = dist.sum_step(world, grads, [loss_sum, n_loss, n_tok],
+                                                                 f"the gradient all_sum of step {state['step'] + 1}",
+                                                                 watchdog, time.perf_counter() - t_step)
+                grads, norm = scale_clip(grads, n_loss)
+                norm = norm.item()
             n_tok = int(n_tok)
-            grads, norm = scale_clip(grads, n_loss)
             mean_loss = loss_sum / n_loss
-            if not (math.isfinite(mean_loss) and math.isfinite(norm.item())):
+            if not (math.isfinite(mean_loss) and math.isfinite(norm)):
                 state["epoch"], state["batch_index"] = pos
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                raise UserError(f"loss became {mean_loss} (grad norm {norm.item()}) at step {state['step'] + 1}: "
+                raise UserError(f"loss became {mean_loss} (grad norm {norm}) at step {state['step'] + 1}: "
                                 f"training stopped, {where}; lower optim.learning_rate or set optim.max_grad_norm")
-            update(grads)
-            mx.eval(model.trainable_parameters(), optimizer.state)
+            if train_step is None:
+                update(grads)
+                mx.eval(model.trainable_parameters(), optimizer.state)
             state["step"] += 1
             step = state["step"]
             rep.step(step, mean_loss, n_tok, optimizer.learning_rate.item(),  # the rate this step used

@@ -278,6 +278,45 @@ def make_device_step(model: nn.Module, head: nn.Module | None, compile: bool = T
     return grad_fn, eval_fn
 
 
+def make_train_step(model: nn.Module, head: nn.Module | None, optimizer, max_norm: float | None,
+                    dense: bool = False, compile: bool = True):
+    """train_step(batch, seed) -> (summed token loss, gradient norm) as floats: a whole optimizer
+    step of one micro-batch in one compiled graph, as mlx-lm's trainer compiles it (loss and
+    gradient, / loss tokens, clipping, AdamW) and one sync per step instead of three. The update
+    is kept only where loss and norm are finite (``mx.where`` in the graph), so a NaN step leaves
+    adapter and optimizer state as they were and the loop stops on the returned values."""
+    from mlx.utils import tree_map
+
+    loss_fn = make_loss(model, head)
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    scale_clip = make_scale_clip(max_norm, compiled=False)
+    optimizer.init(model.trainable_parameters())   # the state exists before tracing (kept on resume)
+
+    def step(inputs, targets, weights, n):
+        loss, grads = value_and_grad(model, inputs, targets, weights)
+        grads, norm = scale_clip(grads, n)
+        ok = mx.isfinite(loss) & mx.isfinite(norm)
+        params, opt_state = model.trainable_parameters(), tree_map(lambda a: a, optimizer.state)
+        optimizer.update(model, grads)
+        keep = lambda new, old: mx.where(ok, new, old)          # noqa: E731
+        model.update(tree_map(keep, model.trainable_parameters(), params))
+        optimizer.state.update(tree_map(keep, optimizer.state, opt_state))   # in place: compile's capture
+        return loss, norm
+
+    if compile:
+        state = [model.state, optimizer.state, mx.random.state]
+        step = mx.compile(step, inputs=state, outputs=state)
+
+    def train_step(b, seed):
+        mx.random.seed(seed[0] * 1_000_003 + seed[1] * 1_009 + seed[2])   # as grad_fn
+        with dequant_gemm.enabled(dense):
+            loss, norm = step(*pad_batch(b), mx.array(b.n_loss, mx.float32))
+            mx.eval(loss, norm, model.trainable_parameters(), optimizer.state)
+        return loss.item(), norm.item()
+
+    return train_step
+
+
 def make_update(model: nn.Module, optimizer):
     """update(grads): ``optimizer.update(model, grads)`` compiled with the model's and optimizer's
     state captured (hundreds of small LoRA tensors: one graph instead of a kernel per op each)."""
