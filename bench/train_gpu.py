@@ -10,11 +10,11 @@ torch + PEFT (float32 on CPU); LoRA rank 16 (alpha 32) on every linear of every 
 tokens, every position in the loss. Each system runs in its own process (so its peak memory is its
 own), ``--warmup`` steps first (compilation), then ``--steps`` timed optimizer steps. Rows:
 
-- ``mlx_qlora``: ``loop.make_step_fns`` with the CPU engine off, i.e. the path Metal/CUDA take
-  (train/mlx_step.py: compiled, chunked cross-entropy); on CPU the CPU kernels are switched off so
-  the same path runs;
-  its 4-bit products as ``base_matmul: auto`` picks them (dequantize + dense GEMM on CUDA,
-  train/dequant_gemm.py; the quantized kernels elsewhere);
+- ``mlx_qlora``: ``loop.make_step_fns(...).whole_step`` with the CPU engine off, i.e. the path
+  Metal/CUDA take in ``train()`` (train/mlx_step.py: the whole step one compiled graph, chunked
+  cross-entropy), its 4-bit products as ``base_matmul: auto`` picks them (dequantize + dense GEMM
+  on CUDA, train/dequant_gemm.py; the quantized kernels elsewhere); on CPU the CPU kernels are
+  switched off so the same path runs;
 - ``mlx_qlora_qmm`` / ``mlx_qlora_dense``: the same with the quantized kernels / dequantize + GEMM
   forced (the two side by side on any device);
 - ``mlx_qlora_ckpt``: ``mlx_qlora`` with gradient checkpointing;
@@ -107,26 +107,23 @@ def run_mlx_qlora(a, d: dict, system: str) -> dict:
     model = mlx_model(d)
     apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, layers="all", targets="all-linear"))
     opt = optim.AdamW(learning_rate=1e-5)
-    # as train() does on the GPU path: grads / loss tokens, clipped to norm 1, compiled AdamW update
-    update, scale_clip = mlx_step.make_update(model, opt), mlx_step.make_scale_clip(1.0, compiled=True)
     with mlx_cpu_kernels.disabled():         # on CPU: the GPU path, not the CPU kernels
         base_matmul = BASE_MATMUL.get(system, "auto")
-        if system == "mlx_qlora_plain_ce":
-            dense = dequant_gemm.resolve(base_matmul)
-            grad_fn, _ = mlx_step.make_device_step(model, None, dense=dense)   # head=None: full logits
+        # as train() does on the GPU path with one micro-batch: loss, gradient, / loss tokens,
+        # clipping to norm 1 and AdamW in one compiled graph (mlx_step.make_train_step)
+        if system == "mlx_qlora_plain_ce":   # head=None: full logits
+            train_step = mlx_step.make_train_step(model, None, opt, 1.0, dense=dequant_gemm.resolve(base_matmul))
         else:
-            grad_fn = loop.make_step_fns(model, system == "mlx_qlora_ckpt", use_cpu_engine=False,
-                                         say=lambda s: print(s, file=sys.stderr),
-                                         batch_shape=(a.batch, a.seq), base_matmul=base_matmul).grad
+            fns = loop.make_step_fns(model, system == "mlx_qlora_ckpt", use_cpu_engine=False,
+                                     say=lambda s: print(s, file=sys.stderr), batch_shape=(a.batch, a.seq),
+                                     base_matmul=base_matmul)
+            train_step = fns.whole_step(opt, 1.0)
         mask = np.ones(a.seq + 1, bool)
 
         def step(i):
             b = collate([Example(row, mask) for row in tokens(a, d["vocab_size"], i)])
-            loss, g = grad_fn(b, (0, i, 0))
-            g, norm = scale_clip(g, b.n_loss)
-            assert np.isfinite(norm.item())     # train() checks the norm before updating
-            update(g)
-            mx.eval(model.trainable_parameters(), opt.state)
+            loss, norm = train_step(b, (0, i, 0))
+            assert np.isfinite(norm)             # train() stops on a non-finite step
             return loss / b.n_loss
 
         return timed(a, step, mx)
@@ -218,6 +215,8 @@ def run_torch(a, d: dict) -> dict:
 
 def worker(a) -> None:
     d = dims(a)
+    if a.worker != "torch":   # every MLX row: a real CBLAS bound under mlx.core on CPU (mlx_qlora/__init__)
+        import mlx_qlora  # noqa: F401
     if a.worker == "torch":
         res = run_torch(a, d)
     elif a.worker == "mlx_lm":

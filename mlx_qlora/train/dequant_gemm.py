@@ -29,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 MIN_ROWS = 256                 # rows (tokens) of x from which dequantize + GEMM is used
+SLICE_BYTES = 64 * 2 ** 20     # dense rows of a vocabulary head dequantized at once (sliced_matmul)
 _ON = [False]
 
 
@@ -94,6 +95,27 @@ def matmul(x: mx.array, q: nn.QuantizedLinear) -> mx.array:
     """``x @ W.T`` for a QuantizedLinear (its bias not added) as dequantize + GEMM."""
     arrays, layout = quant_args(q)
     return _matmul_fn(layout)(x, *arrays)
+
+
+def sliced_matmul(x: mx.array, arrays, layout, transpose: bool) -> mx.array:
+    """``x @ W.T`` (transpose) or ``x @ W`` for a large 4-bit (rows, in) weight such as a 128k
+    vocabulary head, dequantizing ``SLICE_BYTES`` of its rows at a time, each slice after the
+    previous slice's product: the dense transient is one slice (64 MiB), not the whole head (1 GiB
+    at 8B), which would add to the step's peak (the loss runs when every activation is alive)."""
+    group_size, bits, mode, has_biases = layout
+    n, d = arrays[0].shape[0], arrays[0].shape[1] * 32 // bits
+    step = max(1, SLICE_BYTES // (d * x.dtype.size))
+    parts, prev = [], x
+    for a in range(0, n, step):
+        w = dequantized(tuple(t[a:a + step] for t in arrays), layout, prev, x.dtype)
+        prev = x @ w.T if transpose else (x[..., a:a + step] @ w).astype(mx.float32)   # fp32 partial sums
+        parts.append(prev)
+    if transpose:
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+    out = parts[0]
+    for part in parts[1:]:
+        out = out + part
+    return out.astype(x.dtype)
 
 
 def dense_linear_bytes(model: nn.Module, itemsize: int) -> int:

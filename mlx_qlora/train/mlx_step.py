@@ -73,16 +73,15 @@ def _rows(arrays, quant, ids):
 
 def _chunks(h, targets, weights, arrays, quant, rows: int, grad: bool):
     """(sum of weighted token losses, dL/dh or None), one chunk of rows after another."""
-    if quant is not None and dequant_gemm.applies(h):
-        # the head dequantized once h exists (not held through the forward), dense GEMMs after
-        arrays, quant = (dequant_gemm.dequantized(arrays, quant, h, h.dtype),), None
+    dense = quant is not None and dequant_gemm.applies(h)   # dense GEMMs on slices of the 4-bit head
     losses, grads, done = [], [], None
     for start in range(0, h.shape[0], rows):
         hc = h[start:start + rows]
         if done is not None:   # chunk i+1 starts after chunk i is finished: one chunk of logits live
             hc = mx.depends(hc, done)
         tc, wc = targets[start:start + rows, None], weights[start:start + rows, None]
-        logits = _matmul(hc, arrays, quant, transpose=True).astype(mx.float32)
+        logits = (dequant_gemm.sliced_matmul(hc, arrays, quant, transpose=True) if dense else
+                  _matmul(hc, arrays, quant, transpose=True)).astype(mx.float32)
         lse = mx.logsumexp(logits, axis=-1, keepdims=True)
         loss = mx.sum((lse - mx.take_along_axis(logits, tc, axis=-1)) * wc)
         losses.append(loss)
@@ -91,7 +90,9 @@ def _chunks(h, targets, weights, arrays, quant, rows: int, grad: bool):
             # d(loss)/d logits = weight * (softmax - onehot), pushed through the head right away;
             # onehot @ W is the targets' rows of W, so no second (rows, vocab) array is made
             p = (mx.exp(logits - lse) * wc).astype(h.dtype)
-            gh = _matmul(p, arrays, quant, transpose=False) - wc.astype(h.dtype) * _rows(arrays, quant, tc[:, 0])
+            back = dequant_gemm.sliced_matmul(p, arrays, quant, transpose=False) if dense else \
+                _matmul(p, arrays, quant, transpose=False)
+            gh = back - wc.astype(h.dtype) * _rows(arrays, quant, tc[:, 0])
             grads.append(gh.astype(h.dtype))
             done = [loss, grads[-1]]
     total = losses[0] if len(losses) == 1 else mx.sum(mx.stack(losses))
@@ -165,14 +166,13 @@ def _compute_itemsize(model: nn.Module) -> int:
 
 def fixed_bytes(model: nn.Module, vocab: int, tokens: int, dense: bool = False) -> int:
     """Weights, fp32 trainable copies for grads and AdamW (x4), one chunk of logits (x3); with
-    ``dense`` (dequant_gemm) also the dense head and two layers' dense weights in flight."""
+    ``dense`` (dequant_gemm) also two head slices and two layers' dense weights in flight."""
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     total = weights + 4 * trainable + 3 * 4 * chunk_rows(vocab, tokens) * vocab
     if dense:
         itemsize = _compute_itemsize(model)
-        d = getattr(getattr(model, "args", None), "hidden_size", 0)
-        total += vocab * d * itemsize + 2 * dequant_gemm.dense_linear_bytes(model, itemsize)
+        total += 2 * dequant_gemm.SLICE_BYTES + 2 * dequant_gemm.dense_linear_bytes(model, itemsize)
     return total
 
 
