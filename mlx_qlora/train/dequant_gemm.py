@@ -8,14 +8,23 @@ the product every backward pass through a frozen linear needs: dL/dx = dL/dy @ W
 a training step's row counts (thousands of tokens) dequantizing first is cheap: a 4096 x 14336
 weight is read as 29 MiB (4-bit + scales) and written as 112 MiB bf16, ~0.05 ms at H200 bandwidth,
 against a GEMM of 2 x 2048 x 4096 x 14336 = 240 GFLOP. On the H200 run in the README torch's bf16
-GEMMs did an 8B step 2.2x faster than MLX's quantized kernels; this closes that gap, not the memory
-(bitsandbytes and Unsloth train 4-bit bases the same way: dequantize, then a dense GEMM).
+GEMMs did an 8B step 2.2x faster than MLX's quantized kernels: this is meant to close that gap
+without giving up the 4-bit memory (bitsandbytes and Unsloth train 4-bit bases the same way). The
+GPU speed-up is not measured yet (no GPU in the session that wrote it): ``bench/train_gpu.py``
+runs ``mlx_qlora_qmm`` beside ``mlx_qlora`` so the next GPU run says whether "auto" is right.
 
 Memory stays 4-bit: ``matmul`` is a custom function whose backward dequantizes the weight again, so
 no dense copy is kept between forward and backward, and ``mx.depends`` makes each dequantize wait
 for the activation (forward) or cotangent (backward) that consumes it, so the scheduler cannot
-run all of a model's dequantizes early and hold them at once: one layer's dense weight is alive
-at a time. ``tests/test_dequant_gemm.py`` checks values, gradients and that peak memory.
+run a model's dequantizes early and hold them all. Measured on CPU (fp32, MLP blocks of 1B dims,
+256 rows): a constant of about two dense weights over the quantized kernels, not growing with
+depth (+62 MiB per block against +100 MiB for MLX's CPU quantized kernels; MLX's CPU dequantize
+also makes a same-size temporary, which a GPU's one-kernel dequantize does not).
+``tests/test_dequant_gemm.py`` checks values, gradients and a peak-memory bound.
+
+The vocabulary head (128k rows) goes through ``sliced_matmul``: 64 MiB of its rows dequantized at a
+time, since the loss runs when every activation is alive and a whole dense head would add to the
+peak (0.5 GiB bf16 at 1B, 1 GiB at 8B).
 
 Used where ``enabled`` says so (``base_matmul`` in the training config; "auto" = on CUDA) and the
 product has at least ``MIN_ROWS`` rows; below that the quantized kernels (qmv) read less memory.

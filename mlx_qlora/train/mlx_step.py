@@ -7,11 +7,16 @@ and ``bench/train_gpu.py --shape tiny``). What it does differently from a plain
 
 - ``chunked_cross_entropy``: the vocabulary projection, log-softmax and its gradient w.r.t. the
   hidden states are formed chunk by chunk (``mx.depends`` orders the chunks) inside one custom
-  function, so no (tokens x vocabulary) float32 logits exist beyond one chunk; the head's own
-  kernel (``quantized_matmul`` for a 4-bit head) is used in both directions, never a dense copy.
-- the loss and gradient function is ``mx.compile``d with the model and random state captured as
-  inputs and outputs (as mlx-lm's trainer does); rows are padded to a multiple of ``PAD_MULTIPLE``
-  and the loss mask is a weight, so a few shapes cover a whole run and recompiles stay rare.
+  function, so no (tokens x vocabulary) float32 logits exist beyond one chunk; a 4-bit head is
+  used through its own kernel (``quantized_matmul``) or, with ``dequant_gemm`` on (CUDA), as
+  dense GEMMs on 64 MiB slices of it; never a whole dense copy.
+- ``make_train_step``: loss, gradient, clipping and the AdamW update as one ``mx.compile``d graph
+  with model, optimizer and random state captured as inputs and outputs (as mlx-lm's trainer
+  does), one sync per step; rows are padded to a multiple of ``PAD_MULTIPLE`` and the loss mask
+  is a weight, so a few shapes cover a whole run and recompiles stay rare. (``make_device_step``
+  gives the loss-and-gradient graph alone: gradient accumulation and data parallel.)
+- the frozen 4-bit projections as dequantize + dense GEMM where ``base_matmul`` says so
+  (``dequant_gemm``: on CUDA by default, the quantized kernels elsewhere).
 - gradient checkpointing (``loop.grad_checkpoint``) when asked for, or when ``activation_bytes``
   says the step would not fit the device's memory limit.
 
