@@ -22,7 +22,7 @@ depth (+62 MiB per block against +100 MiB for MLX's CPU quantized kernels; MLX's
 also makes a same-size temporary, which a GPU's one-kernel dequantize does not).
 ``tests/test_dequant_gemm.py`` checks values, gradients and a peak-memory bound.
 
-The vocabulary head (128k rows) goes through ``sliced_matmul``: 64 MiB of its rows dequantized at a
+The vocabulary head (128k rows) goes through ``sliced_matmul``: 32 MiB of its rows dequantized at a
 time, since the loss runs when every activation is alive and a whole dense head would add to the
 peak (0.5 GiB bf16 at 1B, 1 GiB at 8B).
 
@@ -38,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 MIN_ROWS = 256                 # rows (tokens) of x from which dequantize + GEMM is used
-SLICE_BYTES = 64 * 2 ** 20     # dense rows of a vocabulary head dequantized at once (sliced_matmul)
+SLICE_BYTES = 32 * 2 ** 20     # dense rows of a vocabulary head dequantized at once (sliced_matmul)
 _ON = [False]
 
 
@@ -109,7 +109,7 @@ def matmul(x: mx.array, q: nn.QuantizedLinear) -> mx.array:
 def sliced_matmul(x: mx.array, arrays, layout, transpose: bool) -> mx.array:
     """``x @ W.T`` (transpose) or ``x @ W`` for a large 4-bit (rows, in) weight such as a 128k
     vocabulary head, dequantizing ``SLICE_BYTES`` of its rows at a time, each slice after the
-    previous slice's product: the dense transient is one slice (64 MiB), not the whole head (1 GiB
+    previous slice's product: the dense transient is one slice (32 MiB), not the whole head (1 GiB
     at 8B), which would add to the step's peak (the loss runs when every activation is alive)."""
     group_size, bits, mode, has_biases = layout
     n, d = arrays[0].shape[0], arrays[0].shape[1] * 32 // bits

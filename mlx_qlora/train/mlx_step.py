@@ -9,7 +9,7 @@ and ``bench/train_gpu.py --shape tiny``). What it does differently from a plain
   hidden states are formed chunk by chunk (``mx.depends`` orders the chunks) inside one custom
   function, so no (tokens x vocabulary) float32 logits exist beyond one chunk; a 4-bit head is
   used through its own kernel (``quantized_matmul``) or, with ``dequant_gemm`` on (CUDA), as
-  dense GEMMs on 64 MiB slices of it; never a whole dense copy.
+  dense GEMMs on 32 MiB slices of it; never a whole dense copy.
 - ``make_train_step``: loss, gradient, clipping and the AdamW update as one ``mx.compile``d graph
   with model, optimizer and random state captured as inputs and outputs (as mlx-lm's trainer
   does), one sync per step; rows are padded to a multiple of ``PAD_MULTIPLE`` and the loss mask
