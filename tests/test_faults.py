@@ -66,6 +66,22 @@ def write_tensors(self, *a, **k):
 
 
 gguf.GGUFWriter.write_tensors_to_file = write_tensors
+
+import shutil
+real_rmtree, removals = shutil.rmtree, [0]
+
+
+def rmtree(path, *a, **k):
+    """kill-rm:N: the Nth directory delete removes one file of it, then the process dies."""
+    removals[0] += 1
+    if kind == "kill-rm" and removals[0] == nth:
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+        os.unlink(files[0])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_rmtree(path, *a, **k)
+
+
+shutil.rmtree = rmtree
 from mlx_qlora.cli import entry
 sys.argv = ["mlx_qlora", *sys.argv[1:]]
 entry()
@@ -154,6 +170,19 @@ def test_kill9_during_a_checkpoint_write(q4, data, tmp_path, nth, what):
     step = assert_loadable(out)
     assert step == (3 if nth == 9 else 2), what  # checkpoint 3 is complete once its `latest` is written
     resume_finishes(q4, data, out, 5)
+
+
+def test_kill9_while_an_old_checkpoint_is_deleted(q4, data, tmp_path):
+    """keep_checkpoints 3: checkpoint 4 prunes checkpoint 1; a kill -9 halfway through that delete
+    leaves checkpoints 2-4 loadable and no half-deleted step_* directory (it was renamed to a
+    hidden name first, which the resumed run removes)."""
+    out = tmp_path / "run"
+    p = cli(train_args(q4, data, out, 6), "kill-rm:1")
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    assert assert_loadable(out) == 4
+    assert sorted(x.name for x in (out / "checkpoints").glob("step_*")) == [f"step_000000{i}" for i in (2, 3, 4)]
+    resume_finishes(q4, data, out, 6)
+    assert not list((out / "checkpoints").glob(".*"))
 
 
 def test_kill9_from_outside_during_training(q4, data, tmp_path):

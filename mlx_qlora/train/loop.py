@@ -252,7 +252,11 @@ def save_checkpoint(out: Path, model, optimizer, state: dict, cfg: TrainConfig, 
     with atomic_file(ck / "latest", force=True) as tmp:
         tmp.write_text(name + "\n")
     for old in sorted(p for p in ck.glob("step_*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed first (one atomic step), then deleted: a kill -9 inside the delete leaves a
+        # hidden .old- directory that the next run removes, never a half-deleted step_* one
+        trash = old.with_name(f".{old.name}.old-pruned")
+        old.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
     save_adapter(model, out, cfg.lora, base_model=cfg.model)  # the current adapter for other commands
     return final
 
