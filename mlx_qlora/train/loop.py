@@ -6,15 +6,16 @@ update the loss and gradient norm are checked: a NaN/inf stops the run with the 
 last checkpoint untouched. Dropout randomness is re-seeded from (seed, step), and the batch order
 is a function of (seed, epoch), so a resumed run replays exactly what an uninterrupted one does.
 
-Checkpoints live in ``out_dir/checkpoints/step_NNNNNNN`` (adapter + optimizer state + state.json),
-written to a temp directory and renamed; ``checkpoints/latest`` names the newest. The current
-adapter is also kept at ``out_dir/adapters.safetensors`` for the other commands.
+Checkpoints (``checkpoints.py``) live in ``out_dir/checkpoints/step_NNNNNNN`` (adapter + optimizer
+state + state.json), written to a temp directory and renamed; ``checkpoints/latest`` names the
+newest. The current adapter is also kept at ``out_dir/adapters.safetensors`` for other commands.
+On the GPU path with one micro-batch and one process the step is one compiled graph
+(``mlx_step.make_train_step``) whose update is masked when the loss or norm is not finite.
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -25,14 +26,15 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from ..atomic import atomic_dir, atomic_file, remove_stale
+from ..atomic import remove_stale
 from ..errors import UserError, require
 from ..model.model_io import check_model_dir
 from . import distributed as dist
 from . import mlx_cpu_kernels, numpy_engine
+from .checkpoints import load_checkpoint, save_checkpoint
 from .config import OptimConfig, TrainConfig
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
-from .lora import apply_lora, count_parameters, dropout_key, save_adapter, save_weights
+from .lora import apply_lora, count_parameters, dropout_key
 from .report import Reporter
 
 # Architectures whose ``model.model(x)`` returns the final normed hidden states and whose logits
@@ -225,52 +227,6 @@ def build_optimizer(o: OptimConfig, steps: int) -> optim.Optimizer:
         main = optim.join_schedules([optim.linear_schedule(peak / o.warmup_steps, peak, o.warmup_steps), main],
                                     [o.warmup_steps])
     return optim.AdamW(learning_rate=main, betas=[o.beta1, o.beta2], eps=o.eps, weight_decay=o.weight_decay)
-
-
-# ---------------------------------------------------------------- checkpoints
-def _set_path(tree, path: str, value):
-    keys = path.split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node[int(k)] if isinstance(node, list) else node[k]
-    last = keys[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def save_checkpoint(out: Path, model, optimizer, state: dict, cfg: TrainConfig, keep: int) -> Path:
-    ck = out / "checkpoints"
-    ck.mkdir(parents=True, exist_ok=True)
-    name = f"step_{state['step']:07d}"
-    final = ck / name
-    with atomic_dir(final, force=True) as tmp:
-        save_adapter(model, tmp, cfg.lora, base_model=cfg.model)
-        save_weights(dict(tree_flatten(optimizer.state)), tmp / "optimizer.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    with atomic_file(ck / "latest", force=True) as tmp:
-        tmp.write_text(name + "\n")
-    for old in sorted(p for p in ck.glob("step_*") if p.is_dir())[:-keep]:
-        # renamed first (one atomic step), then deleted: a kill -9 inside the delete leaves a
-        # hidden .old- directory that the next run removes, never a half-deleted step_* one
-        trash = old.with_name(f".{old.name}.old-pruned")
-        old.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    save_adapter(model, out, cfg.lora, base_model=cfg.model)  # the current adapter for other commands
-    return final
-
-
-def load_checkpoint(out: Path, model, optimizer) -> dict:
-    latest = out / "checkpoints" / "latest"
-    require(latest.is_file(), f"--resume: no checkpoint in {out}/checkpoints; run without --resume to start fresh")
-    ck = out / "checkpoints" / latest.read_text().strip()
-    weights = mx.load(str(ck / "adapters.safetensors"))
-    model.load_weights(list(weights.items()), strict=False)
-    optimizer.init(model.trainable_parameters())
-    for k, v in mx.load(str(ck / "optimizer.safetensors")).items():
-        _set_path(optimizer.state, k, v)
-    return json.loads((ck / "state.json").read_text())
 
 
 # ---------------------------------------------------------------- loop
