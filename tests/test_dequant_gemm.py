@@ -10,11 +10,11 @@ import pytest
 
 from test_cpu_engine import model_for, rel_err
 from test_mlx_step import check_device_step
-from tolerance import tol
+from tolerance import on_gpu, tol
 from mlx_qlora.train import dequant_gemm, mlx_cpu_kernels, mlx_step
 from mlx_qlora.train.config import LoraConfig, TrainConfig
 from mlx_qlora.errors import UserError
-from mlx_qlora.train.loop import make_step_fns, output_head
+from mlx_qlora.train.loop import grad_checkpoint, make_step_fns, output_head
 
 
 def _qlinear(d_in, d_out, seed=0, bias=False):
@@ -88,10 +88,14 @@ def test_no_dense_weight_is_kept_for_backward():
     three dense weights in flight. Differentiating a plain ``x @ dequantize(W).T`` keeps all 12
     dense weights for backward and fails the same bound (checked here, so the bound can fail)."""
     d, n_layers, rows = 1024, 12, 512
+    # float32 on CPU; bf16 on a GPU, the dtype a GPU step runs (and CUDA's fast quantized kernel)
+    dt = mx.bfloat16 if on_gpu() else mx.float32
     layers = [_qlinear(d, d, seed=i) for i in range(n_layers)]
-    dense_w = d * d * 4                                           # float32: 4 MiB each
-    x0 = mx.random.normal((rows, d))
-    mx.eval(x0)
+    for q in layers:
+        q.scales, q.biases = q.scales.astype(dt), q.biases.astype(dt)
+    dense_w = d * d * dt.size                                     # 4 MiB each in float32
+    x0 = mx.random.normal((rows, d)).astype(dt)
+    mx.eval(x0, [q.parameters() for q in layers])
 
     def net(how):
         def f(x):
@@ -103,7 +107,7 @@ def test_no_dense_weight_is_kept_for_backward():
                 else:
                     x = x @ mx.dequantize(q.weight, q.scales, q.biases, group_size=64, bits=4).T
                 x = mx.tanh(x)
-            return mx.sum(x)
+            return mx.sum(x.astype(mx.float32))
         return mx.grad(f)
 
     def peak(how, compiled):
@@ -131,6 +135,9 @@ def test_device_step_with_dense_base_matches_todays_path(request, arch, targets,
     monkeypatch.setattr(dequant_gemm, "matmul", lambda x, q: calls.append(q) or real(x, q))
     monkeypatch.setattr(dequant_gemm, "dequantized", lambda a, *r: dequantized.append(a[0].shape) or real_dq(a, *r))
     check_device_step(model, dense=True)
+    if targets == "all-linear" and arch == "llama":       # and with checkpointed blocks (recomputed dense)
+        grad_checkpoint(model)
+        check_device_step(model, dense=True)
     head = output_head(model)
     projections = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear) and m is not head]
     assert {id(q) for q in calls} == {id(q) for q in projections}     # every 4-bit projection went dense

@@ -79,12 +79,18 @@ def test_loss_falls_and_artifacts(tiny_q4, data_dir, tmp_path, cpu_engine):
     load_adapter(model, out)   # the directory alone is enough
 
 
-@pytest.mark.parametrize("accum,dropout,cpu_engine", [(1, 0.0, True), (2, 0.1, True), (2, 0.1, False)])
-def test_resume_matches_uninterrupted_run(tiny_q4, data_dir, tmp_path, accum, dropout, cpu_engine):
+@pytest.mark.parametrize("accum,dropout,engine", [(1, 0.0, "cpu"), (2, 0.1, "cpu"), (2, 0.1, "mlx"), (1, 0.1, "gpu")])
+def test_resume_matches_uninterrupted_run(tiny_q4, data_dir, tmp_path, monkeypatch, accum, dropout, engine):
     """2N steps in one run == N steps, then --resume for N more (data position, optimizer, RNG),
-    on the CPU engine and on MLX autodiff."""
-    kw = {"optim.schedule": "constant", "optim.warmup_steps": 2, "optim.grad_accum": accum, "cpu_engine": cpu_engine,
-          "lora.dropout": dropout, "batch_size": 3, "eval_every": 0, "checkpoint_every": 0}
+    on the CPU engine, on MLX autodiff and on the GPU path (CPU kernels off; one micro-batch: the
+    whole-step graph, whose AdamW state comes from the checkpoint)."""
+    if engine == "gpu":
+        from mlx_qlora.train import mlx_cpu_kernels
+
+        monkeypatch.setattr(mlx_cpu_kernels, "_ENABLED", [False])
+    kw = {"optim.schedule": "constant", "optim.warmup_steps": 2, "optim.grad_accum": accum,
+          "cpu_engine": engine == "cpu", "lora.dropout": dropout, "batch_size": 3, "eval_every": 0,
+          "checkpoint_every": 0}
     train(cfg(tiny_q4, data_dir, tmp_path / "full", steps=8, **kw))
     train(cfg(tiny_q4, data_dir, tmp_path / "half", steps=4, **kw))
     s = train(cfg(tiny_q4, data_dir, tmp_path / "half", steps=8, resume=True, **kw))
