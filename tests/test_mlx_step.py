@@ -257,3 +257,23 @@ def test_whole_step_keeps_nothing_of_a_nan_step(tiny_hf_llama, monkeypatch):
     (l0, n0, p0), (l1, n1, p1) = runs
     assert l0 == pytest.approx(l1, rel=tol(1e-6)) and n0 == pytest.approx(n1, rel=tol(1e-5))
     assert max(rel_err(p0[k], p1[k]) for k in p0) < tol(1e-5)
+
+
+def test_long_rows_pad_to_the_cudnn_attention_multiple_on_cuda(tiny_hf_llama, monkeypatch):
+    """32 everywhere; on CUDA rows of LONG_ROW+ tokens go to a multiple of 128 (MLX's fused cuDNN
+    attention backward needs it); the padding carries weight 0, and a step padded to 128 gives
+    the reference loss and gradients."""
+    from types import SimpleNamespace
+
+    assert mlx_step.pad_multiple(1030, cuda=False) == 32 and mlx_step.pad_multiple(1030, cuda=True) == 128
+    assert mlx_step.pad_multiple(1000, cuda=True) == 32
+    t = 1030
+    b = SimpleNamespace(inputs=np.ones((2, t), np.int32), targets=np.ones((2, t), np.int32),
+                        loss_index=np.arange(2 * t)[::3])
+    for multiple, width in ((32, 1056), (128, 1152)):
+        i, tg, w = mlx_step.pad_batch(b, multiple)
+        assert i.shape == tg.shape == w.shape == (2, width)
+        assert float(w.sum()) == len(b.loss_index) and float(w[:, t:].sum()) == 0
+    assert mlx_step.pad_batch(b)[0].shape[1] == (1152 if mlx_step.dequant_gemm.on_cuda() else 1056)
+    monkeypatch.setattr(mlx_step, "PAD_MULTIPLE", 128)
+    check_device_step(model_for(tiny_hf_llama, 4))

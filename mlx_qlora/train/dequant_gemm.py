@@ -42,10 +42,15 @@ SLICE_BYTES = 32 * 2 ** 20     # dense rows of a vocabulary head dequantized at 
 _ON = [False]
 
 
+def on_cuda() -> bool:
+    """MLX runs on an NVIDIA GPU (the default device is a GPU and the CUDA backend is there)."""
+    return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
+
+
 def auto_dense() -> bool:
     """The "auto" choice: dense on CUDA (see above); Metal's quantized kernels have a tuned
     transposed-weight path and stay; the CPU has its own kernels (``mlx_cpu_kernels``)."""
-    return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
+    return on_cuda()
 
 
 def resolve(mode: str) -> bool:

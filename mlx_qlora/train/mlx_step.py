@@ -12,9 +12,10 @@ and ``bench/train_gpu.py --shape tiny``). What it does differently from a plain
   dense GEMMs on 32 MiB slices of it; never a whole dense copy.
 - ``make_train_step``: loss, gradient, clipping and the AdamW update as one ``mx.compile``d graph
   with model, optimizer and random state captured as inputs and outputs (as mlx-lm's trainer
-  does), one sync per step; rows are padded to a multiple of ``PAD_MULTIPLE`` and the loss mask
-  is a weight, so a few shapes cover a whole run and recompiles stay rare. (``make_device_step``
-  gives the loss-and-gradient graph alone: gradient accumulation and data parallel.)
+  does), one sync per step; rows are padded to a multiple of ``PAD_MULTIPLE`` (128 for long
+  rows on CUDA: ``pad_multiple``) and the loss mask is a weight, so a few shapes cover a whole
+  run and recompiles stay rare. (``make_device_step`` gives the loss-and-gradient graph alone:
+  gradient accumulation and data parallel.)
 - the frozen 4-bit projections as dequantize + dense GEMM where ``base_matmul`` says so
   (``dequant_gemm``: on CUDA by default, the quantized kernels elsewhere).
 - gradient checkpointing (``loop.grad_checkpoint``) when asked for, or when ``activation_bytes``
@@ -40,6 +41,12 @@ from .mlx_cpu_kernels import FastQuantizedLinear
 CE_CHUNK_ELEMENTS = 2 ** 26
 MIN_CHUNK_ROWS = 64
 PAD_MULTIPLE = 32             # row lengths are padded up to this: one compiled graph per bucket
+# MLX 0.32's CUDA attention backward is cuDNN's fused kernel only when the length is a multiple of
+# 128 (ScaledDotProductAttentionVJP::use_fallback); otherwise the vjp recomputes attention with
+# plain ops, holding (batch, heads, T, T) scores: 1 GiB bf16 per layer at 4 x 32 heads x 2048. From
+# LONG_ROW tokens that costs more than padding to 128 (<= 12% more tokens), below it less.
+CUDNN_ATTENTION_MULTIPLE = 128
+LONG_ROW = 1024
 MEMORY_HEADROOM = 0.85        # share of the memory limit a step may plan to use
 
 
@@ -209,10 +216,17 @@ def choose_checkpointing(model: nn.Module, head: nn.Module | None, asked: bool, 
 
 
 # ---------------------------------------------------------------- the step
-def pad_batch(b, multiple: int = PAD_MULTIPLE):
-    """(inputs, targets, weights) as MLX arrays, rows padded to a multiple of ``multiple``; the
-    loss positions carry weight 1, everything else 0."""
+def pad_multiple(t: int, cuda: bool | None = None) -> int:
+    """The multiple a batch of ``t``-token rows is padded to (see ``CUDNN_ATTENTION_MULTIPLE``)."""
+    cuda = dequant_gemm.on_cuda() if cuda is None else cuda
+    return CUDNN_ATTENTION_MULTIPLE if cuda and t >= LONG_ROW else PAD_MULTIPLE
+
+
+def pad_batch(b, multiple: int | None = None):
+    """(inputs, targets, weights) as MLX arrays, rows padded to a multiple of ``multiple``
+    (default ``pad_multiple``); the loss positions carry weight 1, everything else 0."""
     n, t = b.inputs.shape
+    multiple = multiple or pad_multiple(t)
     tp = -(-t // multiple) * multiple
     inputs = np.zeros((n, tp), np.int32)
     targets = np.zeros((n, tp), np.int32)
