@@ -126,7 +126,8 @@ def run_mlx_qlora(a, d: dict, system: str) -> dict:
             assert np.isfinite(norm)             # train() stops on a non-finite step
             return loss / b.n_loss
 
-        return timed(a, step, mx)
+        # which 4-bit products ran: dequantize + GEMM ("dense") or the quantized kernels
+        return {**timed(a, step, mx), "base_matmul": "dense" if dequant_gemm.resolve(base_matmul) else "quantized"}
 
 
 def run_mlx_lm(a, d: dict) -> dict:
@@ -307,7 +308,8 @@ def main(argv=None) -> int:
             r = {"skipped": f"skipped: {why}"} if why else run_one(a, shape, system)
             results[shape][system] = r
             print(r.get("skipped") or r.get("error") or f"{r['tok_s']:,.0f} tok/s, {r['peak_gib']:.2f} GiB peak "
-                  f"(RSS {r['rss_gib']:.2f} GiB), loss {r['loss']:.3f}, {r['wall_s']:.0f} s", file=sys.stderr)
+                  f"(RSS {r['rss_gib']:.2f} GiB), loss {r['loss']:.3f}, {r['wall_s']:.0f} s"
+                  + (f", 4-bit products {r['base_matmul']}" if "base_matmul" in r else ""), file=sys.stderr)
     devices = sorted({r["device"] for res in results.values() for r in res.values() if "device" in r})
     print(f"\nbatch {a.batch} x {a.seq} tokens, LoRA rank {RANK} on all linears, 4-bit g{GROUP} MLX base; "
           f"devices: {', '.join(devices)}")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tolerance import on_gpu, tol_abs, transient_s
+from mlx_qlora.train.dequant_gemm import on_cuda
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +32,7 @@ def test_tiny_shape_runs_every_system(tmp_path):
     dt = mx.bfloat16 if on_gpu() else mx.float32
     assert abs(ours["loss"] - plain["loss"]) < tol_abs(1e-3, ours["loss"], dt)
     assert abs(ours["loss"] - dense["loss"]) < tol_abs(1e-3, ours["loss"], dt)    # dequantize + GEMM
+    assert dense["base_matmul"] == "dense" and ours["base_matmul"] == ("dense" if on_cuda() else "quantized")
     assert abs(ours["loss"] - lm["loss"]) < tol_abs(1e-2, ours["loss"], dt)
     assert "torch" in res and ("tok_s" in res["torch"] or "skipped" in res["torch"])
     assert re.search(r"\| tiny \| mlx_qlora \| [\d,]+ \| [\d.]+ \| [\d.]+x \| [\d.]+x \|", p.stdout), p.stdout
