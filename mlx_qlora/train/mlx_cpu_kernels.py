@@ -158,7 +158,8 @@ def _fast_mlp_call(self, x):
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def _is_swiglu_mlp(cls: type) -> bool:
+def is_swiglu_mlp(cls: type) -> bool:
+    """The class's __call__ is mlx-lm's down_proj(swiglu(gate_proj(x), up_proj(x)))."""
     try:
         return _SWIGLU_SRC in inspect.getsource(cls.__call__)
     except (OSError, TypeError):
@@ -178,7 +179,7 @@ def accelerate(model: nn.Module) -> int:
         if cls is nn.QuantizedLinear:
             m.__class__ = FastQuantizedLinear
             n += 1
-        elif cls in _FAST_MLP or _is_swiglu_mlp(cls):
+        elif cls in _FAST_MLP or is_swiglu_mlp(cls):
             if cls not in _FAST_MLP:
                 _FAST_MLP[cls] = type(f"Fast{cls.__name__}", (cls,), {"__call__": _fast_mlp_call})
             m.__class__ = _FAST_MLP[cls]
