@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from test_cpu_engine import batch, model_for, reference, rel_err
 from test_train import cfg, data_dir, tiny_q4, weights  # noqa: F401  (fixtures)
 from tolerance import tol
-from mlx_qlora.train import mlx_cpu_kernels, mlx_step
+from mlx_qlora.train import memory_plan, mlx_cpu_kernels, mlx_step
 from mlx_qlora.train.config import LoraConfig
 from mlx_qlora.train.lora import LoRALinear
 from mlx_qlora.train.loop import grad_checkpoint, make_step_fns, output_head
@@ -130,14 +130,30 @@ def test_checkpointing_is_chosen_when_the_step_would_not_fit(tiny_hf_llama):
     model = model_for(tiny_hf_llama, 4)
     head = output_head(model)
     vocab = head.weight.shape[0]
-    small = mlx_step.activation_bytes(model, 4, 512, checkpointed=False)
-    assert mlx_step.activation_bytes(model, 4, 512, checkpointed=True) < 0.6 * small    # 2 layers: one kept
-    assert mlx_step.activation_bytes(model, 8, 512, False) > 1.9 * small     # grows with the batch
-    assert not mlx_step.needs_checkpointing(model, vocab, 4, 512, limit=10 * 2 ** 30)
-    assert mlx_step.needs_checkpointing(model, vocab, 4, 512, limit=small)
+    small = memory_plan.activation_bytes(model, 4, 512, checkpointed=False)
+    assert memory_plan.activation_bytes(model, 4, 512, checkpointed=True) < 0.6 * small    # 2 layers: one kept
+    assert memory_plan.activation_bytes(model, 8, 512, False) > 1.9 * small     # grows with the batch
+    assert not memory_plan.needs_checkpointing(model, vocab, 4, 512, limit=10 * 2 ** 30)
+    assert memory_plan.needs_checkpointing(model, vocab, 4, 512, limit=small)
     said = []
-    assert mlx_step.choose_checkpointing(model, head, True, None, said.append)     # asked for
-    assert not mlx_step.choose_checkpointing(model, head, False, (1, 32), said.append) and not said
+    assert memory_plan.choose_checkpointing(model, head, True, None, said.append)     # asked for
+    assert not memory_plan.choose_checkpointing(model, head, False, (1, 32), said.append) and not said
+
+
+def test_attention_scores_are_counted_unless_cuda_fuses_the_backward(tiny_hf_llama, monkeypatch):
+    """One float32 (heads, T, T) array per layer, except on CUDA when the padded length is a multiple
+    of 128 (500 tokens pad to 512: fused; 480: not)."""
+    model = model_for(tiny_hf_llama, 4)
+    heads, layers = model.args.num_attention_heads, len(model.layers)
+    ab = memory_plan.activation_bytes
+    for cuda in (False, True):
+        monkeypatch.setattr(mlx_step.dequant_gemm, "on_cuda", lambda cuda=cuda: cuda)
+        with_scores = {seq: ab(model, 2, seq, False) for seq in (480, 500)}
+        monkeypatch.setattr(memory_plan, "CUDNN_ATTENTION_MULTIPLE", 7)     # never a multiple: scores
+        always = {seq: ab(model, 2, seq, False) for seq in (480, 500)}
+        monkeypatch.setattr(memory_plan, "CUDNN_ATTENTION_MULTIPLE", 128)
+        assert with_scores[480] == always[480]
+        assert always[500] - with_scores[500] == (layers * 4 * 2 * heads * 512 * 512 if cuda else 0)
 
 
 def test_lora_runs_in_bf16_on_a_bf16_base(tiny_hf_llama):

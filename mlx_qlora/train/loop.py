@@ -185,11 +185,11 @@ def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_en
             return StepFns(eng.loss_and_grad, eng.loss, True)
         say(f"engine: MLX autodiff (the CPU engine does not cover {why})")
     if not mlx_cpu_kernels.on_cpu():   # Metal / CUDA (or CPU kernels off): compiled, chunked loss
-        from . import dequant_gemm, mlx_step
+        from . import dequant_gemm, memory_plan, mlx_step
 
         head = output_head(model)
         dense = dequant_gemm.resolve(base_matmul)
-        if mlx_step.choose_checkpointing(model, head, grad_checkpointing, batch_shape, say, dense):
+        if memory_plan.choose_checkpointing(model, head, grad_checkpointing, batch_shape, say, dense):
             grad_checkpoint(model)
         return StepFns(*mlx_step.make_device_step(model, head, dense=dense), False,
                        partial(mlx_step.make_train_step, model, head, dense=dense))

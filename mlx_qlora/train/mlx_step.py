@@ -18,8 +18,8 @@ and ``bench/train_gpu.py --shape tiny``). What it does differently from a plain
   gradient accumulation and data parallel.)
 - the frozen 4-bit projections as dequantize + dense GEMM where ``base_matmul`` says so
   (``dequant_gemm``: on CUDA by default, the quantized kernels elsewhere).
-- gradient checkpointing (``loop.grad_checkpoint``) when asked for, or when ``activation_bytes``
-  says the step would not fit the device's memory limit.
+- gradient checkpointing (``loop.grad_checkpoint``) when asked for, or when ``memory_plan`` says
+  the step would not fit the device's memory limit.
 
 LoRA factors are cast to the activations' dtype when the base is half precision
 (``lora.LoRALinear``), so a bf16 model trains with bf16 matmuls and fp32 adapter weights.
@@ -31,7 +31,6 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from . import dequant_gemm
 from .mlx_cpu_kernels import FastQuantizedLinear, is_swiglu_mlp
@@ -47,7 +46,6 @@ PAD_MULTIPLE = 32             # row lengths are padded up to this: one compiled 
 # LONG_ROW tokens that costs more than padding to 128 (<= 12% more tokens), below it less.
 CUDNN_ATTENTION_MULTIPLE = 128
 LONG_ROW = 1024
-MEMORY_HEADROOM = 0.85        # share of the memory limit a step may plan to use
 
 
 def chunk_rows(vocab: int, rows: int) -> int:
@@ -145,74 +143,6 @@ def chunked_cross_entropy(h: mx.array, head: nn.Module, targets: mx.array, weigh
     if not with_grad:
         return _chunks(h, targets, weights, arrays, quant, rows, grad=False)[0]
     return _chunked_ce_fn(quant, rows)(h, targets, weights, *arrays)[0]
-
-
-# ---------------------------------------------------------------- memory plan
-def activation_bytes(model: nn.Module, batch: int, seq: int, checkpointed: bool) -> int:
-    """Rough bytes the backward keeps for a (batch, seq) step: per layer the block's inputs, norms,
-    q/k/v, MLP products and the attention weights; checkpointed: one block input per layer plus
-    one block recomputed. An estimate for choosing checkpointing, not an accounting."""
-    args = getattr(model, "args", None)
-    d = getattr(args, "hidden_size", 0)
-    inter = getattr(args, "intermediate_size", 4 * d)
-    heads = getattr(args, "num_attention_heads", 1)
-    kv = getattr(args, "num_key_value_heads", heads) or heads
-    layers = len(getattr(model, "layers", []))
-    itemsize = _compute_itemsize(model)
-    tokens = batch * seq
-    per_layer = tokens * itemsize * (8 * d + 4 * d * kv // heads + 5 * inter) + 2 * 4 * batch * heads * seq * seq
-    if checkpointed:
-        return layers * tokens * d * itemsize + per_layer
-    return layers * per_layer
-
-
-def _compute_itemsize(model: nn.Module) -> int:
-    """2 when most frozen floating weights are half precision (activations follow them), else 4."""
-    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
-    half = full = 0
-    for k, v in tree_flatten(model.parameters()):
-        if k not in trainable and mx.issubdtype(v.dtype, mx.floating):
-            half, full = (half + v.nbytes, full) if v.dtype in (mx.float16, mx.bfloat16) else (half, full + v.nbytes)
-    return 2 if half >= full else 4
-
-
-def fixed_bytes(model: nn.Module, vocab: int, tokens: int, dense: bool = False) -> int:
-    """Weights, fp32 trainable copies for grads and AdamW (x4), one chunk of logits (x3); with
-    ``dense`` (dequant_gemm) also two head slices and two layers' dense weights in flight."""
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    trainable = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
-    total = weights + 4 * trainable + 3 * 4 * chunk_rows(vocab, tokens) * vocab
-    if dense:
-        itemsize = _compute_itemsize(model)
-        total += 2 * dequant_gemm.SLICE_BYTES + 2 * dequant_gemm.dense_linear_bytes(model, itemsize)
-    return total
-
-
-def memory_limit() -> int:
-    return int(mx.get_memory_limit())
-
-
-def needs_checkpointing(model: nn.Module, vocab: int, batch: int, seq: int, limit: int | None = None,
-                        dense: bool = False) -> bool:
-    """True when the step without checkpointing would exceed the memory budget."""
-    limit = memory_limit() if limit is None else limit
-    return fixed_bytes(model, vocab, batch * seq, dense) + activation_bytes(model, batch, seq, False) > \
-        MEMORY_HEADROOM * limit
-
-
-def choose_checkpointing(model: nn.Module, head: nn.Module | None, asked: bool, batch_shape, say=print,
-                         dense: bool = False) -> bool:
-    """Checkpoint when asked, or when (batch, seq) = ``batch_shape`` would not fit without it."""
-    if asked or batch_shape is None:
-        return asked
-    vocab = head.weight.shape[0] if head is not None else 0
-    if not needs_checkpointing(model, vocab, *batch_shape, dense=dense):
-        return False
-    need = fixed_bytes(model, vocab, batch_shape[0] * batch_shape[1], dense) + \
-        activation_bytes(model, *batch_shape, False)
-    say(f"gradient checkpointing on: a {batch_shape[0]} x {batch_shape[1]} step needs ~{need / 2**30:.1f} GiB "
-        f"without it, over {MEMORY_HEADROOM:.0%} of the {memory_limit() / 2**30:.1f} GiB memory limit")
-    return True
 
 
 # ---------------------------------------------------------------- the step
