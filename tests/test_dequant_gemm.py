@@ -151,6 +151,6 @@ def test_make_step_fns_reads_base_matmul_and_the_config_checks_it(tiny_hf_llama,
     with mlx_cpu_kernels.disabled():
         for mode in ("dense", "quantized", "auto"):
             make_step_fns(model_for(tiny_hf_llama, 4), use_cpu_engine=False, say=lambda *_: None, base_matmul=mode)
-    assert seen == [True, False, dequant_gemm.auto_dense()]
+    assert seen == [True, False, dequant_gemm.on_cuda()]
     with pytest.raises(UserError, match="base_matmul='fast': use one of auto, quantized, dense"):
         TrainConfig(model="m", data={"train": "t.jsonl"}, base_matmul="fast")

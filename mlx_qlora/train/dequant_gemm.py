@@ -47,15 +47,11 @@ def on_cuda() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
 
 
-def auto_dense() -> bool:
-    """The "auto" choice: dense on CUDA (see above); Metal's quantized kernels have a tuned
-    transposed-weight path and stay; the CPU has its own kernels (``mlx_cpu_kernels``)."""
-    return on_cuda()
-
-
 def resolve(mode: str) -> bool:
-    """True when the ``base_matmul`` setting ``mode`` means dequantize + GEMM here."""
-    return auto_dense() if mode == "auto" else mode == "dense"
+    """True when the ``base_matmul`` setting ``mode`` means dequantize + GEMM here. "auto": on CUDA
+    (see above); Metal's quantized kernels have a tuned transposed-weight path and stay; the CPU
+    has its own kernels (``mlx_cpu_kernels``)."""
+    return on_cuda() if mode == "auto" else mode == "dense"
 
 
 @contextmanager
@@ -80,13 +76,14 @@ def quant_args(q: nn.Module) -> tuple[tuple, tuple]:
     return arrays, (q.group_size, q.bits, getattr(q, "mode", "affine"), has_biases)
 
 
-def dequantized(arrays, layout, after: mx.array, dtype=None) -> mx.array:
-    """The dense (out, in) weight, computed only once ``after`` is (ordering, see above)."""
+def dequantized(arrays, layout, after: mx.array, dtype) -> mx.array:
+    """The dense (out, in) weight in ``dtype``, computed only once ``after`` is (ordering, see
+    above)."""
     group_size, bits, mode, has_biases = layout
     w, scales, *rest = mx.depends(list(arrays), [after])
     biases = rest[0] if has_biases else None
     d = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
-    return d if dtype is None or d.dtype == dtype else d.astype(dtype)
+    return d if d.dtype == dtype else d.astype(dtype)
 
 
 @lru_cache(maxsize=None)

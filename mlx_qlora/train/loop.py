@@ -34,7 +34,7 @@ from . import mlx_cpu_kernels, numpy_engine
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import OptimConfig, TrainConfig
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
-from .lora import apply_lora, count_parameters, dropout_key
+from .lora import apply_lora, count_parameters, dropout_key, seed_dropout
 from .report import Reporter
 
 # Architectures whose ``model.model(x)`` returns the final normed hidden states and whose logits
@@ -199,7 +199,7 @@ def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_en
     value_and_grad = nn.value_and_grad(model, loss_fn)
 
     def grad_fn(b: Batch, seed):
-        mx.random.seed(seed[0] * 1_000_003 + seed[1] * 1_009 + seed[2])   # dropout: a function of the step
+        seed_dropout(seed)
         loss, g = value_and_grad(model, *_arrays(b))
         mx.eval(loss, g)
         return loss.item(), g

@@ -34,6 +34,12 @@ HALF_TYPES = (mx.float16, mx.bfloat16)
 _DROPOUT_KEYS: list = []   # innermost last: the key LoRA dropout draws from (see dropout_key)
 
 
+def seed_dropout(seed: tuple[int, int, int]) -> None:
+    """Seed MLX's generator from (run seed, step, micro-batch x ranks + rank): LoRA dropout masks
+    are a function of the step, so a resumed run draws what an uninterrupted one did."""
+    mx.random.seed(seed[0] * 1_000_003 + seed[1] * 1_009 + seed[2])
+
+
 @contextmanager
 def dropout_key(key: mx.array):
     """LoRA dropout inside this block draws its masks from ``key`` (split once per use) instead of

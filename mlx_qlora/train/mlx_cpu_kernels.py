@@ -99,14 +99,17 @@ def dequant_matmul(x: mx.array, q: nn.QuantizedLinear) -> mx.array:
 
 
 def base_linear(linear: nn.Module, x: mx.array) -> mx.array:
-    """Frozen base projection, using the fast path where it pays (quantized weights on CPU)."""
-    if isinstance(linear, nn.QuantizedLinear) and (on_cpu() or dequant_gemm.applies(x)):
-        # CPU: dequantize + fp32 BLAS (evaluated eagerly); GPU step: dequantize + GEMM, traced
-        y = dequant_matmul(x, linear) if on_cpu() else dequant_gemm.matmul(x, linear)
-        if "bias" in linear:
-            y = y + linear["bias"]
-        return y
-    return nn.QuantizedLinear.__call__(linear, x) if isinstance(linear, nn.QuantizedLinear) else linear(x)
+    """Frozen base projection, using the fast path where it pays: on CPU dequantize + fp32 BLAS
+    (evaluated eagerly), in a GPU step with ``dequant_gemm`` on dequantize + GEMM (traced)."""
+    if not isinstance(linear, nn.QuantizedLinear):
+        return linear(x)
+    if on_cpu():
+        y = dequant_matmul(x, linear)
+    elif dequant_gemm.applies(x):
+        y = dequant_gemm.matmul(x, linear)
+    else:
+        return nn.QuantizedLinear.__call__(linear, x)
+    return y + linear["bias"] if "bias" in linear else y
 
 
 class FastQuantizedLinear(nn.QuantizedLinear):
@@ -118,9 +121,7 @@ class FastQuantizedLinear(nn.QuantizedLinear):
     """
 
     def __call__(self, x):
-        if on_cpu() or dequant_gemm.applies(x):
-            return base_linear(self, x)
-        return super().__call__(x)
+        return base_linear(self, x)   # which falls back to QuantizedLinear's own call
 
 
 def _np_view(a: mx.array) -> np.ndarray:

@@ -33,6 +33,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import dequant_gemm
+from .lora import seed_dropout
 from .mlx_cpu_kernels import FastQuantizedLinear, is_swiglu_mlp
 
 # float32 logits held at once by the chunked loss: 2**26 elements = 256 MiB (512 rows of a
@@ -244,7 +245,7 @@ def make_device_step(model: nn.Module, head: nn.Module | None, compile: bool = T
         ev = mx.compile(ev, inputs=state, outputs=state)
 
     def grad_fn(b, seed):
-        mx.random.seed(seed[0] * 1_000_003 + seed[1] * 1_009 + seed[2])   # dropout: a function of the step
+        seed_dropout(seed)
         with dequant_gemm.enabled(dense):      # read while (re)tracing
             loss, g = lg(*pad_batch(b))
             mx.eval(loss, g)
@@ -290,7 +291,7 @@ def make_train_step(model: nn.Module, head: nn.Module | None, optimizer, max_nor
         step = mx.compile(step, inputs=state, outputs=state)
 
     def train_step(b, seed):
-        mx.random.seed(seed[0] * 1_000_003 + seed[1] * 1_009 + seed[2])   # as grad_fn
+        seed_dropout(seed)
         with dequant_gemm.enabled(dense):
             loss, norm = step(*pad_batch(b), mx.array(b.n_loss, mx.float32))
             mx.eval(loss, norm, model.trainable_parameters(), optimizer.state)
