@@ -296,8 +296,8 @@ def test_long_rows_pad_to_the_cudnn_attention_multiple_on_cuda(tiny_hf_llama, mo
 
 
 def test_swiglu_keeps_less_for_backward_and_the_same_gradients():
-    """mlx_step.swiglu (backward recomputes sigmoid from gate) == silu(gate) * up in value and
-    gradients, and through 8 MLP blocks of 512 rows x 1,024 intermediate the plain expression's
+    """mlx_cpu_kernels.lean_swiglu (backward recomputes sigmoid from gate) == silu(gate) * up in
+    value and gradients, and through 8 MLP blocks of 512 rows x 1,024 intermediate the plain expression's
     backward keeps more: eager ~2 (rows x intermediate) arrays per block more (measured 34 MiB of
     2 MiB arrays), compiled ~1 (14 MiB). Bounds: 1.5 and 0.5 such arrays per block."""
     d, inter, rows, n = 64, 1024, 512, 8
@@ -322,8 +322,25 @@ def test_swiglu_keeps_less_for_backward_and_the_same_gradients():
 
     one = rows * inter * 4
     for compiled, fewer in ((False, 1.5), (True, 0.5)):
-        (p0, g0), (p1, g1) = run(plain, compiled), run(mlx_step.swiglu, compiled)
+        (p0, g0), (p1, g1) = run(plain, compiled), run(mlx_cpu_kernels.lean_swiglu, compiled)
         assert rel_err(g1, g0) < tol(1e-5), compiled
         assert p1 <= p0 - fewer * n * one, (compiled, p0 / 2 ** 20, p1 / 2 ** 20)
     g, u = mx.random.normal((7, 5)), mx.random.normal((7, 5))
-    assert rel_err(mlx_step.swiglu(g, u), plain(g, u)) < tol(1e-6)
+    assert rel_err(mlx_cpu_kernels.lean_swiglu(g, u), plain(g, u)) < tol(1e-6)
+
+
+def test_the_gpu_step_routes_every_swiglu_mlp_once(tiny_hf_llama, monkeypatch):
+    """make_device_step swaps each SwiGLU MLP's class (once, also when called again) so its forward
+    goes through mlx_cpu_kernels.swiglu, which off the CPU kernels is lean_swiglu."""
+    model = model_for(tiny_hf_llama, 4)
+    calls = []
+    real = mlx_cpu_kernels.lean_swiglu
+    monkeypatch.setattr(mlx_cpu_kernels, "lean_swiglu", lambda g, u: calls.append(1) or real(g, u))
+    with mlx_cpu_kernels.disabled():
+        for _ in range(2):
+            mlx_step.make_device_step(model, output_head(model), compile=False)
+        mlps = [layer.mlp for layer in model.layers]
+        assert all(type(m).__name__ == "FastMLP" and type(m).__mro__[1].__name__ == "MLP" for m in mlps)
+        model(mx.array([[1, 2, 3]]))
+    assert len(calls) == len(mlps)
+

@@ -34,7 +34,7 @@ import numpy as np
 
 from . import dequant_gemm
 from .lora import seed_dropout
-from .mlx_cpu_kernels import FastQuantizedLinear, is_swiglu_mlp
+from .mlx_cpu_kernels import FastQuantizedLinear, route_mlps
 
 # float32 logits held at once by the chunked loss: 2**26 elements = 256 MiB (512 rows of a
 # 128k vocabulary); at least 64 rows per chunk so the matmuls stay efficient.
@@ -184,45 +184,15 @@ def make_loss(model: nn.Module, head: nn.Module | None):
     return loss
 
 
-@mx.custom_function
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """silu(gate) * up whose backward keeps only gate and up and recomputes sigmoid(gate): autodiff
-    of the plain expression (mlx-lm's compiled ``swiglu`` too, once inlined into the step's graph)
-    also kept two (tokens x intermediate) arrays per layer (CPU, this path forced, 1B dims, 512
-    fp32 tokens: 0.18 -> 0.15 GiB per layer; 8B at 4 x 512 bf16 tokens: ~3.7 GiB over 32 layers)."""
-    return nn.silu(gate) * up
-
-
-@swiglu.vjp
-def _swiglu_vjp(primals, cotangent, output):
-    g, u = primals
-    # recomputed once the cotangent exists, so the compiled graph cannot share the forward's
-    # sigmoid and keep it from forward to backward
-    s = mx.sigmoid(mx.depends(g, cotangent))
-    return cotangent * u * (s * (1 + g * (1 - s))), cotangent * g * s   # d silu(g) = s (1 + g (1 - s))
-
-
-_LEAN_MLP: dict[type, type] = {}
-
-
-def _lean_mlp_call(self, x):
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
 def prepare_gpu(model: nn.Module, dense: bool) -> None:
-    """Per instance (class swaps; names and isinstance unchanged): SwiGLU MLPs call ``swiglu``
-    above; with ``dense``, frozen QuantizedLinears outside LoRA (untargeted projections) go
-    through ``base_linear`` so ``dequant_gemm`` covers them too."""
-    for _, m in model.named_modules():
-        cls = type(m)
-        if dense and cls is nn.QuantizedLinear:
-            m.__class__ = FastQuantizedLinear
-        elif cls in _LEAN_MLP.values():
-            continue
-        elif cls in _LEAN_MLP or is_swiglu_mlp(cls):
-            if cls not in _LEAN_MLP:
-                _LEAN_MLP[cls] = type(f"Lean{cls.__name__}", (cls,), {"__call__": _lean_mlp_call})
-            m.__class__ = _LEAN_MLP[cls]
+    """Per instance (class swaps; names and isinstance unchanged): SwiGLU MLPs through
+    ``mlx_cpu_kernels.swiglu`` (its lean backward off CPU); with ``dense``, frozen QuantizedLinears
+    outside LoRA (untargeted projections) through ``base_linear`` so ``dequant_gemm`` covers them."""
+    route_mlps(model)
+    if dense:
+        for _, m in model.named_modules():
+            if type(m) is nn.QuantizedLinear:
+                m.__class__ = FastQuantizedLinear
 
 
 def make_device_step(model: nn.Module, head: nn.Module | None, compile: bool = True, dense: bool = False):
