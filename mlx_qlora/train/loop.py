@@ -318,32 +318,39 @@ def train(cfg: TrainConfig) -> dict:
         state["batch_index"] += 1
         return collate([ds.train[i] for i in idx]) if idx else None
 
+    def accumulated(t_step: float):
+        """``grad_accum`` micro-batches on this rank, summed over ranks, / loss tokens and clipped:
+        (gradients, loss sum, loss tokens, tokens, grad norm, this rank's tokens)."""
+        grads, loss_sum, n_loss, n_tok = None, 0.0, 0, 0
+        for micro in range(cfg.optim.grad_accum):
+            b = next_batch()
+            if b is None:   # a last short batch left this rank no row
+                grads = grads or tree_map(mx.zeros_like, model.trainable_parameters())
+                continue
+            # dropout masks are a function of (seed, step, micro-batch, rank), so resuming replays them
+            loss, g = grad_fn(b, (cfg.seed, state["step"], micro * world.size + world.rank))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(grads)
+            loss_sum, n_loss, n_tok = loss_sum + loss, n_loss + b.n_loss, n_tok + b.real_tokens
+        mine = n_tok
+        grads, (loss_sum, n_loss, n_tok) = dist.sum_step(world, grads, [loss_sum, n_loss, n_tok],
+                                                         f"the gradient all_sum of step {state['step'] + 1}",
+                                                         watchdog, time.perf_counter() - t_step)
+        grads, norm = scale_clip(grads, n_loss)
+        return grads, loss_sum, n_loss, n_tok, norm.item(), mine
+
     try:
         while state["step"] < cfg.steps:
             t_step = time.perf_counter()
             pos = (state["epoch"], state["batch_index"])
-            grads, loss_sum, n_loss, n_tok = None, 0.0, 0, 0
             if train_step is not None:   # loss, gradient, clipping and update: one graph (not kept if NaN)
                 b = next_batch()
                 loss_sum, norm = train_step(b, (cfg.seed, state["step"], 0))
-                n_loss, n_tok = b.n_loss, b.real_tokens
-            for micro in range(cfg.optim.grad_accum if train_step is None else 0):
-                b = next_batch()
-                if b is None:   # a last short batch left this rank no row
-                    grads = grads or tree_map(mx.zeros_like, model.trainable_parameters())
-                    continue
-                # dropout masks are a function of (seed, step, micro-batch, rank), so resuming replays them
-                loss, g = grad_fn(b, (cfg.seed, state["step"], micro * world.size + world.rank))
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                mx.eval(grads)
-                loss_sum, n_loss, n_tok = loss_sum + loss, n_loss + b.n_loss, n_tok + b.real_tokens
-            my_tokens += n_tok
-            if train_step is None:
-                grads, (loss_sum, n_loss, n_tok) = dist.sum_step(world, grads, [loss_sum, n_loss, n_tok],
-                                                                 f"the gradient all_sum of step {state['step'] + 1}",
-                                                                 watchdog, time.perf_counter() - t_step)
-                grads, norm = scale_clip(grads, n_loss)
-                norm = norm.item()
+                grads, n_loss, n_tok = None, b.n_loss, b.real_tokens
+                my_tokens += n_tok
+            else:
+                grads, loss_sum, n_loss, n_tok, norm, mine = accumulated(t_step)
+                my_tokens += mine
             n_tok = int(n_tok)
             mean_loss = loss_sum / n_loss
             if not (math.isfinite(mean_loss) and math.isfinite(norm)):
@@ -351,7 +358,7 @@ def train(cfg: TrainConfig) -> dict:
                 where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
                 raise UserError(f"loss became {mean_loss} (grad norm {norm}) at step {state['step'] + 1}: "
                                 f"training stopped, {where}; lower optim.learning_rate or set optim.max_grad_norm")
-            if train_step is None:
+            if grads is not None:   # the per-micro-batch path: its update, compiled apart
                 update(grads)
                 mx.eval(model.trainable_parameters(), optimizer.state)
             state["step"] += 1
