@@ -226,7 +226,7 @@ def probe(gguf: str | Path, threads: int = 2, timeout: float = 300) -> dict:
             p = subprocess.run([sys.executable, "-c", _CHILD, str(gguf), str(int(on)), str(out), str(threads)],
                                capture_output=True, text=True, timeout=timeout)
             res[on] = (p.returncode, float(p.stdout.split()[-1]) if p.returncode == 0 else 0.0,
-                       np.load(out) if p.returncode == 0 else None)
+                       np.load(out, allow_pickle=False) if p.returncode == 0 else None)
     (rc_off, tps_off, ref), (rc_on, tps_on, got) = res[False], res[True]
     if rc_off != 0:
         verdict = {"correct": False, "speedup": 0.0, "verdict": f"the plain load failed (exit {rc_off})"}
