@@ -39,7 +39,7 @@ QK_HEADS = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
 def gguf_family(config: dict):
     """The architecture family (model/archs) of ``config``, or one line saying why llama.cpp
     cannot run this model as mlx-lm does."""
-    family = archs.for_model_type(config.get("model_type"), what="cannot export model_type; architecture")
+    family = archs.for_model_type(config.get("model_type"), context="cannot export to GGUF: ")
     why = family.export_check(config)
     if why:
         raise UserError(f"cannot export this {family.family} model to GGUF: {why}")

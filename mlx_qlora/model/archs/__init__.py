@@ -82,11 +82,13 @@ def gguf_archs() -> list[str]:
     return list(_by_gguf_arch())
 
 
-def for_model_type(mtype, what: str = "architecture") -> Arch:
-    """The family of an HF / mlx-lm ``model_type``, or one UserError line naming the supported."""
+def for_model_type(mtype, context: str = "") -> Arch:
+    """The family of an HF / mlx-lm ``model_type``, or one UserError line naming the supported
+    (``context`` prefixes it, e.g. "cannot export to GGUF: ")."""
     arch = _by_model_type().get(mtype)
     if arch is None:
-        raise UserError(f"{what} {mtype!r} is not supported; supported: {', '.join(model_types())}")
+        raise UserError(f"{context}architecture (model_type) {mtype!r} is not supported; "
+                        f"supported: {', '.join(model_types())}")
     return arch
 
 

@@ -99,9 +99,10 @@ def meta3(w, cfg: dict) -> None:
     rope_meta(w, cfg)
 
 
-def _scalar(cfg: dict, arch: str) -> float:
+def _scalar(cfg: dict, arch: str) -> int:
+    """llama.cpp's attention scale as Gemma's query_pre_attn_scalar (an integer in every config)."""
     big = cfg["num_hidden_layers"] == LAYERS_27B[arch]
-    return cfg["hidden_size"] / cfg["num_attention_heads"] if big else float(cfg["head_dim"])
+    return cfg["hidden_size"] // cfg["num_attention_heads"] if big else int(cfg["head_dim"])
 
 
 def from_gguf2(meta: dict, arch: str, cfg: dict, tensors: set) -> None:

@@ -24,6 +24,8 @@ def write_meta(w, cfg: dict) -> None:
 def from_gguf(meta: dict, arch: str, cfg: dict, tensors: set) -> None:
     for key, gkey in GGUF_KEYS.items():
         cfg[key] = float(meta.get(f"{arch}.{gkey}", 1.0))
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors   # mlx-lm's granite needs both flags
+    cfg["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
     rope_from_gguf(meta, arch, cfg, tensors)
 
 

@@ -99,7 +99,8 @@ def convert_hf_dir(path: Path, cfg: ConvertConfig, source: str | None = None) ->
     config, weights = read_hf_dir(path)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
-    weights = model.sanitize(weights)  # drops rotary inv_freq, a tied lm_head, ...
+    if hasattr(model, "sanitize"):  # drops rotary inv_freq, a tied lm_head, ... (not every family has one)
+        weights = model.sanitize(weights)
     expected = {k for k, _ in tree_flatten(model.parameters())}
     missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
     require(not missing, f"{path} lacks weights {', '.join(missing[:3])}; the checkpoint is incomplete")
