@@ -150,7 +150,7 @@ def _train(model_dir: Path, out: Path) -> tuple[Path, str]:
     (data / "train.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows * 4))
     (data / "valid.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):   # the report goes to stderr
         train(load_config(None, {"model": str(model_dir), "out_dir": str(out), "steps": 4, "batch_size": 2,
                                  "progress": False, "checkpoint_every": 0, "eval_every": 0, "data.train": str(data),
                                  "lora.rank": 4, "lora.alpha": 8.0, "optim.learning_rate": 3e-2}))
@@ -202,3 +202,41 @@ def test_qlora_adapter_reaches_llamacpp_peft_and_fuse(fam, tmp_path):
     MEASURED[fam["name"]].update({"QLoRA train": "✓ " + ("NumPy engine" if "NumPy" in engine else "MLX autodiff"),
                                   "adapter GGUF": f"✓ {top_a:.0%}/{mean_a:.2f}", "fuse → GGUF": f"✓ {mean_m:.0e}",
                                   "PEFT": f"✓ {d:.0e}"})
+
+
+LABELS = {"llama3": "llama — Llama 3.1/3.2 (`llama3` rope, untied head)", "llama": "llama — Llama 2, SmolLM2 (tied)",
+          "mistral": "mistral", "qwen2": "qwen2 (Qwen2.5)", "qwen3": "qwen3", "gemma2": "gemma2",
+          "gemma3": "gemma3_text (Gemma 3)", "phi3": "phi3 (Phi-3, Phi-4-mini partial rotary)",
+          "smollm3": "smollm3", "olmo2": "olmo2", "granite": "granite (3.x)"}
+COLUMNS = ["convert", "GGUF→MLX", "llama.cpp F32", "Q8_0 / Q4_1", "QLoRA train", "adapter GGUF", "fuse → GGUF", "PEFT"]
+BEGIN, END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
+
+
+def render_matrix() -> str:
+    head = "| architecture | " + " | ".join(COLUMNS) + " |"
+    rows = [head, "| " + " | ".join(["---"] * (len(COLUMNS) + 1)) + " |"]
+    for f in FAMILIES:
+        rows.append(f"| {LABELS[f]} | " + " | ".join(MEASURED[f].get(c, "") for c in COLUMNS) + " |")
+    return "\n".join(rows)
+
+
+def _status(table: str) -> list[list[str]]:
+    """Each cell's verdict (its first word: ✓ or refused), numbers left out: they vary by BLAS."""
+    return [[c.strip().split(" ")[0] if c.strip() else "" for c in line.strip("|").split("|")]
+            for line in table.strip().splitlines()[2:]]
+
+
+def test_support_matrix_in_readme():
+    """Runs after the family tests (file order): the README's matrix says what they measured.
+    ``MLX_QLORA_WRITE_MATRIX=1`` rewrites it with this run's figures."""
+    if set(MEASURED) != set(FAMILIES) or any(len(MEASURED[f]) < len(COLUMNS) for f in FAMILIES):
+        pytest.skip("the matrix needs every family test of this file in the same run")
+    table = render_matrix()
+    text = README.read_text()
+    assert BEGIN in text and END in text, "README lacks the support-matrix markers"
+    if os.environ.get("MLX_QLORA_WRITE_MATRIX"):
+        a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
+        README.write_text(text[:a] + "\n" + table + "\n" + text[b:])
+        text = README.read_text()
+    current = text[text.index(BEGIN) + len(BEGIN): text.index(END)]
+    assert _status(current) == _status(table), "README's support matrix is stale: MLX_QLORA_WRITE_MATRIX=1 pytest tests/test_archs.py"
