@@ -2,7 +2,7 @@
 classes (no network): the reference the architecture tests compare MLX and llama.cpp against.
 
 Each row sets what makes the family itself (Llama 3 rope scaling, Qwen3's explicit head_dim,
-Gemma's soft-capping and sliding windows, Phi-4-mini's partial rotary, SmolLM3's no-rope
+Gemma's soft-capping and sliding windows, Phi-4-mini's partial rotary and LongRoPE (short factors below 512 tokens), SmolLM3's no-rope
 layers, Granite's multipliers) at values small enough to matter on a 64-wide model: Gemma 3 gets
 6 layers and a 6-token window so both a sliding and a global layer see positions outside the
 window; Gemma 2 keeps its window above the test lengths, as mlx-lm's gemma2 attends globally.
@@ -33,6 +33,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
                                         num_hidden_layers=6)),
     "phi3": ("Phi3Config", dict(partial_rotary_factor=0.75, tie_word_embeddings=False)),
+    "phi4mini": ("Phi3Config", dict(partial_rotary_factor=0.75, tie_word_embeddings=True, max_position_embeddings=2048,
+                                    original_max_position_embeddings=512, rope_parameters={
+                                        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                        "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+                                        "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})),
     "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4, tie_word_embeddings=True)),
     "olmo2": ("Olmo2Config", dict(tie_word_embeddings=False)),
     "granite": ("GraniteConfig", dict(embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.2,

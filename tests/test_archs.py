@@ -206,7 +206,8 @@ def test_qlora_adapter_reaches_llamacpp_peft_and_fuse(fam, tmp_path):
 
 LABELS = {"llama3": "llama — Llama 3.1/3.2 (`llama3` rope, untied head)", "llama": "llama — Llama 2, SmolLM2 (tied)",
           "mistral": "mistral", "qwen2": "qwen2 (Qwen2.5)", "qwen3": "qwen3", "gemma2": "gemma2",
-          "gemma3": "gemma3_text (Gemma 3)", "phi3": "phi3 (Phi-3, Phi-4-mini partial rotary)",
+          "gemma3": "gemma3_text (Gemma 3)", "phi3": "phi3 (Phi-3 4k, partial rotary)",
+          "phi4mini": "phi3 — Phi-4-mini, Phi-3-128k (LongRoPE)",
           "smollm3": "smollm3", "olmo2": "olmo2", "granite": "granite (3.x)"}
 COLUMNS = ["convert", "GGUF→MLX", "llama.cpp F32", "Q8_0 / Q4_1", "QLoRA train", "adapter GGUF", "fuse → GGUF", "PEFT"]
 BEGIN, END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"

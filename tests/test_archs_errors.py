@@ -31,8 +31,9 @@ def _hf(tmp_path, family, **edit):
     ("gemma3", {"head_dim": None}, ["'head_dim'", "gemma3"]),
     ("granite", {"logits_scaling": None}, ["'logits_scaling'", "granite"]),
     ("gemma3", {"final_logit_softcapping": 30.0}, ["final_logit_softcapping"]),
-    ("phi3", {"rope_scaling": {"type": "longrope", "long_factor": [1.0] * 6, "short_factor": [1.0] * 6}},
-     ["longrope"]),
+    ("phi3", {"rope_scaling": {"type": "longrope", "long_factor": [1.0] * 5, "short_factor": [1.0] * 5},
+              "original_max_position_embeddings": 256}, ["longrope", "6 factors"]),
+    ("phi3", {"rope_scaling": {"type": "yarn", "factor": 2.0}}, ["phi3 rope scaling 'yarn'"]),
 ])
 def test_convert_refuses_in_one_line(tmp_path, family, edit, needles):
     src = _hf(tmp_path, family, **edit)

@@ -70,7 +70,7 @@ def read_gguf(path: Path):
     return reader, meta
 
 
-def gguf_config(meta: dict, tensor_names: set[str]) -> dict:
+def gguf_config(meta: dict, tensor_names) -> dict:
     """config.json (mlx-lm keys) from GGUF metadata; the family adds its own keys (archs)."""
     arch = meta.get("general.architecture")
     family = archs.for_gguf_arch(arch)
@@ -117,7 +117,7 @@ def convert_gguf(path: Path, cfg: ConvertConfig) -> ConvertReport:
 
     reader, meta = read_gguf(path)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    config = gguf_config(meta, set(types))
+    config = gguf_config(meta, {t.name: t for t in reader.tensors})
     report = ConvertReport(source=str(path), out_dir=cfg.out_dir, model_type=config["model_type"])
     family = archs.for_gguf_arch(meta["general.architecture"])
     to_mlx = archs.gguf_to_mlx_modules(family, config)
