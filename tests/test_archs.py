@@ -98,7 +98,6 @@ def test_convert_matches_transformers(fam):
 def test_f32_gguf_in_llamacpp_and_back(fam, tmp_path):
     """The exported F32 GGUF runs in llama.cpp as transformers runs the HF model, and that file
     (llama.cpp's conventions, as llama.cpp's own run of it shows) converts back to the same MLX."""
-    from mlx_qlora.errors import UserError
 
     out = tmp_path / "m.gguf"
     _export(fam["f32"], out, type="f32")
@@ -107,12 +106,6 @@ def test_f32_gguf_in_llamacpp_and_back(fam, tmp_path):
     print(f"{fam['name']}: llama.cpp F32 vs transformers top-1 {top:.3f} mean {mean:.2e} max {mx_:.2e}")
     assert top >= TOP1 and mean <= F32_MEAN, (fam["name"], top, mean)
     MEASURED[fam["name"]]["llama.cpp F32"] = f"✓ {top:.1%}, {mean:.0e}"
-    if fam["name"] == "llama3":   # rope_freqs: the GGUF lacks llama3's rope parameters
-        with pytest.raises(UserError, match="rope_freqs"):
-            _convert(out, tmp_path / "back", quantize=False, dtype="float32")
-        assert not (tmp_path / "back").exists()
-        MEASURED[fam["name"]]["GGUF→MLX"] = "refused (rope_freqs)"
-        return
     back = mlx_model(_convert(out, tmp_path / "back", quantize=False, dtype="float32"))[0]
     _, _, mx_back = _compare(fam["ref"], [mlx_logits(back, t) for t in fam["tokens"]])
     assert mx_back <= tol_abs(MLX_HF, fam["ref"][0]), (fam["name"], mx_back)

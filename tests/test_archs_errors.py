@@ -72,3 +72,25 @@ def test_export_refuses_what_llamacpp_would_run_differently(tmp_path, family, ed
     code, out = run_cli("export", mdir, "--to", "gguf", "-o", tmp_path / "m.gguf")
     assert_one_line_error(code, out, "cannot export", *needles)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".m.gguf*"))
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])   # Llama 3.1 and 3.2
+def test_llama3_rope_parameters_recovered_from_rope_freqs(factor):
+    """A llama.cpp GGUF keeps llama3 rope scaling only as per-pair divisors: the parameters found
+    from them give the same divisors (so the same model); divisors no parameters give, refused."""
+    import numpy as np
+
+    from mlx_qlora.model.archs.llama import llama3_freq_factors, llama3_from_factors
+
+    cfg = {"hidden_size": 4096, "num_attention_heads": 32, "rope_theta": 500000.0,
+           "rope_scaling": {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192}}
+    divisors = llama3_freq_factors(cfg)
+    assert 1.0 < divisors[31] < factor   # the file has blended pairs (29-34), the case to solve
+    rs = llama3_from_factors(divisors, {k: v for k, v in cfg.items() if k != "rope_scaling"})
+    assert rs is not None and rs["factor"] == factor
+    assert abs(rs["low_freq_factor"] - 1.0) < 1e-3 and abs(rs["high_freq_factor"] - 4.0) < 1e-3
+    np.testing.assert_allclose(llama3_freq_factors({**cfg, "rope_scaling": rs}), divisors, rtol=1e-6)
+    bent = divisors.copy()
+    bent[32] *= 1.1   # no llama3 parameters give this
+    assert llama3_from_factors(bent, cfg) is None

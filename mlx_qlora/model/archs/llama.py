@@ -4,8 +4,10 @@ llama.cpp's llama architecture uses interleaved-pair ("normal") rope, so its con
 Q/K rows; Mistral checkpoints are written as llama. Llama 3.1/3.2's ``llama3`` rope scaling
 reaches llama.cpp as a ``rope_freqs`` tensor of per-pair frequency divisors (the GGUF has no key
 for its parameters), computed here from the config as Hugging Face computes its inverse
-frequencies; a GGUF holding one cannot be turned back into those parameters, so such a file is
-refused on convert (convert the Hugging Face directory instead).
+frequencies. Reading such a GGUF back, the parameters are recovered from the divisors: they
+depend only on ``factor`` (the largest) and the two wavelength thresholds, which the blended
+pairs pin down (``original_max_position_embeddings`` fixed at 8192, ``low/high_freq_factor``
+solved); the recovered set must reproduce every divisor, else the file is refused.
 """
 from __future__ import annotations
 
@@ -69,10 +71,43 @@ def extra_tensors(config: dict) -> dict:
     return {"rope_freqs.weight": llama3_freq_factors(config)} if rope_type(config) == "llama3" else {}
 
 
-def from_gguf(meta: dict, arch: str, cfg: dict, tensors: set) -> None:
+def llama3_from_factors(divisors, config: dict, old_ctx: float = 8192.0) -> dict | None:
+    """The llama3 ``rope_scaling`` whose :func:`llama3_freq_factors` are ``divisors`` (None when
+    none is found)."""
+    f = np.asarray(divisors, dtype=np.float64)
+    factor = float(f.max())
+    dim = head_dim(config)
+    if factor <= 1.0 or f.shape != (dim // 2,):
+        return None
+    wl = 2 * math.pi * float(config.get("rope_theta", 10000.0)) ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    ones, full = np.isclose(f, 1.0, rtol=1e-5), np.isclose(f, factor, rtol=1e-5)
+    mid = ~ones & ~full
+    if mid.sum() >= 2:   # s = (old/wl - low) / (high - low), with s from 1/f = (1 - s)/factor + s
+        s = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+        a, b = np.polyfit(old_ctx / wl[mid], s, 1)
+        low = -b / a
+        high = low + 1 / a
+    elif ones.any() and full.any() and not mid.any():   # no blended pair: thresholds between the groups
+        high = old_ctx / ((wl[ones].max() + wl[~ones].min()) / 2)
+        low = old_ctx / ((wl[~full].max() + wl[full].min()) / 2)
+    else:
+        return None
+    rs = {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low), "high_freq_factor": float(high),
+          "original_max_position_embeddings": int(old_ctx)}
+    if not (0 < low < high) or not np.allclose(llama3_freq_factors({**config, "rope_scaling": rs}), f, rtol=1e-4):
+        return None
+    return rs
+
+
+def from_gguf(meta: dict, arch: str, cfg: dict, tensors) -> None:
     if "rope_freqs.weight" in tensors:
-        raise UserError("this GGUF uses llama3-style rope frequency scaling (rope_freqs), which the GGUF "
-                        "does not describe fully; convert the original Hugging Face directory instead")
+        rs = llama3_from_factors(np.asarray(tensors["rope_freqs.weight"].data), cfg) \
+            if isinstance(tensors, dict) else None
+        if rs is None:
+            raise UserError("this GGUF's rope_freqs (llama3-style rope scaling) match no llama3 rope parameters; "
+                            "convert the original Hugging Face directory instead")
+        cfg["rope_scaling"] = rs
+        return
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         factor = meta.get(f"{arch}.rope.scaling.factor")
         if not (isinstance(factor, (int, float)) and factor > 0):
