@@ -52,6 +52,16 @@ def tiny_hf_qwen2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_hf_qwen3(tmp_path_factory) -> Path:
+    """A tiny random qwen3 (per-head q/k RMSNorm, head_dim 32 != hidden/heads), built by
+    transformers (tests/arch_models.py)."""
+    pytest.importorskip("torch")
+    import arch_models
+
+    return arch_models.write_family(tmp_path_factory.mktemp("tiny_qwen3_hf"), "qwen3")
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_q4(tmp_path_factory, tiny_hf_llama) -> Path:
     """The tiny llama as a 4-bit (group 32) MLX directory, converted once per session."""
     from lora_fixtures import converted

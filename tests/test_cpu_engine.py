@@ -61,6 +61,8 @@ def reference(model, b):
     ("llama", None, "last 1", ["q_proj", "v_proj", "down_proj"]),
     ("llama", 8, [0], ["k_proj", "o_proj", "up_proj"]),       # frozen block above the adapted one
     ("qwen2", 4, "all", "all-linear"),                          # q/k/v biases, untied head
+    ("qwen3", 4, "all", "all-linear"),                          # per-head q/k RMSNorm, head_dim 32
+    ("qwen3", None, "last 1", ["q_proj", "k_proj"]),            # gradients through the q/k norms
 ])
 @pytest.mark.cpu_math
 def test_loss_and_grads_match_mlx_autodiff(request, arch, bits, layers, targets):

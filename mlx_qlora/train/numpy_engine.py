@@ -16,9 +16,10 @@ so what is kept between forward and backward is chosen, not inferred:
 
 Gradients are those of the summed token loss, exactly what ``nn.value_and_grad`` over
 ``train.loop.make_loss`` returns (tests/test_cpu_engine.py checks them against it to 1e-4).
-Supported: llama / mistral / qwen2 blocks (RMSNorm, plain RoPE, GQA, SwiGLU, optional biases)
-with LoRA (dropout, rsLoRA) on any of the seven projections; anything else (DoRA, other
-architectures, RoPE scaling, sliding windows) trains through MLX autodiff instead.
+Supported: llama / mistral / qwen2 / qwen3 blocks (RMSNorm, plain RoPE, GQA, SwiGLU, optional
+biases, Qwen3's per-head RMSNorm on q and k before RoPE) with LoRA (dropout, rsLoRA) on any of
+the seven projections; anything else (DoRA, other architectures, RoPE scaling, sliding windows)
+trains through MLX autodiff instead, and training says why in one line.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from . import numpy_kernels as ops
 from .lora import LoRALinear, linear_dims
 from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 
-ENGINE_TYPES = {"llama", "mistral", "qwen2"}
+ENGINE_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+HEAD_NORMS = ("q_norm", "k_norm")   # qwen3: RMSNorm over each head of q and k, before RoPE
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 F32 = np.float32
@@ -54,6 +56,8 @@ def unsupported(model: nn.Module) -> str | None:
             return f"RoPE variant {type(a.rope).__name__}"
         if not all(type(n) is nn.RMSNorm for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             return "a norm other than RMSNorm"
+        if any(n in a and type(a[n]) is not nn.RMSNorm for n in HEAD_NORMS):
+            return "a q/k norm other than RMSNorm"
         for name in ATTN + MLP:
             mod = (a if name in ATTN else m)[name]
             if isinstance(mod, LoRALinear) and mod.is_dora:
@@ -157,6 +161,24 @@ class _Block:
         self.rope = (r.dims, r.traditional, float(r.base), float(r.scale))
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.w1, self.eps1, self.w2, self.eps2 = _np(n1.weight), n1.eps, _np(n2.weight), n2.eps
+        self.head_norm = {n: (_np(a[n].weight), a[n].eps) for n in HEAD_NORMS if n in a}
+
+    def _norm_heads(self, x: np.ndarray, name: str, ctx: dict | None) -> np.ndarray:
+        """Qwen3's RMSNorm over each head of q or k (identity where the block has none)."""
+        if name not in self.head_norm:
+            return x
+        w, eps = self.head_norm[name]
+        y, n, r = ops.rms(x.reshape(-1, w.shape[0]), w, eps)
+        if ctx is not None:
+            ctx[name] = (n, r)
+        return y.reshape(x.shape)
+
+    def _norm_heads_back(self, dy: np.ndarray, name: str, ctx: dict) -> np.ndarray:
+        if name not in self.head_norm:
+            return dy
+        w, _ = self.head_norm[name]
+        n, r = ctx.pop(name)
+        return ops.rms_back(dy.reshape(-1, w.shape[0]), w, n, r).reshape(dy.shape)
 
     def _rope(self, x: np.ndarray, heads: int, geo: _Geometry, inverse: bool) -> np.ndarray:
         """RoPE on (tokens, heads * d): +theta, or -theta (its transpose) for gradients."""
@@ -167,8 +189,8 @@ class _Block:
     def forward(self, x: np.ndarray, geo: _Geometry, rng, ctx: dict | None) -> np.ndarray:
         P = self.proj
         a_in, n1, r1 = ops.rms(x, self.w1, self.eps1)
-        q = self._rope(P["q_proj"].forward(a_in, rng, ctx), self.heads.h, geo, False)
-        k = self._rope(P["k_proj"].forward(a_in, rng, ctx), self.heads.hkv, geo, False)
+        q = self._rope(self._norm_heads(P["q_proj"].forward(a_in, rng, ctx), "q_norm", ctx), self.heads.h, geo, False)
+        k = self._rope(self._norm_heads(P["k_proj"].forward(a_in, rng, ctx), "k_norm", ctx), self.heads.hkv, geo, False)
         v = P["v_proj"].forward(a_in, rng, ctx)
         o, probs = ops.attention(q, k, v, geo.segments, self.heads, ctx is not None)
         h = x + P["o_proj"].forward(o, rng, ctx)
@@ -192,8 +214,8 @@ class _Block:
         do = P["o_proj"].backward(dh, ctx, grads, True)
         dq, dk, dv = ops.attention_back(do, ctx.pop("q"), ctx.pop("k"), ctx.pop("v"), ctx.pop("probs"), geo.segments,
                                         self.heads)
-        dq = self._rope(dq, self.heads.h, geo, True)
-        dk = self._rope(dk, self.heads.hkv, geo, True)
+        dq = self._norm_heads_back(self._rope(dq, self.heads.h, geo, True), "q_norm", ctx)
+        dk = self._norm_heads_back(self._rope(dk, self.heads.hkv, geo, True), "k_norm", ctx)
         da = P["q_proj"].backward(dq, ctx, grads, need_dx)
         dka = P["k_proj"].backward(dk, ctx, grads, need_dx)
         dva = P["v_proj"].backward(dv, ctx, grads, need_dx)
