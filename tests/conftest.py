@@ -62,6 +62,15 @@ def tiny_hf_qwen3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_hf_phi3(tmp_path_factory) -> Path:
+    """A tiny random phi3 (fused qkv and gate_up, partial rotary 0.75), built by transformers."""
+    pytest.importorskip("torch")
+    import arch_models
+
+    return arch_models.write_family(tmp_path_factory.mktemp("tiny_phi3_hf"), "phi3")
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_q4(tmp_path_factory, tiny_hf_llama) -> Path:
     """The tiny llama as a 4-bit (group 32) MLX directory, converted once per session."""
     from lora_fixtures import converted

@@ -63,6 +63,8 @@ def reference(model, b):
     ("qwen2", 4, "all", "all-linear"),                          # q/k/v biases, untied head
     ("qwen3", 4, "all", "all-linear"),                          # per-head q/k RMSNorm, head_dim 32
     ("qwen3", None, "last 1", ["q_proj", "k_proj"]),            # gradients through the q/k norms
+    ("phi3", 4, "all", "all-linear"),                           # fused qkv / gate_up, partial rotary
+    ("phi3", 8, [1], ["qkv_proj", "down_proj"]),
 ])
 @pytest.mark.cpu_math
 def test_loss_and_grads_match_mlx_autodiff(request, arch, bits, layers, targets):

@@ -16,9 +16,9 @@ so what is kept between forward and backward is chosen, not inferred:
 
 Gradients are those of the summed token loss, exactly what ``nn.value_and_grad`` over
 ``train.loop.make_loss`` returns (tests/test_cpu_engine.py checks them against it to 1e-4).
-Supported: llama / mistral / qwen2 / qwen3 blocks (RMSNorm, plain RoPE, GQA, SwiGLU, optional
-biases, Qwen3's per-head RMSNorm on q and k before RoPE) with LoRA (dropout, rsLoRA) on any of
-the seven projections; anything else (DoRA, other architectures, RoPE scaling, sliding windows)
+Supported: llama / mistral / qwen2 / qwen3 / phi3 blocks (RMSNorm, plain or partial RoPE, GQA,
+SwiGLU, optional biases, Qwen3's per-head RMSNorm on q and k before RoPE, Phi-3's fused qkv and
+gate_up projections) with LoRA (dropout, rsLoRA) on any projection; anything else (DoRA, other architectures, RoPE scaling, sliding windows)
 trains through MLX autodiff instead, and training says why in one line.
 """
 from __future__ import annotations
@@ -34,10 +34,13 @@ from . import numpy_kernels as ops
 from .lora import LoRALinear, linear_dims
 from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 
-ENGINE_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+ENGINE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 HEAD_NORMS = ("q_norm", "k_norm")   # qwen3: RMSNorm over each head of q and k, before RoPE
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+# phi3 keeps q/k/v in one projection (rows q, then k, then v) and gate/up in one (gate rows first)
+FUSED_ATTN = ("qkv_proj", "o_proj")
+FUSED_MLP = ("gate_up_proj", "down_proj")
 F32 = np.float32
 
 
@@ -50,16 +53,17 @@ def unsupported(model: nn.Module) -> str | None:
         if getattr(layer, "use_sliding", False):
             return "sliding-window attention"
         a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if a is None or m is None or not all(hasattr(a, n) for n in ATTN) or not all(hasattr(m, n) for n in MLP):
-            return "a block without q/k/v/o and gate/up/down projections"
+        attn, mlp = _layout(a, m)
+        if attn is None or mlp is None:
+            return "a block without q/k/v/o (or qkv/o) and gate/up/down (or gate_up/down) projections"
         if type(a.rope) is not nn.RoPE:
             return f"RoPE variant {type(a.rope).__name__}"
         if not all(type(n) is nn.RMSNorm for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             return "a norm other than RMSNorm"
         if any(n in a and type(a[n]) is not nn.RMSNorm for n in HEAD_NORMS):
             return "a q/k norm other than RMSNorm"
-        for name in ATTN + MLP:
-            mod = (a if name in ATTN else m)[name]
+        for name in attn + mlp:
+            mod = (a if name in attn else m)[name]
             if isinstance(mod, LoRALinear) and mod.is_dora:
                 return "DoRA"
     if "lm_head" in model and "bias" in model["lm_head"]:
@@ -68,6 +72,13 @@ def unsupported(model: nn.Module) -> str | None:
     if {k for k, _ in tree_flatten(model.trainable_parameters())} - lora_keys:
         return "trainable parameters other than LoRA factors"
     return None
+
+
+def _layout(a, m) -> tuple[tuple | None, tuple | None]:
+    """The projection names of this block's attention and MLP (separate or fused), None if neither."""
+    attn = next((t for t in (ATTN, FUSED_ATTN) if a is not None and all(hasattr(a, n) for n in t)), None)
+    mlp = next((t for t in (MLP, FUSED_MLP) if m is not None and all(hasattr(m, n) for n in t)), None)
+    return attn, mlp
 
 
 def _np(a: mx.array) -> np.ndarray:
@@ -152,16 +163,20 @@ class _Block:
 
     def __init__(self, layer: nn.Module, prefix: str):
         a, m = layer.self_attn, layer.mlp
-        self.proj = {n: _Proj(a[n], f"{prefix}.self_attn.{n}") for n in ATTN}
-        self.proj.update({n: _Proj(m[n], f"{prefix}.mlp.{n}") for n in MLP})
+        attn, mlp = _layout(a, m)
+        self.fused_qkv, self.fused_mlp = attn == FUSED_ATTN, mlp == FUSED_MLP
+        self.proj = {n: _Proj(a[n], f"{prefix}.self_attn.{n}") for n in attn}
+        self.proj.update({n: _Proj(m[n], f"{prefix}.mlp.{n}") for n in mlp})
         self.trainable = any(p.lora is not None for p in self.proj.values())
-        self.heads = ops.Heads(a.n_heads, a.n_kv_heads, linear_dims(self.proj["q_proj"].base)[1] // a.n_heads,
-                               a.scale)
+        head_dim = linear_dims(self.proj["o_proj"].base)[0] // a.n_heads   # o_proj's input: heads x head_dim
+        self.heads = ops.Heads(a.n_heads, a.n_kv_heads, head_dim, a.scale)
         r = a.rope
         self.rope = (r.dims, r.traditional, float(r.base), float(r.scale))
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.w1, self.eps1, self.w2, self.eps2 = _np(n1.weight), n1.eps, _np(n2.weight), n2.eps
         self.head_norm = {n: (_np(a[n].weight), a[n].eps) for n in HEAD_NORMS if n in a}
+        d = self.heads.d
+        self._qkv_cuts = [self.heads.h * d, (self.heads.h + self.heads.hkv) * d]
 
     def _norm_heads(self, x: np.ndarray, name: str, ctx: dict | None) -> np.ndarray:
         """Qwen3's RMSNorm over each head of q or k (identity where the block has none)."""
@@ -189,14 +204,20 @@ class _Block:
     def forward(self, x: np.ndarray, geo: _Geometry, rng, ctx: dict | None) -> np.ndarray:
         P = self.proj
         a_in, n1, r1 = ops.rms(x, self.w1, self.eps1)
-        q = self._rope(self._norm_heads(P["q_proj"].forward(a_in, rng, ctx), "q_norm", ctx), self.heads.h, geo, False)
-        k = self._rope(self._norm_heads(P["k_proj"].forward(a_in, rng, ctx), "k_norm", ctx), self.heads.hkv, geo, False)
-        v = P["v_proj"].forward(a_in, rng, ctx)
+        if self.fused_qkv:
+            q, k, v = np.split(P["qkv_proj"].forward(a_in, rng, ctx), self._qkv_cuts, axis=1)
+        else:
+            q, k, v = (P[n].forward(a_in, rng, ctx) for n in ("q_proj", "k_proj", "v_proj"))
+        q = self._rope(self._norm_heads(q, "q_norm", ctx), self.heads.h, geo, False)
+        k = self._rope(self._norm_heads(k, "k_norm", ctx), self.heads.hkv, geo, False)
         o, probs = ops.attention(q, k, v, geo.segments, self.heads, ctx is not None)
         h = x + P["o_proj"].forward(o, rng, ctx)
         del o
         m_in, n2, r2 = ops.rms(h, self.w2, self.eps2)
-        g, u = P["gate_proj"].forward(m_in, rng, ctx), P["up_proj"].forward(m_in, rng, ctx)
+        if self.fused_mlp:
+            g, u = np.split(P["gate_up_proj"].forward(m_in, rng, ctx), 2, axis=1)
+        else:
+            g, u = P["gate_proj"].forward(m_in, rng, ctx), P["up_proj"].forward(m_in, rng, ctx)
         act, sig = ops.swiglu(g, u, keep_sigmoid=ctx is not None)
         out = h + P["down_proj"].forward(act, rng, ctx)
         if ctx is not None:
@@ -208,21 +229,29 @@ class _Block:
         dact = P["down_proj"].backward(dout, ctx, grads, True)
         dg, du = ops.swiglu_back(dact, ctx.pop("g"), ctx.pop("u"), ctx.pop("sig"))
         del dact
-        dm = P["gate_proj"].backward(dg, ctx, grads, True)
-        dm += P["up_proj"].backward(du, ctx, grads, True)
+        if self.fused_mlp:
+            dm = P["gate_up_proj"].backward(np.concatenate([dg, du], axis=1), ctx, grads, True)
+        else:
+            dm = P["gate_proj"].backward(dg, ctx, grads, True)
+            dm += P["up_proj"].backward(du, ctx, grads, True)
         dh = dout + ops.rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2"))
         do = P["o_proj"].backward(dh, ctx, grads, True)
         dq, dk, dv = ops.attention_back(do, ctx.pop("q"), ctx.pop("k"), ctx.pop("v"), ctx.pop("probs"), geo.segments,
                                         self.heads)
         dq = self._norm_heads_back(self._rope(dq, self.heads.h, geo, True), "q_norm", ctx)
         dk = self._norm_heads_back(self._rope(dk, self.heads.hkv, geo, True), "k_norm", ctx)
-        da = P["q_proj"].backward(dq, ctx, grads, need_dx)
-        dka = P["k_proj"].backward(dk, ctx, grads, need_dx)
-        dva = P["v_proj"].backward(dv, ctx, grads, need_dx)
-        if not need_dx:
-            return None
-        da += dka
-        da += dva
+        if self.fused_qkv:
+            da = P["qkv_proj"].backward(np.concatenate([dq, dk, dv], axis=1), ctx, grads, need_dx)
+            if not need_dx:
+                return None
+        else:
+            da = P["q_proj"].backward(dq, ctx, grads, need_dx)
+            dka = P["k_proj"].backward(dk, ctx, grads, need_dx)
+            dva = P["v_proj"].backward(dv, ctx, grads, need_dx)
+            if not need_dx:
+                return None
+            da += dka
+            da += dva
         return dh + ops.rms_back(da, self.w1, ctx.pop("n1"), ctx.pop("r1"))
 
 
