@@ -190,11 +190,19 @@ def test_qlora_adapter_reaches_llamacpp_peft_and_fuse(fam, tmp_path):
     mlx_f32 = mlx_model(fam["f32"], adapter)[0]
     d = max(float(np.abs(am.torch_logits(hf, t) - mlx_logits(mlx_f32, t)).max()) for t in tokens)
     assert d <= tol_abs(1e-3, ref[0]), (fam["name"], d)
+    # ... and imported back, the same factors and scale (PEFT import of this family's module names)
+    from mlx_qlora.export.peft import run_import_peft
+    from mlx_qlora.train.adapter_files import read_adapter
+
+    back, orig = read_adapter(run_import_peft(str(tmp_path / "peft"), str(tmp_path / "back"))), read_adapter(adapter)
+    assert set(back.pairs) == set(orig.pairs) and abs(back.scale - orig.scale) < 1e-6
+    for m, (a, b) in orig.pairs.items():
+        assert np.array_equal(np.array(back.pairs[m][0]), np.array(a)) and np.array_equal(np.array(back.pairs[m][1]), np.array(b))
     print(f"{fam['name']}: adapter effect {effect:.2f}; LoRA GGUF top-1 {top_a:.3f} mean {mean_a:.3f}; "
           f"merged top-1 {top_m:.3f} mean {mean_m:.4f}; PEFT max {d:.1e}; {engine}")
     MEASURED[fam["name"]].update({"QLoRA train": "✓ " + ("NumPy engine" if "NumPy" in engine else "MLX autodiff"),
                                   "adapter GGUF": f"✓ {top_a:.0%}/{mean_a:.2f}", "fuse → GGUF": f"✓ {mean_m:.0e}",
-                                  "PEFT": f"✓ {d:.0e}"})
+                                  "PEFT": f"✓ {d:.0e}, import exact"})
 
 
 LABELS = {"llama3": "llama — Llama 3.1/3.2 (`llama3` rope, untied head)", "llama": "llama — Llama 2, SmolLM2 (tied)",
