@@ -51,23 +51,45 @@ def tiny_hf_qwen2(tmp_path_factory) -> Path:
     return tiny.write_hf_dir(tmp_path_factory.mktemp("tiny_qwen2_hf"), arch="qwen2", tie=False, seed=1)
 
 
-@pytest.fixture(scope="session")
-def tiny_hf_qwen3(tmp_path_factory) -> Path:
-    """A tiny random qwen3 (per-head q/k RMSNorm, head_dim 32 != hidden/heads), built by
-    transformers (tests/arch_models.py)."""
+def _family_f32(tmp_path_factory, family: str) -> Path:
+    """A tiny random ``family`` model built by transformers (tests/arch_models.py), converted to
+    an fp32 MLX directory (config.json in the keys mlx-lm reads: rope scaling, partial rotary)."""
     pytest.importorskip("torch")
     import arch_models
+    from lora_fixtures import converted
 
-    return arch_models.write_family(tmp_path_factory.mktemp("tiny_qwen3_hf"), "qwen3")
+    hf = arch_models.write_family(tmp_path_factory.mktemp(f"tiny_{family}_hf"), family)
+    return converted(tmp_path_factory, hf, f"tiny_{family}_f32", quantize=False, dtype="float32")
 
 
 @pytest.fixture(scope="session")
-def tiny_hf_phi3(tmp_path_factory) -> Path:
-    """A tiny random phi3 (fused qkv and gate_up, partial rotary 0.75), built by transformers."""
-    pytest.importorskip("torch")
-    import arch_models
+def tiny_f32_qwen3(tmp_path_factory) -> Path:
+    """qwen3: per-head q/k RMSNorm, head_dim 32 != hidden/heads."""
+    return _family_f32(tmp_path_factory, "qwen3")
 
-    return arch_models.write_family(tmp_path_factory.mktemp("tiny_phi3_hf"), "phi3")
+
+@pytest.fixture(scope="session")
+def tiny_f32_phi3(tmp_path_factory) -> Path:
+    """phi3: fused qkv and gate_up, partial rotary 0.75."""
+    return _family_f32(tmp_path_factory, "phi3")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_phi4mini(tmp_path_factory) -> Path:
+    """phi3 with LongRoPE (Phi-4-mini's rope)."""
+    return _family_f32(tmp_path_factory, "phi4mini")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_llama3(tmp_path_factory) -> Path:
+    """llama with Llama 3.1-style rope scaling and an untied head."""
+    return _family_f32(tmp_path_factory, "llama3")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_smollm3(tmp_path_factory) -> Path:
+    """4-layer smollm3 (layer 3 has no rope)."""
+    return _family_f32(tmp_path_factory, "smollm3")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ so what is kept between forward and backward is chosen, not inferred:
 
 Gradients are those of the summed token loss, exactly what ``nn.value_and_grad`` over
 ``train.loop.make_loss`` returns (tests/test_cpu_engine.py checks them against it to 1e-4).
-Supported: llama / mistral / qwen2 / qwen3 / phi3 blocks (RMSNorm, plain or partial RoPE, GQA,
+Supported: llama / mistral / qwen2 / qwen3 / phi3 / smollm3 blocks (RMSNorm; RoPE plain, partial,
+Llama 3 scaled, LongRoPE, or none in SmolLM3's no-rope layers; GQA,
 SwiGLU, optional biases, Qwen3's per-head RMSNorm on q and k before RoPE, Phi-3's fused qkv and
 gate_up projections) with LoRA (dropout, rsLoRA) on any projection; anything else (DoRA, other architectures, RoPE scaling, sliding windows)
 trains through MLX autodiff instead, and training says why in one line.
@@ -34,7 +35,7 @@ from . import numpy_kernels as ops
 from .lora import LoRALinear, linear_dims
 from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 
-ENGINE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+ENGINE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3"}
 HEAD_NORMS = ("q_norm", "k_norm")   # qwen3: RMSNorm over each head of q and k, before RoPE
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -56,7 +57,7 @@ def unsupported(model: nn.Module) -> str | None:
         attn, mlp = _layout(a, m)
         if attn is None or mlp is None:
             return "a block without q/k/v/o (or qkv/o) and gate/up/down (or gate_up/down) projections"
-        if type(a.rope) is not nn.RoPE:
+        if rope_spec(a.rope) is None:
             return f"RoPE variant {type(a.rope).__name__}"
         if not all(type(n) is nn.RMSNorm for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             return "a norm other than RMSNorm"
@@ -71,6 +72,24 @@ def unsupported(model: nn.Module) -> str | None:
     lora_keys = {f"{n}.{p}" for n, mod in model.named_modules() if isinstance(mod, LoRALinear) for p in ("lora_a", "lora_b")}
     if {k for k, _ in tree_flatten(model.trainable_parameters())} - lora_keys:
         return "trainable parameters other than LoRA factors"
+    return None
+
+
+def rope_spec(r) -> tuple[int, bool, np.ndarray | None, float] | None:
+    """(rotated dims, traditional, inverse frequencies (dims/2,), input scale) of an mlx-lm rope
+    module: nn.RoPE (base, position scale), Llama3RoPE and SuScaledRoPE (explicit per-pair
+    periods ``_freqs``: mx.fast.rope divides positions by them; SuScaled also scales the rotated
+    features by ``_scale``), NoPE (0 dims: no rotation). None for anything else."""
+    kind = type(r).__name__
+    if type(r) is nn.RoPE:
+        inv = float(r.base) ** (-np.arange(0, r.dims, 2, dtype=np.float64) / r.dims) * float(r.scale)
+        return r.dims, bool(r.traditional), inv, 1.0
+    if kind in ("Llama3RoPE", "SuScaledRoPE") and hasattr(r, "_freqs"):
+        dims = int(getattr(r, "dims", getattr(r, "dim", 0)))
+        inv = 1.0 / np.array(r._freqs.astype(mx.float32), dtype=np.float64)
+        return dims, bool(getattr(r, "traditional", False)), inv, float(getattr(r, "_scale", 1.0))
+    if kind == "NoPE":
+        return 0, False, None, 1.0
     return None
 
 
@@ -149,11 +168,11 @@ class _Geometry:
         self.pos = np.concatenate([np.arange(n, dtype=F32) for n in lengths])
         self._rope = {}
 
-    def rope_tables(self, dims: int, base: float, scale: float):
-        key = (dims, base, scale)
+    def rope_tables(self, inv: np.ndarray):
+        """cos/sin of position x inverse frequency, (tokens, 1, pairs), per frequency set."""
+        key = inv.tobytes()
         if key not in self._rope:
-            inv = base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
-            theta = (self.pos[:, None] * scale).astype(np.float64) * inv[None, :]
+            theta = self.pos[:, None].astype(np.float64) * inv[None, :]
             self._rope[key] = (np.cos(theta).astype(F32)[:, None, :], np.sin(theta).astype(F32)[:, None, :])
         return self._rope[key]
 
@@ -170,8 +189,7 @@ class _Block:
         self.trainable = any(p.lora is not None for p in self.proj.values())
         head_dim = linear_dims(self.proj["o_proj"].base)[0] // a.n_heads   # o_proj's input: heads x head_dim
         self.heads = ops.Heads(a.n_heads, a.n_kv_heads, head_dim, a.scale)
-        r = a.rope
-        self.rope = (r.dims, r.traditional, float(r.base), float(r.scale))
+        self.rope = rope_spec(a.rope)
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.w1, self.eps1, self.w2, self.eps2 = _np(n1.weight), n1.eps, _np(n2.weight), n2.eps
         self.head_norm = {n: (_np(a[n].weight), a[n].eps) for n in HEAD_NORMS if n in a}
@@ -197,9 +215,20 @@ class _Block:
 
     def _rope(self, x: np.ndarray, heads: int, geo: _Geometry, inverse: bool) -> np.ndarray:
         """RoPE on (tokens, heads * d): +theta, or -theta (its transpose) for gradients."""
-        dims, trad, base, scale = self.rope
-        cos, sin = geo.rope_tables(dims, base, scale)
-        return ops.rope(x, heads, cos, sin, dims, trad, inverse)
+        dims, trad, inv, pre = self.rope
+        if not dims:
+            return x
+        if pre != 1.0 and not inverse:   # SuScaledRoPE scales the rotated features first ...
+            x = x.reshape(x.shape[0], heads, -1).copy()
+            x[..., :dims] *= F32(pre)
+            x = x.reshape(x.shape[0], -1)
+        cos, sin = geo.rope_tables(inv)
+        y = ops.rope(x, heads, cos, sin, dims, trad, inverse)
+        if pre != 1.0 and inverse:       # ... so their gradient is scaled after the inverse rotation
+            y = y.reshape(y.shape[0], heads, -1)
+            y[..., :dims] *= F32(pre)
+            y = y.reshape(y.shape[0], -1)
+        return y
 
     def forward(self, x: np.ndarray, geo: _Geometry, rng, ctx: dict | None) -> np.ndarray:
         P = self.proj
