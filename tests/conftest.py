@@ -87,6 +87,18 @@ def tiny_f32_llama3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_f32_olmo2(tmp_path_factory) -> Path:
+    """olmo2: norms on the attention and MLP outputs, whole-width q/k norms."""
+    return _family_f32(tmp_path_factory, "olmo2")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_granite(tmp_path_factory) -> Path:
+    """granite: embedding, residual, attention and logit multipliers (4, 0.5, 0.2, 1/2)."""
+    return _family_f32(tmp_path_factory, "granite")
+
+
+@pytest.fixture(scope="session")
 def tiny_f32_smollm3(tmp_path_factory) -> Path:
     """4-layer smollm3 (layer 3 has no rope)."""
     return _family_f32(tmp_path_factory, "smollm3")

@@ -68,6 +68,9 @@ def reference(model, b):
     ("llama3", 4, "all", "all-linear"),                         # Llama 3 scaled rope (explicit periods)
     ("phi4mini", 4, "all", "all-linear"),                       # LongRoPE: periods and a feature scale
     ("smollm3", 4, "all", "all-linear"),                        # layer 3 without rope (NoPE)
+    ("olmo2", 4, "all", "all-linear"),                          # post-norms, whole-width q/k norms
+    ("olmo2", None, [0], ["q_proj", "o_proj", "up_proj"]),      # frozen block above the adapted one
+    ("granite", 4, "all", "all-linear"),                        # the four multipliers
 ])
 @pytest.mark.cpu_math
 def test_loss_and_grads_match_mlx_autodiff(request, arch, bits, layers, targets):

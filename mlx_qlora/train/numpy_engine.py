@@ -17,7 +17,8 @@ so what is kept between forward and backward is chosen, not inferred:
 Gradients are those of the summed token loss, exactly what ``nn.value_and_grad`` over
 ``train.loop.make_loss`` returns (tests/test_cpu_engine.py checks them against it to 1e-4).
 Supported: llama / mistral / qwen2 / qwen3 / phi3 / smollm3 blocks (RMSNorm; RoPE plain, partial,
-Llama 3 scaled, LongRoPE, or none in SmolLM3's no-rope layers; GQA,
+Llama 3 scaled, LongRoPE, or none in SmolLM3's no-rope layers; OLMo 2's norms on the branch
+outputs and whole-width q/k norms; Granite's embedding, residual, attention and logit scales; GQA,
 SwiGLU, optional biases, Qwen3's per-head RMSNorm on q and k before RoPE, Phi-3's fused qkv and
 gate_up projections) with LoRA (dropout, rsLoRA) on any projection; anything else (DoRA, other architectures, RoPE scaling, sliding windows)
 trains through MLX autodiff instead, and training says why in one line.
@@ -35,7 +36,7 @@ from . import numpy_kernels as ops
 from .lora import LoRALinear, linear_dims
 from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 
-ENGINE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3"}
+ENGINE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "granite"}
 HEAD_NORMS = ("q_norm", "k_norm")   # qwen3: RMSNorm over each head of q and k, before RoPE
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -59,7 +60,8 @@ def unsupported(model: nn.Module) -> str | None:
             return "a block without q/k/v/o (or qkv/o) and gate/up/down (or gate_up/down) projections"
         if rope_spec(a.rope) is None:
             return f"RoPE variant {type(a.rope).__name__}"
-        if not all(type(n) is nn.RMSNorm for n in (layer.input_layernorm, layer.post_attention_layernorm)):
+        norms = [getattr(layer, n, None) for n in _norm_names(layer)]
+        if not all(type(n) is nn.RMSNorm for n in norms):
             return "a norm other than RMSNorm"
         if any(n in a and type(a[n]) is not nn.RMSNorm for n in HEAD_NORMS):
             return "a q/k norm other than RMSNorm"
@@ -91,6 +93,14 @@ def rope_spec(r) -> tuple[int, bool, np.ndarray | None, float] | None:
     if kind == "NoPE":
         return 0, False, None, 1.0
     return None
+
+
+def _norm_names(layer) -> tuple[str, str]:
+    """The block's two norms: before attention and MLP (llama), or on their outputs (OLMo 2,
+    which has no input_layernorm: its post_attention_layernorm normalizes the attention output)."""
+    if "input_layernorm" not in layer and "post_feedforward_layernorm" in layer:
+        return "post_attention_layernorm", "post_feedforward_layernorm"
+    return "input_layernorm", "post_attention_layernorm"
 
 
 def _layout(a, m) -> tuple[tuple | None, tuple | None]:
@@ -190,8 +200,11 @@ class _Block:
         head_dim = linear_dims(self.proj["o_proj"].base)[0] // a.n_heads   # o_proj's input: heads x head_dim
         self.heads = ops.Heads(a.n_heads, a.n_kv_heads, head_dim, a.scale)
         self.rope = rope_spec(a.rope)
-        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        names = _norm_names(layer)
+        self.post_norms = names[0] == "post_attention_layernorm"   # OLMo 2: norms on the branch outputs
+        n1, n2 = layer[names[0]], layer[names[1]]
         self.w1, self.eps1, self.w2, self.eps2 = _np(n1.weight), n1.eps, _np(n2.weight), n2.eps
+        self.res = F32(getattr(layer, "residual_multiplier", 1.0))   # Granite scales both branches
         self.head_norm = {n: (_np(a[n].weight), a[n].eps) for n in HEAD_NORMS if n in a}
         d = self.heads.d
         self._qkv_cuts = [self.heads.h * d, (self.heads.h + self.heads.hkv) * d]
@@ -232,7 +245,8 @@ class _Block:
 
     def forward(self, x: np.ndarray, geo: _Geometry, rng, ctx: dict | None) -> np.ndarray:
         P = self.proj
-        a_in, n1, r1 = ops.rms(x, self.w1, self.eps1)
+        post = self.post_norms
+        a_in, n1, r1 = (x, None, None) if post else ops.rms(x, self.w1, self.eps1)
         if self.fused_qkv:
             q, k, v = np.split(P["qkv_proj"].forward(a_in, rng, ctx), self._qkv_cuts, axis=1)
         else:
@@ -240,22 +254,32 @@ class _Block:
         q = self._rope(self._norm_heads(q, "q_norm", ctx), self.heads.h, geo, False)
         k = self._rope(self._norm_heads(k, "k_norm", ctx), self.heads.hkv, geo, False)
         o, probs = ops.attention(q, k, v, geo.segments, self.heads, ctx is not None)
-        h = x + P["o_proj"].forward(o, rng, ctx)
+        r = P["o_proj"].forward(o, rng, ctx)
         del o
-        m_in, n2, r2 = ops.rms(h, self.w2, self.eps2)
+        if post:
+            r, n1, r1 = ops.rms(r, self.w1, self.eps1)
+        h = x + r * self.res if self.res != 1 else x + r
+        m_in, n2, r2 = (h, None, None) if post else ops.rms(h, self.w2, self.eps2)
         if self.fused_mlp:
             g, u = np.split(P["gate_up_proj"].forward(m_in, rng, ctx), 2, axis=1)
         else:
             g, u = P["gate_proj"].forward(m_in, rng, ctx), P["up_proj"].forward(m_in, rng, ctx)
         act, sig = ops.swiglu(g, u, keep_sigmoid=ctx is not None)
-        out = h + P["down_proj"].forward(act, rng, ctx)
+        r = P["down_proj"].forward(act, rng, ctx)
+        if post:
+            r, n2, r2 = ops.rms(r, self.w2, self.eps2)
+        out = h + r * self.res if self.res != 1 else h + r
         if ctx is not None:
             ctx.update(n1=n1, r1=r1, q=q, k=k, v=v, probs=probs, n2=n2, r2=r2, g=g, u=u, sig=sig)
         return out
 
     def backward(self, dout: np.ndarray, ctx: dict, geo: _Geometry, grads: dict, need_dx: bool) -> np.ndarray | None:
         P = self.proj
-        dact = P["down_proj"].backward(dout, ctx, grads, True)
+        post = self.post_norms
+        dr = dout * self.res if self.res != 1 else dout
+        if post:
+            dr = ops.rms_back(dr, self.w2, ctx.pop("n2"), ctx.pop("r2"))
+        dact = P["down_proj"].backward(dr, ctx, grads, True)
         dg, du = ops.swiglu_back(dact, ctx.pop("g"), ctx.pop("u"), ctx.pop("sig"))
         del dact
         if self.fused_mlp:
@@ -263,8 +287,11 @@ class _Block:
         else:
             dm = P["gate_proj"].backward(dg, ctx, grads, True)
             dm += P["up_proj"].backward(du, ctx, grads, True)
-        dh = dout + ops.rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2"))
-        do = P["o_proj"].backward(dh, ctx, grads, True)
+        dh = dout + (dm if post else ops.rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2")))
+        dr = dh * self.res if self.res != 1 else dh
+        if post:
+            dr = ops.rms_back(dr, self.w1, ctx.pop("n1"), ctx.pop("r1"))
+        do = P["o_proj"].backward(dr, ctx, grads, True)
         dq, dk, dv = ops.attention_back(do, ctx.pop("q"), ctx.pop("k"), ctx.pop("v"), ctx.pop("probs"), geo.segments,
                                         self.heads)
         dq = self._norm_heads_back(self._rope(dq, self.heads.h, geo, True), "q_norm", ctx)
@@ -281,7 +308,7 @@ class _Block:
                 return None
             da += dka
             da += dva
-        return dh + ops.rms_back(da, self.w1, ctx.pop("n1"), ctx.pop("r1"))
+        return dh + (da if post else ops.rms_back(da, self.w1, ctx.pop("n1"), ctx.pop("r1")))
 
 
 class CpuEngine:
@@ -299,6 +326,8 @@ class CpuEngine:
         trainable = [i for i, b in enumerate(self.blocks) if b.trainable]
         self.first = trainable[0] if trainable else len(self.blocks)
         self.embed = inner.embed_tokens
+        self.embed_scale = F32(getattr(inner, "embedding_multiplier", 1.0))   # Granite
+        self.logit_scale = F32(1.0 / getattr(model, "logits_scaling", 1.0))   # Granite divides the logits
         self.norm_w, self.norm_eps = _np(inner.norm.weight), inner.norm.eps
         head = model["lm_head"] if "lm_head" in model else inner.embed_tokens
         self.head = _Proj(head, "head")             # frozen; its fp32 weight may be cached too
@@ -332,7 +361,8 @@ class CpuEngine:
         return ids, _Geometry(lengths), rows, targets
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
-        return np.array(_np(self.embed(mx.array(ids.astype(np.int32)))))
+        x = np.array(_np(self.embed(mx.array(ids.astype(np.int32)))))
+        return x * self.embed_scale if self.embed_scale != 1 else x
 
     def _head_loss(self, x: np.ndarray, rows: np.ndarray, targets: np.ndarray, grad: bool):
         """Summed cross-entropy of the loss rows, and its gradient w.r.t. all of ``x``."""
@@ -341,9 +371,13 @@ class CpuEngine:
         total, dhn = 0.0, (np.empty_like(hn) if grad else None)
         for s in range(0, hn.shape[0], CE_CHUNK_ROWS):
             logits = hn[s:s + CE_CHUNK_ROWS] @ w.T
+            if self.logit_scale != 1:
+                logits *= self.logit_scale
             total += float(ops.softmax_ce_rows(logits, targets[s:s + CE_CHUNK_ROWS], grad).sum(dtype=np.float64))
             if grad:
                 dhn[s:s + CE_CHUNK_ROWS] = logits @ w      # (softmax - onehot) @ W
+                if self.logit_scale != 1:
+                    dhn[s:s + CE_CHUNK_ROWS] *= self.logit_scale
         if not grad:
             return total, None
         dx = np.zeros_like(x)
