@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +151,6 @@ def _train(model_dir: Path, out: Path) -> tuple[Path, str]:
 
 
 def test_qlora_adapter_reaches_llamacpp_peft_and_fuse(fam, tmp_path):
-    import torch
     from peft import PeftModel
 
     from mlx_qlora.export.fuse import FuseConfig, run_fuse

@@ -1,10 +1,12 @@
 """MLX model (+ adapter) -> GGUF through gguf-py: merged model files and llama.cpp LoRA adapters.
 
-Merged file: the architecture keys (names.CONFIG_KEYS), rope and norm settings, the tokenizer
-(export.vocab), and every tensor under its llama.cpp name (names.TENSOR_NAMES). llama.cpp's
-llama architecture keeps Q/K rows in its interleaved-rope order, so those rows are permuted
-(quant.permute_qk) - for quantized tensors the packed codes, scales and biases alike, since
-quantization groups run along a row. Quantized tensors go through export.blocks: exact copies
+Merged file: the architecture keys (names.CONFIG_KEYS), rope and norm settings and what the
+family adds (model/archs: soft-capping, sliding window, multipliers, rope factor tensors), the
+tokenizer (export.vocab), and every tensor under its llama.cpp name (gguf-py's table for the
+architecture). llama.cpp's interleaved-rope families (llama, smollm3, granite) keep Q/K rows in
+that order, so those rows are permuted (quant.permute_qk) - for quantized tensors the packed
+codes, scales and biases alike, since quantization groups run along a row; Gemma's norms are
+stored as 1 + w. Quantized tensors go through export.blocks: exact copies
 where the MLX groups are GGUF blocks, re-quantization (with its error reported) elsewhere.
 
 Adapter file (llama.cpp ``--lora``): general.type "adapter", adapter.type "lora",

@@ -19,7 +19,7 @@ A new family is one module with one ``Arch`` registered here, and one row in the
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
@@ -46,7 +46,6 @@ class Arch:
     from_gguf: Callable = _none          # (metadata, arch, config) -> None: fills config in place
     gguf_extra: tuple[str, ...] = ()     # GGUF tensors that are not weights (generated on export)
     rope_dims: Callable[[dict], int] | None = None   # rotary dims when not the whole head
-    notes: tuple[str, ...] = field(default_factory=tuple)   # caveats for the support matrix
 
     def head_dim(self, config: dict) -> int:
         return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])

@@ -123,8 +123,7 @@ def from_gguf3(meta: dict, arch: str, cfg: dict, tensors: set) -> None:
 
 
 GEMMA2 = Arch("gemma2", ("gemma2",), "gemma2", norm_offset=1.0, required=("head_dim",),
-              export_check=export_check2, write_meta=meta2, from_gguf=from_gguf2,
-              notes=("mlx-lm attends globally in every layer: exact up to sliding_window tokens",))
+              export_check=export_check2, write_meta=meta2, from_gguf=from_gguf2)
 GEMMA3 = Arch("gemma3", ("gemma3_text",), "gemma3", norm_offset=1.0, required=("head_dim",),
               normalize=normalize3, check=check3, export_check=export_check3, write_meta=meta3,
               from_gguf=from_gguf3)

@@ -118,5 +118,4 @@ def from_gguf(meta: dict, arch: str, cfg: dict, tensors) -> None:
 
 ARCHS = [Arch("phi3", ("phi3",), "phi3", normalize=normalize, check=check, export_check=export_check,
               write_meta=write_meta, extra_tensors=extra_tensors, from_gguf=from_gguf, rope_dims=rope_dims,
-              gguf_extra=("rope_factors_long.weight", "rope_factors_short.weight"),
-              notes=("mlx-lm attends globally: exact up to sliding_window tokens",))]
+              gguf_extra=("rope_factors_long.weight", "rope_factors_short.weight"))]
