@@ -51,6 +51,59 @@ def tiny_hf_qwen2(tmp_path_factory) -> Path:
     return tiny.write_hf_dir(tmp_path_factory.mktemp("tiny_qwen2_hf"), arch="qwen2", tie=False, seed=1)
 
 
+def _family_f32(tmp_path_factory, family: str) -> Path:
+    """A tiny random ``family`` model built by transformers (tests/arch_models.py), converted to
+    an fp32 MLX directory (config.json in the keys mlx-lm reads: rope scaling, partial rotary)."""
+    pytest.importorskip("torch")
+    import arch_models
+    from lora_fixtures import converted
+
+    hf = arch_models.write_family(tmp_path_factory.mktemp(f"tiny_{family}_hf"), family)
+    return converted(tmp_path_factory, hf, f"tiny_{family}_f32", quantize=False, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_qwen3(tmp_path_factory) -> Path:
+    """qwen3: per-head q/k RMSNorm, head_dim 32 != hidden/heads."""
+    return _family_f32(tmp_path_factory, "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_phi3(tmp_path_factory) -> Path:
+    """phi3: fused qkv and gate_up, partial rotary 0.75."""
+    return _family_f32(tmp_path_factory, "phi3")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_phi4mini(tmp_path_factory) -> Path:
+    """phi3 with LongRoPE (Phi-4-mini's rope)."""
+    return _family_f32(tmp_path_factory, "phi4mini")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_llama3(tmp_path_factory) -> Path:
+    """llama with Llama 3.1-style rope scaling and an untied head."""
+    return _family_f32(tmp_path_factory, "llama3")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_olmo2(tmp_path_factory) -> Path:
+    """olmo2: norms on the attention and MLP outputs, whole-width q/k norms."""
+    return _family_f32(tmp_path_factory, "olmo2")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_granite(tmp_path_factory) -> Path:
+    """granite: embedding, residual, attention and logit multipliers (4, 0.5, 0.2, 1/2)."""
+    return _family_f32(tmp_path_factory, "granite")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_smollm3(tmp_path_factory) -> Path:
+    """4-layer smollm3 (layer 3 has no rope)."""
+    return _family_f32(tmp_path_factory, "smollm3")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_q4(tmp_path_factory, tiny_hf_llama) -> Path:
     """The tiny llama as a 4-bit (group 32) MLX directory, converted once per session."""

@@ -61,11 +61,24 @@ def reference(model, b):
     ("llama", None, "last 1", ["q_proj", "v_proj", "down_proj"]),
     ("llama", 8, [0], ["k_proj", "o_proj", "up_proj"]),       # frozen block above the adapted one
     ("qwen2", 4, "all", "all-linear"),                          # q/k/v biases, untied head
+    ("qwen3", 4, "all", "all-linear"),                          # per-head q/k RMSNorm, head_dim 32
+    ("qwen3", None, "last 1", ["q_proj", "k_proj"]),            # gradients through the q/k norms
+    ("phi3", 4, "all", "all-linear"),                           # fused qkv / gate_up, partial rotary
+    ("phi3", 8, [1], ["qkv_proj", "down_proj"]),
+    ("llama3", 4, "all", "all-linear"),                         # Llama 3 scaled rope (explicit periods)
+    ("phi4mini", 4, "all", "all-linear"),                       # LongRoPE: periods and a feature scale
+    ("smollm3", 4, "all", "all-linear"),                        # layer 3 without rope (NoPE)
+    ("olmo2", 4, "all", "all-linear"),                          # post-norms, whole-width q/k norms
+    ("olmo2", None, [0], ["q_proj", "o_proj", "up_proj"]),      # frozen block above the adapted one
+    ("granite", 4, "all", "all-linear"),                        # the four multipliers
 ])
 @pytest.mark.cpu_math
 def test_loss_and_grads_match_mlx_autodiff(request, arch, bits, layers, targets):
-    path = request.getfixturevalue(f"tiny_hf_{arch}")
+    path = request.getfixturevalue(f"tiny_hf_{arch}" if arch in ("llama", "qwen2") else f"tiny_f32_{arch}")
     model = model_for(path, bits, LoraConfig(rank=4, alpha=8, layers=layers, targets=targets))
+    want_rope = {"llama3": "Llama3RoPE", "phi4mini": "SuScaledRoPE", "smollm3": "NoPE"}.get(arch)
+    if want_rope:   # the rope variant under test really is in the model
+        assert want_rope in {type(layer.self_attn.rope).__name__ for layer in model.layers}
     b = batch()
     ref_loss, ref = reference(model, b)
     loss, grads = CpuEngine(model).loss_and_grad(b)
@@ -113,7 +126,7 @@ def test_checkpointing_and_weight_cache_change_nothing(tiny_hf_llama):
 def test_rope_matches_mlx_fast_rope(tiny_hf_llama, traditional, dims):
     model = model_for(tiny_hf_llama)
     blk = CpuEngine(model).blocks[0]
-    blk.rope = (dims, traditional, 1000.0, 0.5)
+    blk.rope = numpy_engine.rope_spec(nn.RoPE(dims, traditional=traditional, base=1000.0, scale=0.5))
     heads, d, lengths = 3, blk.heads.d, [7, 4]
     geo = numpy_engine._Geometry(lengths)
     x = np.random.default_rng(0).normal(size=(sum(lengths), heads * d)).astype(np.float32)

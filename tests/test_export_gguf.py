@@ -204,11 +204,11 @@ def test_unsupported_architecture_is_one_line(llama_f32, tmp_path):
 
     from mlx_qlora.errors import UserError
 
-    bad = tmp_path / "phi"
+    bad = tmp_path / "neox"
     shutil.copytree(llama_f32, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "phi3"}))
-    with pytest.raises(UserError, match="model_type 'phi3'.*supported: llama, mistral, qwen2"):
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt_neox"}))
+    with pytest.raises(UserError, match="'gpt_neox' is not supported; supported: llama, mistral, qwen2, qwen3, gemma2"):
         _export(bad, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".x.gguf*"))
 

@@ -114,6 +114,11 @@ def write_hf_dir(path: Path, arch: str = "llama", seed: int = 0, **cfg_kw) -> Pa
     cfg = hf_config(arch, **cfg_kw)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     save_file(hf_weights(cfg, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
+    return write_tokenizer(path)
+
+
+def write_tokenizer(path: Path) -> Path:
+    """The byte-level BPE tokenizer and ChatML template files of the tiny models, into ``path``."""
     (path / "tokenizer.json").write_text(json.dumps(tokenizer_json()))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "bos_token": None,

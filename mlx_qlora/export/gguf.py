@@ -1,10 +1,12 @@
 """MLX model (+ adapter) -> GGUF through gguf-py: merged model files and llama.cpp LoRA adapters.
 
-Merged file: the architecture keys (names.CONFIG_KEYS), rope and norm settings, the tokenizer
-(export.vocab), and every tensor under its llama.cpp name (names.TENSOR_NAMES). llama.cpp's
-llama architecture keeps Q/K rows in its interleaved-rope order, so those rows are permuted
-(quant.permute_qk) - for quantized tensors the packed codes, scales and biases alike, since
-quantization groups run along a row. Quantized tensors go through export.blocks: exact copies
+Merged file: the architecture keys (names.CONFIG_KEYS), rope and norm settings and what the
+family adds (model/archs: soft-capping, sliding window, multipliers, rope factor tensors), the
+tokenizer (export.vocab), and every tensor under its llama.cpp name (gguf-py's table for the
+architecture). llama.cpp's interleaved-rope families (llama, smollm3, granite) keep Q/K rows in
+that order, so those rows are permuted (quant.permute_qk) - for quantized tensors the packed
+codes, scales and biases alike, since quantization groups run along a row; Gemma's norms are
+stored as 1 + w. Quantized tensors go through export.blocks: exact copies
 where the MLX groups are GGUF blocks, re-quantization (with its error reported) elsewhere.
 
 Adapter file (llama.cpp ``--lora``): general.type "adapter", adapter.type "lora",
@@ -21,7 +23,7 @@ import numpy as np
 
 from ..atomic import atomic_file
 from ..errors import UserError, require
-from ..model import names
+from ..model import archs, names
 from ..model.model_io import check_model_dir
 from ..model.quant import permute_qk
 from ..train.adapter_files import read_adapter
@@ -29,8 +31,6 @@ from . import ExportConfig, ExportReport
 from .blocks import AT_LEAST, BLOCK_TYPES, Packed, exact_block_type, float_tensor, fp16_exact, quantized_tensor
 from .fuse import merge_weights, read_weights
 
-# HF / mlx-lm model_type -> GGUF general.architecture (Mistral checkpoints are llama in GGUF).
-MODEL_TYPE_TO_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # --type -> general.file_type (llama_ftype): what llama.cpp reports as the file's "type".
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
               "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
@@ -38,15 +38,18 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
 QK_HEADS = {"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"}
 
 
+def gguf_family(config: dict):
+    """The architecture family (model/archs) of ``config``, or one line saying why llama.cpp
+    cannot run this model as mlx-lm does."""
+    family = archs.for_model_type(config.get("model_type"), context="cannot export to GGUF: ")
+    why = family.export_check(config)
+    if why:
+        raise UserError(f"cannot export this {family.family} model to GGUF: {why}")
+    return family
+
+
 def gguf_arch(config: dict) -> str:
-    mtype = config.get("model_type")
-    if mtype not in MODEL_TYPE_TO_ARCH:
-        raise UserError(f"cannot export model_type {mtype!r} to GGUF; supported: {', '.join(MODEL_TYPE_TO_ARCH)}")
-    rs = config.get("rope_scaling")
-    if rs and (rs.get("type") or rs.get("rope_type")) not in (None, "default", "linear"):
-        raise UserError(f"rope scaling {rs.get('type') or rs.get('rope_type')!r} is not supported by the GGUF "
-                        "exporter (only linear); export from a model without it")
-    return MODEL_TYPE_TO_ARCH[mtype]
+    return gguf_family(config).gguf_arch
 
 
 def default_type(config: dict) -> str:
@@ -91,6 +94,8 @@ def lossless_type(weights: dict, config: dict) -> tuple[str | None, str]:
 def write_model_metadata(w, config: dict, arch: str, type_name: str, name: str) -> None:
     import gguf
 
+    family = archs.for_model_type(config["model_type"])
+
     w.add_type("model")
     w.add_name(name)
     for key, hf_key in names.CONFIG_KEYS.items():
@@ -103,15 +108,12 @@ def write_model_metadata(w, config: dict, arch: str, type_name: str, name: str) 
             w.add_float32(f"{arch}.{key}", float(value))
         else:
             w.add_uint32(f"{arch}.{key}", int(value))
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    w.add_rope_dimension_count(int(head_dim))
+    head_dim = family.head_dim(config)
+    w.add_rope_dimension_count(family.rotary_dims(config))
     if head_dim * config["num_attention_heads"] != config["hidden_size"]:
         w.add_key_length(int(head_dim))
         w.add_value_length(int(head_dim))
-    rs = config.get("rope_scaling")
-    if rs and (rs.get("type") or rs.get("rope_type")) == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(rs["factor"]))
+    family.write_meta(w, config)   # rope scaling, soft-capping, sliding window, multipliers, ...
     w.add_vocab_size(int(config["vocab_size"]))
     w.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[type_name]]))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -133,12 +135,14 @@ def _bits_group(config: dict, module: str) -> tuple[int, int]:
 
 
 def model_tensors(weights: dict, config: dict, arch: str, type_name: str):
-    """Yield ``(gguf name, Packed)`` for every tensor of the model."""
-    permute = names.PERMUTED_QK[arch]
+    """Yield ``(gguf name, Packed)`` for every tensor of the model, then the family's generated
+    ones (rope frequency factors)."""
+    family = archs.for_model_type(config["model_type"])
+    permute = family.permute_qk
     for key in sorted(weights):
         if key.endswith((".scales", ".biases")):
             continue
-        gname = names.mlx_to_gguf(key)
+        gname = archs.gguf_name(family, key)
         require(gname is not None, f"tensor {key} has no GGUF name; this {config['model_type']} layout "
                                    "is not supported by the exporter")
         module = key.rsplit(".", 1)[0]
@@ -151,7 +155,11 @@ def model_tensors(weights: dict, config: dict, arch: str, type_name: str):
             yield gname, quantized_tensor(gname, *parts, bits, gs, type_name)
         else:
             a = _np(weights[key])
+            if family.norm_offset and key.endswith("norm.weight"):
+                a = a + np.float32(family.norm_offset)   # llama.cpp multiplies by the stored (1 + w)
             yield gname, float_tensor(permute_qk(a, heads) if heads else a, type_name)
+    for gname, a in family.extra_tensors(config).items():
+        yield gname, Packed(np.ascontiguousarray(a, dtype=np.float32), "F32", "float")
 
 
 def _add(writer, report: ExportReport, name: str, p: Packed) -> None:
@@ -202,10 +210,11 @@ def export_merged_gguf(cfg: ExportConfig) -> ExportReport:
 
 def adapter_tensors(adapter, config: dict, arch: str, type_name: str):
     """Yield ``(gguf name, Packed)`` for the llama.cpp LoRA tensors of ``adapter``."""
-    permute = names.PERMUTED_QK[arch]
+    family = archs.for_gguf_arch(arch)
+    permute = family.permute_qk
     dtype = np.float16 if type_name in ("f16", "bf16") else np.float32  # llama.cpp takes F32/F16 LoRA
     for module, (a, b) in sorted(adapter.pairs.items()):
-        gname = names.mlx_to_gguf(f"{module}.weight")
+        gname = archs.gguf_name(family, f"{module}.weight")
         require(gname is not None, f"adapter module {module} has no GGUF name; llama.cpp cannot apply it")
         la, lb = np.array(a).T, np.array(b).T          # (r, in), (out, r)
         heads = config.get(QK_HEADS.get(gname.split(".")[-2], ""), None) if permute else None
@@ -225,8 +234,7 @@ def write_lora_gguf(adapter, path: Path, arch: str, config: dict, type_name: str
     """
     import gguf
 
-    require(arch in names.PERMUTED_QK, f"architecture {arch!r} has no llama.cpp LoRA mapping here; "
-                                       f"supported: {', '.join(names.PERMUTED_QK)}")
+    archs.for_gguf_arch(arch)   # one line naming the supported ones
     ranks = {int(a.shape[1]) for a, _ in adapter.pairs.values()}
     require(len(ranks) == 1, f"adapter {adapter.path} mixes ranks {sorted(ranks)}; llama.cpp needs one rank")
     report = report or ExportReport(out=str(path), kind="LoRA GGUF")

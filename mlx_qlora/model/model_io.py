@@ -29,7 +29,9 @@ def normalize_config(cfg: dict) -> dict:
         rtype = rp.get("rope_type", "default")
         if rtype not in (None, "default") and not cfg.get("rope_scaling"):
             cfg["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
-    return cfg
+    from .archs import normalize
+
+    return normalize(cfg)
 
 
 def write_model_dir(tmp: Path, weights: dict, config: dict, tokenizer=None) -> None:

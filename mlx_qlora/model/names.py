@@ -1,40 +1,10 @@
-"""Tensor-name and config-key tables: Hugging Face / mlx-lm  <->  GGUF (llama.cpp).
+"""Config-key table (Hugging Face / mlx-lm <-> GGUF) and tensor-name helpers.
 
-One table serves both directions (convert reads GGUF, export writes it). mlx-lm's llama and
-qwen2 modules use the Hugging Face names, so "HF name" and "MLX name" are the same string here.
+Tensor names come from gguf-py's own per-architecture tables (archs.gguf_name); mlx-lm's
+modules use the Hugging Face names, so "HF name" and "MLX name" are the same string here. One
+table serves both directions (convert reads GGUF, export writes it).
 """
 from __future__ import annotations
-
-import re
-
-# mlx-lm module path  ->  GGUF tensor base name ({bid} = block index). Suffixes (.weight, .bias,
-# and MLX's quantization .scales/.biases) are carried over unchanged.
-TENSOR_NAMES: dict[str, str] = {
-    "model.embed_tokens": "token_embd",
-    "model.norm": "output_norm",
-    "lm_head": "output",
-    "model.layers.{bid}.input_layernorm": "blk.{bid}.attn_norm",
-    "model.layers.{bid}.self_attn.q_proj": "blk.{bid}.attn_q",
-    "model.layers.{bid}.self_attn.k_proj": "blk.{bid}.attn_k",
-    "model.layers.{bid}.self_attn.v_proj": "blk.{bid}.attn_v",
-    "model.layers.{bid}.self_attn.o_proj": "blk.{bid}.attn_output",
-    "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.ffn_norm",
-    "model.layers.{bid}.mlp.gate_proj": "blk.{bid}.ffn_gate",
-    "model.layers.{bid}.mlp.up_proj": "blk.{bid}.ffn_up",
-    "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down",
-}
-
-SUFFIXES = ("weight", "bias", "scales", "biases")
-
-# GGUF general.architecture -> mlx-lm model_type. Mistral, TinyLlama and SmolLM2 GGUFs all say
-# "llama"; qwen2 adds q/k/v biases and uses NEOX rope (no Q/K row permutation in the file).
-GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2"}
-
-# HF config model_type values we convert (mlx-lm maps "mistral" onto its llama module).
-HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-# Which GGUF architectures store Q/K rows permuted for llama.cpp's interleaved ("normal") rope.
-PERMUTED_QK = {"llama": True, "qwen2": False}
 
 # GGUF metadata key (after "{arch}.") -> HF/mlx-lm config.json key.
 CONFIG_KEYS: dict[str, str] = {
@@ -49,33 +19,31 @@ CONFIG_KEYS: dict[str, str] = {
 }
 
 
-def _compile(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
-    out = []
-    for src, dst in table.items():
-        pattern = re.escape(src).replace(re.escape("{bid}"), r"(?P<bid>\d+)")
-        suffix = "|".join(SUFFIXES)
-        out.append((re.compile(rf"^{pattern}\.(?P<suffix>{suffix})$"), dst))
-    return out
+def mlx_to_gguf(name: str, model_type: str = "llama") -> str | None:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight' (None if unknown), by
+    gguf-py's table for the family of ``model_type``."""
+    from . import archs
+
+    return archs.gguf_name(archs.for_model_type(model_type), name)
 
 
-_TO_GGUF = _compile(TENSOR_NAMES)
-_TO_MLX = _compile({v: k for k, v in TENSOR_NAMES.items()})
+def gguf_to_mlx(name: str, model_type: str = "llama") -> str | None:
+    """'blk.3.attn_q.scales' -> 'model.layers.3.self_attn.q_proj.scales' for a llama-layout model
+    (None if unknown). Readers of other families use archs.gguf_to_mlx_modules, which maps the
+    names of the model itself (phi3's ffn_up is gate_up_proj there)."""
+    import re
 
-
-def _map(name: str, rules) -> str | None:
-    for pattern, template in rules:
-        m = pattern.match(name)
-        if m:
-            base = template.replace("{bid}", m.groupdict().get("bid") or "")
-            return f"{base}.{m.group('suffix')}"
+    hit = re.match(r"^blk\.(\d+)\.", name)
+    bid = hit.group(1) if hit else "0"
+    base, _, suffix = name.rpartition(".")
+    for module in _LLAMA_MODULES:
+        m = module.replace("{bid}", bid)
+        if mlx_to_gguf(f"{m}.{suffix}", model_type) == name:
+            return f"{m}.{suffix}"
     return None
 
 
-def mlx_to_gguf(name: str) -> str | None:
-    """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight' (None if unknown)."""
-    return _map(name, _TO_GGUF)
-
-
-def gguf_to_mlx(name: str) -> str | None:
-    """'blk.3.attn_q.scales' -> 'model.layers.3.self_attn.q_proj.scales' (None if unknown)."""
-    return _map(name, _TO_MLX)
+_LLAMA_MODULES = ("model.embed_tokens", "model.norm", "lm_head") + tuple(
+    f"model.layers.{{bid}}.{m}" for m in ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj",
+                                           "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))

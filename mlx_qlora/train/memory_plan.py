@@ -91,3 +91,28 @@ def choose_checkpointing(model: nn.Module, head: nn.Module | None, asked: bool, 
     say(f"gradient checkpointing on: a {batch_shape[0]} x {batch_shape[1]} step needs ~{need / 2**30:.1f} GiB "
         f"without it, over {MEMORY_HEADROOM:.0%} of the {memory_limit() / 2**30:.1f} GiB memory limit")
     return True
+
+
+def estimate_qlora_bytes(config: dict, batch: int, seq: int, rank: int = 16, bits: int = 4, group_size: int = 64,
+                         checkpointed: bool = True, half: bool = True) -> dict[str, int]:
+    """This planner's estimate for a QLoRA step on the model ``config`` describes (mlx-lm keys),
+    built as a skeleton: MLX is lazy, so no weight is ever materialised. ``half``: fp16 norms and
+    scales, as convert writes them on Metal/CUDA. Returns the parts and their ``total`` in bytes;
+    an estimate (see ``activation_bytes``), not a measurement."""
+    from mlx_lm.utils import _get_classes
+
+    from .config import LoraConfig
+    from .lora import apply_lora
+
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    if half:
+        model.set_dtype(mx.float16)
+    nn.quantize(model, group_size=group_size, bits=bits,
+                class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % group_size == 0)
+    apply_lora(model, LoraConfig(rank=rank, alpha=2.0 * rank))
+    vocab = int(config["vocab_size"])
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    fixed = fixed_bytes(model, vocab, batch * seq)
+    acts = activation_bytes(model, batch, seq, checkpointed)
+    return {"weights": weights, "adapter_and_optimizer": fixed - weights, "activations": acts, "total": fixed + acts}

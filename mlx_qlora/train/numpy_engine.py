@@ -16,9 +16,12 @@ so what is kept between forward and backward is chosen, not inferred:
 
 Gradients are those of the summed token loss, exactly what ``nn.value_and_grad`` over
 ``train.loop.make_loss`` returns (tests/test_cpu_engine.py checks them against it to 1e-4).
-Supported: llama / mistral / qwen2 blocks (RMSNorm, plain RoPE, GQA, SwiGLU, optional biases)
-with LoRA (dropout, rsLoRA) on any of the seven projections; anything else (DoRA, other
-architectures, RoPE scaling, sliding windows) trains through MLX autodiff instead.
+Supported: llama / mistral / qwen2 / qwen3 / phi3 / smollm3 blocks (RMSNorm; RoPE plain, partial,
+Llama 3 scaled, LongRoPE, or none in SmolLM3's no-rope layers; OLMo 2's norms on the branch
+outputs and whole-width q/k norms; Granite's embedding, residual, attention and logit scales; GQA,
+SwiGLU, optional biases, Qwen3's per-head RMSNorm on q and k before RoPE, Phi-3's fused qkv and
+gate_up projections) with LoRA (dropout, rsLoRA) on any projection; anything else (DoRA, other architectures, RoPE scaling, sliding windows)
+trains through MLX autodiff instead, and training says why in one line.
 """
 from __future__ import annotations
 
@@ -33,9 +36,13 @@ from . import numpy_kernels as ops
 from .lora import LoRALinear, linear_dims
 from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 
-ENGINE_TYPES = {"llama", "mistral", "qwen2"}
+ENGINE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "granite"}
+HEAD_NORMS = ("q_norm", "k_norm")   # qwen3: RMSNorm over each head of q and k, before RoPE
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+# phi3 keeps q/k/v in one projection (rows q, then k, then v) and gate/up in one (gate rows first)
+FUSED_ATTN = ("qkv_proj", "o_proj")
+FUSED_MLP = ("gate_up_proj", "down_proj")
 F32 = np.float32
 
 
@@ -48,14 +55,18 @@ def unsupported(model: nn.Module) -> str | None:
         if getattr(layer, "use_sliding", False):
             return "sliding-window attention"
         a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if a is None or m is None or not all(hasattr(a, n) for n in ATTN) or not all(hasattr(m, n) for n in MLP):
-            return "a block without q/k/v/o and gate/up/down projections"
-        if type(a.rope) is not nn.RoPE:
+        attn, mlp = _layout(a, m)
+        if attn is None or mlp is None:
+            return "a block without q/k/v/o (or qkv/o) and gate/up/down (or gate_up/down) projections"
+        if rope_spec(a.rope) is None:
             return f"RoPE variant {type(a.rope).__name__}"
-        if not all(type(n) is nn.RMSNorm for n in (layer.input_layernorm, layer.post_attention_layernorm)):
+        norms = [getattr(layer, n, None) for n in _norm_names(layer)]
+        if not all(type(n) is nn.RMSNorm for n in norms):
             return "a norm other than RMSNorm"
-        for name in ATTN + MLP:
-            mod = (a if name in ATTN else m)[name]
+        if any(n in a and type(a[n]) is not nn.RMSNorm for n in HEAD_NORMS):
+            return "a q/k norm other than RMSNorm"
+        for name in attn + mlp:
+            mod = (a if name in attn else m)[name]
             if isinstance(mod, LoRALinear) and mod.is_dora:
                 return "DoRA"
     if "lm_head" in model and "bias" in model["lm_head"]:
@@ -64,6 +75,39 @@ def unsupported(model: nn.Module) -> str | None:
     if {k for k, _ in tree_flatten(model.trainable_parameters())} - lora_keys:
         return "trainable parameters other than LoRA factors"
     return None
+
+
+def rope_spec(r) -> tuple[int, bool, np.ndarray | None, float] | None:
+    """(rotated dims, traditional, inverse frequencies (dims/2,), input scale) of an mlx-lm rope
+    module: nn.RoPE (base, position scale), Llama3RoPE and SuScaledRoPE (explicit per-pair
+    periods ``_freqs``: mx.fast.rope divides positions by them; SuScaled also scales the rotated
+    features by ``_scale``), NoPE (0 dims: no rotation). None for anything else."""
+    kind = type(r).__name__
+    if type(r) is nn.RoPE:
+        inv = float(r.base) ** (-np.arange(0, r.dims, 2, dtype=np.float64) / r.dims) * float(r.scale)
+        return r.dims, bool(r.traditional), inv, 1.0
+    if kind in ("Llama3RoPE", "SuScaledRoPE") and hasattr(r, "_freqs"):
+        dims = int(getattr(r, "dims", getattr(r, "dim", 0)))
+        inv = 1.0 / np.array(r._freqs.astype(mx.float32), dtype=np.float64)
+        return dims, bool(getattr(r, "traditional", False)), inv, float(getattr(r, "_scale", 1.0))
+    if kind == "NoPE":
+        return 0, False, None, 1.0
+    return None
+
+
+def _norm_names(layer) -> tuple[str, str]:
+    """The block's two norms: before attention and MLP (llama), or on their outputs (OLMo 2,
+    which has no input_layernorm: its post_attention_layernorm normalizes the attention output)."""
+    if "input_layernorm" not in layer and "post_feedforward_layernorm" in layer:
+        return "post_attention_layernorm", "post_feedforward_layernorm"
+    return "input_layernorm", "post_attention_layernorm"
+
+
+def _layout(a, m) -> tuple[tuple | None, tuple | None]:
+    """The projection names of this block's attention and MLP (separate or fused), None if neither."""
+    attn = next((t for t in (ATTN, FUSED_ATTN) if a is not None and all(hasattr(a, n) for n in t)), None)
+    mlp = next((t for t in (MLP, FUSED_MLP) if m is not None and all(hasattr(m, n) for n in t)), None)
+    return attn, mlp
 
 
 def _np(a: mx.array) -> np.ndarray:
@@ -134,11 +178,11 @@ class _Geometry:
         self.pos = np.concatenate([np.arange(n, dtype=F32) for n in lengths])
         self._rope = {}
 
-    def rope_tables(self, dims: int, base: float, scale: float):
-        key = (dims, base, scale)
+    def rope_tables(self, inv: np.ndarray):
+        """cos/sin of position x inverse frequency, (tokens, 1, pairs), per frequency set."""
+        key = inv.tobytes()
         if key not in self._rope:
-            inv = base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
-            theta = (self.pos[:, None] * scale).astype(np.float64) * inv[None, :]
+            theta = self.pos[:, None].astype(np.float64) * inv[None, :]
             self._rope[key] = (np.cos(theta).astype(F32)[:, None, :], np.sin(theta).astype(F32)[:, None, :])
         return self._rope[key]
 
@@ -148,60 +192,123 @@ class _Block:
 
     def __init__(self, layer: nn.Module, prefix: str):
         a, m = layer.self_attn, layer.mlp
-        self.proj = {n: _Proj(a[n], f"{prefix}.self_attn.{n}") for n in ATTN}
-        self.proj.update({n: _Proj(m[n], f"{prefix}.mlp.{n}") for n in MLP})
+        attn, mlp = _layout(a, m)
+        self.fused_qkv, self.fused_mlp = attn == FUSED_ATTN, mlp == FUSED_MLP
+        self.proj = {n: _Proj(a[n], f"{prefix}.self_attn.{n}") for n in attn}
+        self.proj.update({n: _Proj(m[n], f"{prefix}.mlp.{n}") for n in mlp})
         self.trainable = any(p.lora is not None for p in self.proj.values())
-        self.heads = ops.Heads(a.n_heads, a.n_kv_heads, linear_dims(self.proj["q_proj"].base)[1] // a.n_heads,
-                               a.scale)
-        r = a.rope
-        self.rope = (r.dims, r.traditional, float(r.base), float(r.scale))
-        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        head_dim = linear_dims(self.proj["o_proj"].base)[0] // a.n_heads   # o_proj's input: heads x head_dim
+        self.heads = ops.Heads(a.n_heads, a.n_kv_heads, head_dim, a.scale)
+        self.rope = rope_spec(a.rope)
+        names = _norm_names(layer)
+        self.post_norms = names[0] == "post_attention_layernorm"   # OLMo 2: norms on the branch outputs
+        n1, n2 = layer[names[0]], layer[names[1]]
         self.w1, self.eps1, self.w2, self.eps2 = _np(n1.weight), n1.eps, _np(n2.weight), n2.eps
+        self.res = F32(getattr(layer, "residual_multiplier", 1.0))   # Granite scales both branches
+        self.head_norm = {n: (_np(a[n].weight), a[n].eps) for n in HEAD_NORMS if n in a}
+        d = self.heads.d
+        self._qkv_cuts = [self.heads.h * d, (self.heads.h + self.heads.hkv) * d]
+
+    def _norm_heads(self, x: np.ndarray, name: str, ctx: dict | None) -> np.ndarray:
+        """Qwen3's RMSNorm over each head of q or k (identity where the block has none)."""
+        if name not in self.head_norm:
+            return x
+        w, eps = self.head_norm[name]
+        y, n, r = ops.rms(x.reshape(-1, w.shape[0]), w, eps)
+        if ctx is not None:
+            ctx[name] = (n, r)
+        return y.reshape(x.shape)
+
+    def _norm_heads_back(self, dy: np.ndarray, name: str, ctx: dict) -> np.ndarray:
+        if name not in self.head_norm:
+            return dy
+        w, _ = self.head_norm[name]
+        n, r = ctx.pop(name)
+        return ops.rms_back(dy.reshape(-1, w.shape[0]), w, n, r).reshape(dy.shape)
 
     def _rope(self, x: np.ndarray, heads: int, geo: _Geometry, inverse: bool) -> np.ndarray:
         """RoPE on (tokens, heads * d): +theta, or -theta (its transpose) for gradients."""
-        dims, trad, base, scale = self.rope
-        cos, sin = geo.rope_tables(dims, base, scale)
-        return ops.rope(x, heads, cos, sin, dims, trad, inverse)
+        dims, trad, inv, pre = self.rope
+        if not dims:
+            return x
+        if pre != 1.0 and not inverse:   # SuScaledRoPE scales the rotated features first ...
+            x = x.reshape(x.shape[0], heads, -1).copy()
+            x[..., :dims] *= F32(pre)
+            x = x.reshape(x.shape[0], -1)
+        cos, sin = geo.rope_tables(inv)
+        y = ops.rope(x, heads, cos, sin, dims, trad, inverse)
+        if pre != 1.0 and inverse:       # ... so their gradient is scaled after the inverse rotation
+            y = y.reshape(y.shape[0], heads, -1)
+            y[..., :dims] *= F32(pre)
+            y = y.reshape(y.shape[0], -1)
+        return y
 
     def forward(self, x: np.ndarray, geo: _Geometry, rng, ctx: dict | None) -> np.ndarray:
         P = self.proj
-        a_in, n1, r1 = ops.rms(x, self.w1, self.eps1)
-        q = self._rope(P["q_proj"].forward(a_in, rng, ctx), self.heads.h, geo, False)
-        k = self._rope(P["k_proj"].forward(a_in, rng, ctx), self.heads.hkv, geo, False)
-        v = P["v_proj"].forward(a_in, rng, ctx)
+        post = self.post_norms
+        a_in, n1, r1 = (x, None, None) if post else ops.rms(x, self.w1, self.eps1)
+        if self.fused_qkv:
+            q, k, v = np.split(P["qkv_proj"].forward(a_in, rng, ctx), self._qkv_cuts, axis=1)
+        else:
+            q, k, v = (P[n].forward(a_in, rng, ctx) for n in ("q_proj", "k_proj", "v_proj"))
+        q = self._rope(self._norm_heads(q, "q_norm", ctx), self.heads.h, geo, False)
+        k = self._rope(self._norm_heads(k, "k_norm", ctx), self.heads.hkv, geo, False)
         o, probs = ops.attention(q, k, v, geo.segments, self.heads, ctx is not None)
-        h = x + P["o_proj"].forward(o, rng, ctx)
+        r = P["o_proj"].forward(o, rng, ctx)
         del o
-        m_in, n2, r2 = ops.rms(h, self.w2, self.eps2)
-        g, u = P["gate_proj"].forward(m_in, rng, ctx), P["up_proj"].forward(m_in, rng, ctx)
+        if post:
+            r, n1, r1 = ops.rms(r, self.w1, self.eps1)
+        h = x + r * self.res if self.res != 1 else x + r
+        m_in, n2, r2 = (h, None, None) if post else ops.rms(h, self.w2, self.eps2)
+        if self.fused_mlp:
+            g, u = np.split(P["gate_up_proj"].forward(m_in, rng, ctx), 2, axis=1)
+        else:
+            g, u = P["gate_proj"].forward(m_in, rng, ctx), P["up_proj"].forward(m_in, rng, ctx)
         act, sig = ops.swiglu(g, u, keep_sigmoid=ctx is not None)
-        out = h + P["down_proj"].forward(act, rng, ctx)
+        r = P["down_proj"].forward(act, rng, ctx)
+        if post:
+            r, n2, r2 = ops.rms(r, self.w2, self.eps2)
+        out = h + r * self.res if self.res != 1 else h + r
         if ctx is not None:
             ctx.update(n1=n1, r1=r1, q=q, k=k, v=v, probs=probs, n2=n2, r2=r2, g=g, u=u, sig=sig)
         return out
 
     def backward(self, dout: np.ndarray, ctx: dict, geo: _Geometry, grads: dict, need_dx: bool) -> np.ndarray | None:
         P = self.proj
-        dact = P["down_proj"].backward(dout, ctx, grads, True)
+        post = self.post_norms
+        dr = dout * self.res if self.res != 1 else dout
+        if post:
+            dr = ops.rms_back(dr, self.w2, ctx.pop("n2"), ctx.pop("r2"))
+        dact = P["down_proj"].backward(dr, ctx, grads, True)
         dg, du = ops.swiglu_back(dact, ctx.pop("g"), ctx.pop("u"), ctx.pop("sig"))
         del dact
-        dm = P["gate_proj"].backward(dg, ctx, grads, True)
-        dm += P["up_proj"].backward(du, ctx, grads, True)
-        dh = dout + ops.rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2"))
-        do = P["o_proj"].backward(dh, ctx, grads, True)
+        if self.fused_mlp:
+            dm = P["gate_up_proj"].backward(np.concatenate([dg, du], axis=1), ctx, grads, True)
+        else:
+            dm = P["gate_proj"].backward(dg, ctx, grads, True)
+            dm += P["up_proj"].backward(du, ctx, grads, True)
+        dh = dout + (dm if post else ops.rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2")))
+        dr = dh * self.res if self.res != 1 else dh
+        if post:
+            dr = ops.rms_back(dr, self.w1, ctx.pop("n1"), ctx.pop("r1"))
+        do = P["o_proj"].backward(dr, ctx, grads, True)
         dq, dk, dv = ops.attention_back(do, ctx.pop("q"), ctx.pop("k"), ctx.pop("v"), ctx.pop("probs"), geo.segments,
                                         self.heads)
-        dq = self._rope(dq, self.heads.h, geo, True)
-        dk = self._rope(dk, self.heads.hkv, geo, True)
-        da = P["q_proj"].backward(dq, ctx, grads, need_dx)
-        dka = P["k_proj"].backward(dk, ctx, grads, need_dx)
-        dva = P["v_proj"].backward(dv, ctx, grads, need_dx)
-        if not need_dx:
-            return None
-        da += dka
-        da += dva
-        return dh + ops.rms_back(da, self.w1, ctx.pop("n1"), ctx.pop("r1"))
+        dq = self._norm_heads_back(self._rope(dq, self.heads.h, geo, True), "q_norm", ctx)
+        dk = self._norm_heads_back(self._rope(dk, self.heads.hkv, geo, True), "k_norm", ctx)
+        if self.fused_qkv:
+            da = P["qkv_proj"].backward(np.concatenate([dq, dk, dv], axis=1), ctx, grads, need_dx)
+            if not need_dx:
+                return None
+        else:
+            da = P["q_proj"].backward(dq, ctx, grads, need_dx)
+            dka = P["k_proj"].backward(dk, ctx, grads, need_dx)
+            dva = P["v_proj"].backward(dv, ctx, grads, need_dx)
+            if not need_dx:
+                return None
+            da += dka
+            da += dva
+        return dh + (da if post else ops.rms_back(da, self.w1, ctx.pop("n1"), ctx.pop("r1")))
 
 
 class CpuEngine:
@@ -219,6 +326,8 @@ class CpuEngine:
         trainable = [i for i, b in enumerate(self.blocks) if b.trainable]
         self.first = trainable[0] if trainable else len(self.blocks)
         self.embed = inner.embed_tokens
+        self.embed_scale = F32(getattr(inner, "embedding_multiplier", 1.0))   # Granite
+        self.logit_scale = F32(1.0 / getattr(model, "logits_scaling", 1.0))   # Granite divides the logits
         self.norm_w, self.norm_eps = _np(inner.norm.weight), inner.norm.eps
         head = model["lm_head"] if "lm_head" in model else inner.embed_tokens
         self.head = _Proj(head, "head")             # frozen; its fp32 weight may be cached too
@@ -252,7 +361,8 @@ class CpuEngine:
         return ids, _Geometry(lengths), rows, targets
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
-        return np.array(_np(self.embed(mx.array(ids.astype(np.int32)))))
+        x = np.array(_np(self.embed(mx.array(ids.astype(np.int32)))))
+        return x * self.embed_scale if self.embed_scale != 1 else x
 
     def _head_loss(self, x: np.ndarray, rows: np.ndarray, targets: np.ndarray, grad: bool):
         """Summed cross-entropy of the loss rows, and its gradient w.r.t. all of ``x``."""
@@ -261,9 +371,13 @@ class CpuEngine:
         total, dhn = 0.0, (np.empty_like(hn) if grad else None)
         for s in range(0, hn.shape[0], CE_CHUNK_ROWS):
             logits = hn[s:s + CE_CHUNK_ROWS] @ w.T
+            if self.logit_scale != 1:
+                logits *= self.logit_scale
             total += float(ops.softmax_ce_rows(logits, targets[s:s + CE_CHUNK_ROWS], grad).sum(dtype=np.float64))
             if grad:
                 dhn[s:s + CE_CHUNK_ROWS] = logits @ w      # (softmax - onehot) @ W
+                if self.logit_scale != 1:
+                    dhn[s:s + CE_CHUNK_ROWS] *= self.logit_scale
         if not grad:
             return total, None
         dx = np.zeros_like(x)

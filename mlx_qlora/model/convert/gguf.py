@@ -20,7 +20,7 @@ import numpy as np
 
 from ...atomic import atomic_dir
 from ...errors import UserError, require
-from .. import names
+from .. import archs, names
 from ..model_io import record_gguf, write_model_dir
 from ..quant import GGUF_EXACT, GGUF_FLOAT, QuantStats, bits_per_weight, quantize, unpermute_qk
 from . import ConvertConfig, ConvertReport
@@ -70,16 +70,11 @@ def read_gguf(path: Path):
     return reader, meta
 
 
-def gguf_config(meta: dict, tensor_names: set[str]) -> dict:
-    """config.json (mlx-lm keys) from GGUF metadata."""
+def gguf_config(meta: dict, tensor_names) -> dict:
+    """config.json (mlx-lm keys) from GGUF metadata; the family adds its own keys (archs)."""
     arch = meta.get("general.architecture")
-    if arch not in names.GGUF_ARCH_TO_MODEL_TYPE:
-        raise UserError(f"GGUF architecture {arch!r} is not supported; supported: "
-                        f"{', '.join(names.GGUF_ARCH_TO_MODEL_TYPE)}")
-    if "rope_freqs.weight" in tensor_names:
-        raise UserError("this GGUF uses llama3-style rope frequency scaling (rope_freqs), which the GGUF "
-                        "does not describe fully; convert the original Hugging Face directory instead")
-    cfg = {"model_type": names.GGUF_ARCH_TO_MODEL_TYPE[arch]}
+    family = archs.for_gguf_arch(arch)
+    cfg = {"model_type": family.model_types[0]}
     for key, hf_key in names.CONFIG_KEYS.items():
         if f"{arch}.{key}" in meta:
             cfg[hf_key] = meta[f"{arch}.{key}"]
@@ -93,16 +88,14 @@ def gguf_config(meta: dict, tensor_names: set[str]) -> dict:
     bad = "the file is corrupt or incomplete: download it again"
     check_config(cfg, "GGUF metadata", bad, required=tuple(k for k in CONFIG_INTS if k != "vocab_size"))
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    rope_dim = meta.get(f"{arch}.rope.dimension_count", head_dim)
-    require(isinstance(rope_dim, numbers.Integral) and rope_dim > 0,
-            f"GGUF metadata: {arch}.rope.dimension_count is {rope_dim!r}; {bad}")
-    if rope_dim != head_dim:
-        cfg["head_dim"] = int(rope_dim)
-    if meta.get(f"{arch}.rope.scaling.type") == "linear":
-        factor = meta.get(f"{arch}.rope.scaling.factor")
-        require(isinstance(factor, numbers.Real) and factor > 0,
-                f"GGUF metadata: linear rope scaling with factor {factor!r}; {bad}")
-        cfg["rope_scaling"] = {"type": "linear", "factor": float(factor)}
+    key_len = meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count", head_dim))
+    require(isinstance(key_len, numbers.Integral) and key_len > 0,
+            f"GGUF metadata: {arch}.attention.key_length is {key_len!r}; {bad}")
+    if key_len != head_dim:
+        cfg["head_dim"] = int(key_len)
+    elif family.required and "head_dim" in family.required:
+        cfg["head_dim"] = int(head_dim)
+    family.from_gguf(meta, arch, cfg, tensor_names)
     tokens = meta.get("tokenizer.ggml.tokens")
     cfg["vocab_size"] = len(tokens) if isinstance(tokens, list) else meta.get(f"{arch}.vocab_size")
     check_config(cfg, "GGUF metadata", bad, required=("vocab_size",))
@@ -124,9 +117,12 @@ def convert_gguf(path: Path, cfg: ConvertConfig) -> ConvertReport:
 
     reader, meta = read_gguf(path)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    config = gguf_config(meta, set(types))
+    config = gguf_config(meta, {t.name: t for t in reader.tensors})
     report = ConvertReport(source=str(path), out_dir=cfg.out_dir, model_type=config["model_type"])
-    unknown = [n for n in types if names.gguf_to_mlx(n) is None]
+    family = archs.for_gguf_arch(meta["general.architecture"])
+    to_mlx = archs.gguf_to_mlx_modules(family, config)
+    types = {n: k for n, k in types.items() if n not in family.gguf_extra}
+    unknown = [n for n in types if n.rsplit(".", 1)[0] not in to_mlx]
     if unknown:
         raise UserError(f"GGUF tensors {', '.join(unknown[:3])} have no known mapping for "
                         f"{config['model_type']}; this file's layout is not supported")
@@ -137,26 +133,27 @@ def convert_gguf(path: Path, cfg: ConvertConfig) -> ConvertReport:
     dtype = cfg.resolved_dtype()
     direct = all(t in GGUF_EXACT or t in GGUF_FLOAT for t in types.values())
     loaded = mx.load(str(path)) if direct else {}
-    permute = names.PERMUTED_QK[meta["general.architecture"]]
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     stats, weights, quant_of = QuantStats(), {}, {}
 
-    for t in track(reader.tensors, description="converting tensors", transient=True):
-        base = t.name.rsplit(".", 1)[0]
-        module = names.gguf_to_mlx(t.name).rsplit(".", 1)[0]
+    for t in track([t for t in reader.tensors if t.name in types], description="converting tensors", transient=True):
+        base, suffix = t.name.rsplit(".", 1)
+        module = to_mlx[base]
         kind = types[t.name]
-        n_head = heads.get(base.split(".")[-1]) if permute else None
+        n_head = heads.get(base.split(".")[-1]) if family.permute_qk else None
         fix = (lambda a: unpermute_qk(a, n_head)) if n_head else (lambda a: a)
         if kind in GGUF_EXACT and not cfg.requantize and cfg.quantize and direct:
-            for suffix in ("weight", "scales", "biases"):
-                a = fix(loaded[f"{base}.{suffix}"])
-                weights[f"{module}.{suffix}"] = a if suffix == "weight" else a.astype(dtype)
+            for part in ("weight", "scales", "biases"):
+                a = fix(loaded[f"{base}.{part}"])
+                weights[f"{module}.{part}"] = a if part == "weight" else a.astype(dtype)
             quant_of[module] = GGUF_EXACT[kind]
             report.exact.append(module)
             continue
         w = _as_float(t, loaded, base, kind)
         w = fix(w)
-        is_matrix = t.name.endswith(".weight") and w.ndim == 2
+        if family.norm_offset and t.name.endswith("norm.weight"):
+            w = w - family.norm_offset   # llama.cpp stores Gemma's (1 + w)
+        is_matrix = suffix == "weight" and w.ndim == 2
         if is_matrix and cfg.quantize and w.shape[1] % cfg.q_group_size == 0:
             q, s, b = quantize(w, cfg.q_bits, cfg.q_group_size, stats)
             weights.update({f"{module}.weight": q, f"{module}.scales": s.astype(dtype),
@@ -164,7 +161,7 @@ def convert_gguf(path: Path, cfg: ConvertConfig) -> ConvertReport:
             quant_of[module] = (cfg.q_bits, cfg.q_group_size)
             report.requantized.append(module)
         else:
-            weights[names.gguf_to_mlx(t.name)] = w.astype(dtype)
+            weights[f"{module}.{suffix}"] = w.astype(dtype)
             report.floats.append(module)
 
     if quant_of:
@@ -178,7 +175,7 @@ def convert_gguf(path: Path, cfg: ConvertConfig) -> ConvertReport:
     with atomic_dir(cfg.out_dir, cfg.force) as tmp:
         write_model_dir(tmp, weights, config, tokenizer)
         report.size_bytes = sum(f.stat().st_size for f in tmp.iterdir())
-        if _same_weights(types, report, dtype, cfg):
+        if _same_weights(types, report, dtype, cfg) and not family.norm_offset:  # (1+w)-1 rounds
             record_gguf(tmp, path, "converted from it, every block and float kept exactly")
     return report
 

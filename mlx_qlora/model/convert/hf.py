@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ...atomic import atomic_dir
 from ...errors import UserError, require
-from .. import names
+from .. import archs
 from ..model_io import normalize_config, write_model_dir
 from ..quant import QuantStats, bits_per_weight, quantize
 from . import ConvertConfig, ConvertReport
@@ -76,9 +76,7 @@ def read_hf_dir(path: Path) -> tuple[dict, dict]:
     require(isinstance(config, dict), f"{cfg_file} holds a JSON {type(config).__name__}, not a JSON object; "
                                       "fix or re-download it")
     config = normalize_config(config)
-    mtype = config.get("model_type")
-    require(mtype in names.HF_MODEL_TYPES,
-            f"architecture {mtype!r} is not supported; supported: {', '.join(names.HF_MODEL_TYPES)}")
+    archs.check_config(config, str(cfg_file))   # the family (or one line naming the supported) and its keys
     check_config(config, str(cfg_file))
     files = sorted(path.glob("*.safetensors"))
     require(bool(files), f"{path} has no *.safetensors weights; convert PyTorch .bin checkpoints to "
@@ -101,7 +99,8 @@ def convert_hf_dir(path: Path, cfg: ConvertConfig, source: str | None = None) ->
     config, weights = read_hf_dir(path)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
-    weights = model.sanitize(weights)  # drops rotary inv_freq, a tied lm_head, ...
+    if hasattr(model, "sanitize"):  # drops rotary inv_freq, a tied lm_head, ... (not every family has one)
+        weights = model.sanitize(weights)
     expected = {k for k, _ in tree_flatten(model.parameters())}
     missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
     require(not missing, f"{path} lacks weights {', '.join(missing[:3])}; the checkpoint is incomplete")
