@@ -125,7 +125,7 @@ class PairEncoder:
                 f"{where}: the '{key}' answer after the shared prompt must be assistant message(s); "
                 "end both lists with the differing assistant turn")
         msgs = prompt + answer
-        full = self.chat(msgs, where)   # validates roles/contents, masks every assistant turn
+        full = self.chat._chat(msgs, where)   # validates roles and contents, masks every assistant turn
         start = len(self.chat._render(prompt, True))
         require(start <= len(full.tokens), f"{where}: the chat template renders the prompt longer than the "
                                            "whole conversation; fix the template or use text pairs")
