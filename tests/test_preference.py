@@ -348,3 +348,31 @@ def test_bad_preference_settings_are_one_line():
                        ({"preference.loss_type": "ipo", "preference.label_smoothing": 0.1}, "sigmoid only")):
         with pytest.raises(mlx_qlora.errors.UserError, match=needle.replace("(", r"\(")):
             load_config(None, {"model": "m", "data.train": "d", **kw})
+
+
+# ------------------------------------------------------------------ data parallel
+def test_two_ranks_equal_one_process(tiny_q4, pairs_dir, tmp_path):
+    """DPO over 2 local ranks (batch 3: shares of 2 and 1 pairs; the reference pass split the same
+    way and summed) trains the single-process losses, metrics and adapter."""
+    from test_distributed import run_ranks
+
+    kw = {"method": "dpo", "steps": 4, "eval_every": 2, "checkpoint_every": 0, "optim.learning_rate": 1e-2,
+          "optim.schedule": "constant", "lora.rank": 4, "lora.alpha": 8.0}
+    one = tmp_path / "one"
+    train(config(tiny_q4, pairs_dir, one, batch_size=3, **kw))
+    two = tmp_path / "two"
+    run_ranks(tiny_q4, pairs_dir, two, **kw)
+
+    def recs(out):
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = recs(one), recs(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 2, 3, 4, 4]
+    for ra, rb in zip(a, b):
+        for k in ("train_loss", "val_loss", "reward_margin", "rewards_chosen", "reward_accuracy", "val_reward_margin"):
+            if k in ra:
+                assert abs(ra[k] - rb[k]) <= 1e-4, (k, ra, rb)
+    assert b[1]["reward_margin"] == 0.0 and b[1]["train_loss"] == round(float(np.float32(math.log(2))), 6)
+    assert a[-2]["reward_margin"] > 0.05                     # it learned: the comparison is not vacuous
+    wa, wb = weights(one / "adapters.safetensors"), weights(two / "adapters.safetensors")
+    assert max(np.abs(wa[k] - wb[k]).max() for k in wa) <= 1e-4
