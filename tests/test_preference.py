@@ -288,6 +288,9 @@ def test_init_adapter_is_the_reference(tiny_q4, pairs_dir, tmp_path):
         (sft / "adapter_config.json").read_text())["target_modules"])
     a, b = weights(sft / "adapters.safetensors"), weights(out / "adapters.safetensors")
     assert set(a) == set(b) and max(np.abs(a[k] - b[k]).max() for k in a) > 1e-4
+    from mlx_qlora.train.adapter_files import read_adapter
+
+    assert read_adapter(out).rank == 4   # the one reader fuse/export/chat/serve/eval use takes it
 
 
 def test_reference_is_not_a_second_weight_copy(tmp_path_factory, pairs_dir, monkeypatch):
