@@ -211,9 +211,15 @@ def test_orpo_first_step_loss_matches_trl(tiny_q4, pairs_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ training
-def test_fresh_adapter_dpo_is_ln2_with_zero_margin(tiny_q4, pairs_dir, tmp_path):
+@pytest.mark.parametrize("kernels", ["cpu_fast_path", "plain_mlx"])
+def test_fresh_adapter_dpo_is_ln2_with_zero_margin(tiny_q4, pairs_dir, tmp_path, monkeypatch, kernels):
     """Policy == reference before the first update: DPO loss ln 2 and margin 0, exactly (the
-    reference pass runs the batches training runs, so the log-probs agree bit for bit)."""
+    reference pass runs the batches training runs, so the log-probs agree bit for bit). Also with
+    the CPU kernels off: the path Metal/CUDA take (the head applied as a module, not dequantized)."""
+    if kernels == "plain_mlx":
+        from mlx_qlora.train import mlx_cpu_kernels
+
+        monkeypatch.setattr(mlx_cpu_kernels, "_ENABLED", [False])
     out = tmp_path / "run"
     s = train(config(tiny_q4, pairs_dir, out, steps=3, **{"optim.grad_accum": 2, "batch_size": 3}))
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
