@@ -232,6 +232,7 @@ def test_fresh_adapter_dpo_is_ln2_with_zero_margin(tiny_q4, pairs_dir, tmp_path,
     # and it learns: the margin opens and the loss falls below ln 2
     assert recs[3]["reward_margin"] > 0.05 and s["val_loss"] < ln2 - 0.01, recs
     assert (out / "loss_curve.png").is_file() and s["steps"] == 3
+    assert s["val_reward_margin"] == recs[-1]["val_reward_margin"] and "reward_accuracy" in s
 
 
 def test_fresh_adapter_step_functions_exact(tiny_q4, pairs_dir):

@@ -59,6 +59,7 @@ class Reporter:
         self.train_curve: list[tuple[int, float]] = []
         self.valid_curve: list[tuple[int, float]] = []
         self.pref_curves: dict[str, list[tuple[int, float]]] = {}   # "reward_margin", "val_reward_accuracy", ...
+        self.last_extra: dict[str, float] = {}   # the latest of each (val_)reward metric, for the summary
         self._load_curves()
         self.last_train = self.last_valid = self.first_valid = None
         self.live = progress and write and self.console.is_terminal
@@ -102,6 +103,8 @@ class Reporter:
             f.write(json.dumps(rec) + "\n")
 
     def _extra(self, step: int, extra: dict | None, prefix: str) -> None:
+        if extra:
+            self.last_extra.update({prefix + k: v for k, v in extra.items()})
         for k in PREF_PLOTTED:
             if extra and k in extra:
                 self.pref_curves.setdefault(prefix + k, []).append((step, extra[k]))
@@ -167,6 +170,7 @@ class Reporter:
                "val_loss_start": self.first_valid, "val_loss": self.last_valid, "adapter_bytes": size}
         if per_rank:
             out.update(ranks=len(per_rank), tok_per_s_per_rank=[round(x, 2) for x in per_rank])
+        out.update({k: round(v, 6) for k, v in self.last_extra.items()})
         if not self.write:
             return out
         t = Table(title="training summary", show_header=False)
@@ -183,6 +187,9 @@ class Reporter:
         if self.last_valid is not None:
             start = f" (from {self.first_valid:.4f})" if self.first_valid is not None else ""
             t.add_row("final valid loss", f"{self.last_valid:.4f}{start}")
+        if "val_reward_margin" in self.last_extra:
+            t.add_row("final valid rewards", f"margin {self.last_extra['val_reward_margin']:.4f}, accuracy "
+                                             f"{self.last_extra['val_reward_accuracy']:.3f}")
         t.add_row("adapter", f"{adapter_path} ({size / 1024 ** 2:.2f} MiB)")
         self.console.print(t)
         self.plot()
