@@ -355,7 +355,8 @@ def test_bad_pairs_are_one_line_exit_2(tiny_q4, tmp_path, row, needle):
 
 def test_bad_preference_settings_are_one_line():
     for kw, needle in (({"method": "kto"}, "method='kto'"), ({"preference.beta": 0}, "preference.beta=0"),
-                       ({"preference.loss_type": "ipo", "preference.label_smoothing": 0.1}, "sigmoid only")):
+                       ({"preference.loss_type": "ipo", "preference.label_smoothing": 0.1}, "sigmoid only"),
+                       ({"method": "orpo", "preference.loss_type": "ipo"}, "apply to method dpo")):
         with pytest.raises(mlx_qlora.errors.UserError, match=needle.replace("(", r"\(")):
             load_config(None, {"model": "m", "data.train": "d", **kw})
 

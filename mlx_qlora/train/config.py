@@ -182,7 +182,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, dict):
                 setattr(self, name, _build(cls, v, name + "."))
-        check_method(self.method, self.init_adapter)
+        check_method(self.method, self.init_adapter, self.preference)
         require(isinstance(self.model, str) and self.model, "model is empty: give an MLX model directory (see `mlx_qlora convert`)")
         require(self.data.train, "data.train is empty: give a JSONL file or a directory with train.jsonl (--data PATH)")
         for name in ("steps", "batch_size"):

@@ -39,8 +39,10 @@ class PreferenceConfig:
                                                       "give the two answers different keys")
 
 
-def check_method(method, init_adapter) -> None:
+def check_method(method, init_adapter, pref: PreferenceConfig) -> None:
     """``method`` and ``init_adapter`` of a TrainConfig (the top-level keys this feature adds)."""
     require(method in METHODS, f"method={method!r}: use one of {', '.join(METHODS)}")
+    require(method != "orpo" or (pref.loss_type == "sigmoid" and not pref.label_smoothing),
+            "preference.loss_type / label_smoothing apply to method dpo; ORPO has one loss: remove them")
     require(init_adapter is None or (isinstance(init_adapter, str) and init_adapter),
             f"init_adapter={init_adapter!r}: give the directory of an adapter from `mlx_qlora train`, or null")
