@@ -77,11 +77,43 @@ def orpo_losses(a_c, a_r, beta: float):
 
 
 # ------------------------------------------------------------------ log-probabilities
+def _token_logps_np(h: mx.array, w: mx.array, targets: mx.array, grad: bool):
+    """(per-token log-probs, their gradient w.r.t. ``h`` or None): the projection in row chunks,
+    the softmax in NumPy (``numpy_kernels.softmax_ce``, fp64 sums), no (tokens, vocab) array kept."""
+    from . import numpy_kernels
+
+    t = np.asarray(targets)
+    out, grads = [], []
+    for start in range(0, h.shape[0], mlx_cpu_kernels.CE_CHUNK_ROWS):
+        hc = h[start:start + mlx_cpu_kernels.CE_CHUNK_ROWS]
+        logits = hc @ w.T
+        mx.eval(logits)
+        buf = np.array(logits)    # a private copy: softmax_ce writes softmax - onehot into it
+        out.append(-numpy_kernels.softmax_ce(buf, t[start:start + len(buf)], grad))
+        if grad:   # d(-ce)/dh = -(softmax - onehot) @ W
+            grads.append(mlx_cpu_kernels.detached(-(mx.array(buf) @ w)))
+    lp = mx.array(np.concatenate(out))
+    return lp, (mx.concatenate(grads) if grad else None)
+
+
+@mx.custom_function
+def _fused_token_logps(h, w, targets):
+    return _token_logps_np(h, w, targets, grad=True)
+
+
+@_fused_token_logps.vjp
+def _fused_token_logps_vjp(primals, cotangents, outputs):
+    h, w, targets = primals
+    return cotangents[0][:, None] * outputs[1], mx.zeros(w.shape, w.dtype), mx.zeros(targets.shape, targets.dtype)
+
+
 def make_seq_logps(model: nn.Module):
     """seq_logps(model, batch arrays) -> (rows,) summed answer-token log-probs (fp32, nats).
 
-    The vocabulary projection runs only at answer positions; on CPU through the head's dense fp32
-    weight, dequantized once (the head is frozen), as the SFT loss does.
+    The vocabulary projection runs only at answer positions. On CPU it goes through the head's
+    dense fp32 weight, dequantized once (the head is frozen), with the softmax in NumPy and the
+    gradient w.r.t. the hidden states formed in the forward, as the SFT loss does (MLX's CPU exp
+    is scalar; no (tokens, vocab) logits are kept for backward). Elsewhere: plain MLX.
     """
     from .loop import output_head
 
@@ -91,25 +123,29 @@ def make_seq_logps(model: nn.Module):
         weight = mlx_cpu_kernels.dense_weight(head)
         mx.eval(weight)
 
-    def project(h):
+    def token_logps(h, t, with_grad):
         if weight is not None:
-            return h.astype(mx.float32) @ weight.T
-        if isinstance(head, (nn.Embedding, nn.QuantizedEmbedding)):
-            return head.as_linear(h).astype(mx.float32)
-        return head(h).astype(mx.float32)
+            h = h.astype(mx.float32)
+            return _fused_token_logps(h, weight, t)[0] if with_grad else _token_logps_np(h, weight, t, False)[0]
+        logits = head.as_linear(h) if isinstance(head, (nn.Embedding, nn.QuantizedEmbedding)) else head(h)
+        return plain_token_logps(logits, t)
 
-    def seq_logps(model, inputs, targets, index, onehot):
+    def seq_logps(model, inputs, targets, index, onehot, with_grad=True):
+        t = targets.reshape(-1)[index]
         if head is not None:
             h = model.model(inputs)
-            logits = project(h.reshape(-1, h.shape[-1])[index])
+            lp = token_logps(h.reshape(-1, h.shape[-1])[index], t, with_grad)
         else:
             logits = model(inputs)
-            logits = logits.reshape(-1, logits.shape[-1])[index].astype(mx.float32)
-        t = targets.reshape(-1)[index]
-        lp = mx.take_along_axis(logits, t[:, None], axis=-1).squeeze(-1) - mx.logsumexp(logits, axis=-1)
+            lp = plain_token_logps(logits.reshape(-1, logits.shape[-1])[index], t)
         return onehot @ lp    # (rows, loss tokens) @ (loss tokens,): each row's sum
 
     return seq_logps
+
+
+def plain_token_logps(logits: mx.array, t: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    return mx.take_along_axis(logits, t[:, None], axis=-1).squeeze(-1) - mx.logsumexp(logits, axis=-1)
 
 
 def batch_arrays(b: PairBatch):
@@ -154,7 +190,7 @@ def cache_reference(model: nn.Module, start: dict, ds: PairDataset, batch_size: 
         for pairs, out in zip(splits, found):
             for idx in _epoch0_batches(pairs, batch_size, seed, world):
                 b = collate_pairs([pairs[i] for i in idx])
-                lp = seq_logps(model, *batch_arrays(b))
+                lp = seq_logps(model, *batch_arrays(b), with_grad=False)
                 mx.eval(lp)
                 lp = np.array(lp)
                 out[idx, 0], out[idx, 1] = lp[:b.pairs], lp[b.pairs:]
@@ -234,8 +270,8 @@ def make_step_fns(model: nn.Module, cfg: TrainConfig, ds: PairDataset, start: di
         grad_checkpoint(model)
     metrics = Metrics(cfg.method, p.beta)
 
-    def loss_fn(model, inputs, targets, index, onehot, ref, counts):
-        seq = seq_logps(model, inputs, targets, index, onehot)
+    def loss_fn(model, inputs, targets, index, onehot, ref, counts, with_grad=True):
+        seq = seq_logps(model, inputs, targets, index, onehot, with_grad)
         n = seq.shape[0] // 2
         c, r = seq[:n], seq[n:]
         if cfg.method == "dpo":
@@ -260,7 +296,7 @@ def make_step_fns(model: nn.Module, cfg: TrainConfig, ds: PairDataset, start: di
         return loss.item(), g
 
     def eval_fn(b: PairBatch):
-        loss, seq = loss_fn(model, *arrays(b))
+        loss, seq = loss_fn(model, *arrays(b), with_grad=False)
         mx.eval(loss, seq)
         metrics.add("valid", b, np.array(seq))
         return loss.item()
