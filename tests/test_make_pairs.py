@@ -3,10 +3,8 @@ pairs (chosen = reference, rejected = its answer); right answers are skipped; th
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlx_qlora  # noqa: F401
-import pytest
 from click.testing import CliRunner
 
 from mlx_qlora.apps.pairs import wrong
