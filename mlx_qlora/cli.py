@@ -332,6 +332,24 @@ def eval_(model, adapter, data, split, recipe, task, answer_prefix, max_rows, ba
 # --- end eval --------------------------------------------------------------------------------
 
 
+# --- make-pairs (owner: preference tuning) ---------------------------------------------------
+@main.command("make-pairs")
+@click.argument("model")
+@click.option("--adapter", default=None, help="LoRA adapter directory (the SFT one) that answers.")
+@click.option("--data", required=True, help="Training rows (completions or chat JSONL, or a directory's train.jsonl).")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Pairs JSONL for `train --method dpo`.")
+@click.option("--max-rows", type=int, default=0, show_default=True, help="Answer the first N rows (0: all).")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="Per answer.")
+@click.option("--engine", default="auto", show_default=True, help="auto, mlx or llama.cpp.")
+@click.option("--force", is_flag=True, help="Replace OUT.")
+def make_pairs(model, adapter, data, out, max_rows, max_tokens, engine, force):
+    """Preference pairs from MODEL's own wrong answers on training rows: chosen = the reference,
+    rejected = the model's greedy answer (rows it answers right are skipped)."""
+    from .apps.pairs import make_pairs as run
+
+    run(model, data, out, adapter=adapter, max_rows=max_rows, max_tokens=max_tokens, engine=engine, force=force)
+
+
 # ---- extract / prepare-reviews (owner: apps, issue 11) -------------------------------------
 @main.command("prepare-reviews")
 @click.option("--data", default="../shared/data/mams", show_default=True, type=click.Path(),

@@ -38,10 +38,11 @@ $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 if [ "$MODE" = "test" ]; then
   echo "setup: installing mlx_qlora with test extras (llama-cpp-python builds from source once, ~6 min)"
   $PIP install -q -e ".[$EXTRAS,test]"
-  # Real PEFT checks the PEFT export. torch 2.13.0's CPU wheel is the small one (a bare "torch"
-  # can pull a multi-GB CUDA build); where it cannot be had the PEFT test skips itself.
-  $PIP install -q "torch==2.13.0" peft 2>/dev/null || $PIP install -q torch peft 2>/dev/null \
-    || echo "setup: note: torch/peft not installed; the PEFT round-trip test will be skipped"
+  # Real PEFT checks the PEFT export, TRL the DPO/ORPO losses. torch 2.13.0's CPU wheel is the
+  # small one (a bare "torch" can pull a multi-GB CUDA build); where they cannot be had the
+  # PEFT / TRL tests skip themselves.
+  $PIP install -q "torch==2.13.0" peft trl 2>/dev/null || $PIP install -q torch peft trl 2>/dev/null \
+    || echo "setup: note: torch/peft/trl not installed; the PEFT round-trip and TRL parity tests will be skipped"
 else
   echo "setup: installing mlx_qlora (llama-cpp-python builds from source once, ~6 min)"
   $PIP install -q -e ".[$EXTRAS]"

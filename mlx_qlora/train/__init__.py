@@ -7,7 +7,9 @@ every later stage), ``report`` (progress bar, summary, loss-curve PNG) and the t
 ``numpy_engine`` (the padding-free NumPy + BLAS forward/backward) built from ``numpy_kernels``,
 and ``mlx_cpu_kernels`` (dequantize + BLAS and chunked loss inside MLX autodiff, used when the
 NumPy engine does not cover a model). ``distributed`` makes the loop data-parallel over
-``mx.distributed`` under ``mlx.launch``; ``launch`` is ``train --nproc N`` (local ranks).
+``mx.distributed`` under ``mlx.launch``; ``launch`` is ``train --nproc N`` (local ranks). ``preference`` (DPO / ORPO losses,
+the reference pass, reward metrics), ``preference_data`` (pairs) and ``preference_config``
+(the ``preference:`` section) make ``method: dpo | orpo``.
 
 May import: ``mlx_qlora.model`` and the leaves. Never ``export``, ``infer``, ``eval`` or ``apps``.
 ``train``, ``load_config`` and ``TrainConfig`` are re-exported, lazily (importing this package

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError, require
+from .preference_config import PreferenceConfig, check_method
 
 SCHEDULES = ("cosine", "linear", "constant")
 FORMATS = ("auto", "text", "completions", "chat")
@@ -167,16 +168,21 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    method: str = "sft"              # sft | dpo | orpo (preference pairs: train/preference.py)
+    init_adapter: str | None = None  # start from this adapter (e.g. the SFT one) instead of a fresh one;
+                                     # DPO's reference model is the base with this adapter
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     task: dict | None = None         # generation metric for `mlx_qlora eval -c` (training ignores it),
                                      # e.g. {type: exact-match, answer_prefix: "A:", max_rows: 200}
 
     def __post_init__(self):
         require(self.task is None or isinstance(self.task, dict),
                 f"task={self.task!r}: expected a mapping such as {{type: exact-match, answer_prefix: 'A:'}}")
-        for name, cls in (("data", DataConfig), ("lora", LoraConfig), ("optim", OptimConfig)):
+        for name, cls in SECTIONS.items():
             v = getattr(self, name)
             if isinstance(v, dict):
                 setattr(self, name, _build(cls, v, name + "."))
+        check_method(self.method, self.init_adapter, self.preference)
         require(isinstance(self.model, str) and self.model, "model is empty: give an MLX model directory (see `mlx_qlora convert`)")
         require(self.data.train, "data.train is empty: give a JSONL file or a directory with train.jsonl (--data PATH)")
         for name in ("steps", "batch_size"):
@@ -195,7 +201,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"data": DataConfig, "lora": LoraConfig, "optim": OptimConfig}
+SECTIONS = {"data": DataConfig, "lora": LoraConfig, "optim": OptimConfig, "preference": PreferenceConfig}
 # Short flags people type: --data PATH, --out DIR, --lr 2e-4, --iters 100.
 ALIASES = {"data": "data.train", "out": "out_dir", "lr": "optim.learning_rate", "iters": "steps"}
 

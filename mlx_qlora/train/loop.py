@@ -34,7 +34,10 @@ from . import mlx_cpu_kernels, numpy_engine
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import OptimConfig, TrainConfig
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
-from .lora import apply_lora, count_parameters, dropout_key, seed_dropout
+from .lora import count_parameters, dropout_key, seed_dropout
+from . import preference
+from .preference import start_adapter
+from .preference_data import load_pairs
 from .report import Reporter
 
 # Architectures whose ``model.model(x)`` returns the final normed hidden states and whose logits
@@ -165,6 +168,7 @@ class StepFns(NamedTuple):
     loss: Callable        # batch -> summed token loss
     packed: bool          # rows packed without padding (the CPU engine)
     whole_step: Callable | None = None   # GPU path: (optimizer, max_norm) -> one-graph train_step
+    metrics: Callable | None = None      # preference: split -> that split's extra metrics since last asked
 
 
 def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_engine: bool = True,
@@ -231,7 +235,7 @@ def build_optimizer(o: OptimConfig, steps: int) -> optim.Optimizer:
 
 # ---------------------------------------------------------------- loop
 def evaluate(eval_fn, examples, batch_size: int, max_batches: int, seed: int,
-             world: dist.World | None = None) -> float:
+             world: dist.World | None = None, collate=collate) -> float:
     """Mean token loss over (up to ``max_batches``) validation batches (each rank: its share)."""
     world = world or dist.World()
     order = batch_order([len(e.tokens) for e in examples], batch_size, seed, 0)
@@ -253,9 +257,13 @@ def train(cfg: TrainConfig) -> dict:
     world = dist.init_world()   # one rank of N under mlx.launch (train/distributed.py), else 1 of 1
     model, tokenizer = load_base(cfg.model)
     prepare_model(model)
-    ds = load_dataset(cfg.data, tokenizer, cfg.seed)
+    pref = cfg.method != "sft"   # dpo / orpo: pairs, losses and reference in train/preference.py
+    if pref:
+        ds = load_pairs(cfg.data, tokenizer, cfg.preference, cfg.seed)
+    else:
+        ds = load_dataset(cfg.data, tokenizer, cfg.seed)
     mx.random.seed(cfg.seed)
-    apply_lora(model, cfg.lora)
+    start = start_adapter(model, cfg)   # LoRA applied, fresh or from init_adapter; its weights (DPO's reference)
     optimizer = build_optimizer(cfg.optim, cfg.steps)
     state = {"step": 0, "epoch": 0, "batch_index": 0, "seed": cfg.seed}
     if cfg.resume and world.main:
@@ -272,8 +280,14 @@ def train(cfg: TrainConfig) -> dict:
                    write=world.main)
     trainable, total = count_parameters(model)
     rep.print(f"model {cfg.model}: {total / 1e6:.2f}M parameters, trainable {trainable:,} ({100 * trainable / total:.3f}%)")
-    fns = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb, rep.print,
-                        batch_shape=(cfg.batch_size, cfg.data.max_seq_len), base_matmul=cfg.base_matmul)
+    if cfg.init_adapter:
+        rep.print(f"starting from adapter {cfg.init_adapter} (rank {cfg.lora.rank}, its targets and layers)")
+    if pref:
+        fns = preference.make_step_fns(model, cfg, ds, start, world, rep.print)
+    else:
+        fns = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb, rep.print,
+                            batch_shape=(cfg.batch_size, cfg.data.max_seq_len), base_matmul=cfg.base_matmul)
+    batch_of = getattr(ds, "collate", collate)   # pairs: chosen and rejected rows in one batch
     grad_fn, eval_fn, packed = fns.grad, fns.loss, fns.packed
     from .mlx_step import make_scale_clip, make_update
 
@@ -302,8 +316,8 @@ def train(cfg: TrainConfig) -> dict:
 
     def validate(step: int) -> None:
         t = time.perf_counter()
-        loss = evaluate(eval_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed, world)
-        rep.valid(step, loss, time.perf_counter() - t)
+        loss = evaluate(eval_fn, ds.valid, cfg.batch_size, cfg.eval_batches, cfg.seed, world, batch_of)
+        rep.valid(step, loss, time.perf_counter() - t, fns.metrics("valid") if fns.metrics else None)
 
     if state["step"] == 0:
         validate(0)
@@ -316,7 +330,7 @@ def train(cfg: TrainConfig) -> dict:
             order = batch_order(lengths, cfg.batch_size, cfg.seed, state["epoch"])
         idx = world.share(order[state["batch_index"]])
         state["batch_index"] += 1
-        return collate([ds.train[i] for i in idx]) if idx else None
+        return batch_of([ds.train[i] for i in idx]) if idx else None
 
     def accumulated(t_step: float):
         """``grad_accum`` micro-batches on this rank, summed over ranks, / loss tokens and clipped:
@@ -364,7 +378,7 @@ def train(cfg: TrainConfig) -> dict:
             state["step"] += 1
             step = state["step"]
             rep.step(step, mean_loss, n_tok, optimizer.learning_rate.item(),  # the rate this step used
-                     time.perf_counter() - t_step)
+                     time.perf_counter() - t_step, fns.metrics("train") if fns.metrics else None)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 validate(step)
             if ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps) and world.main:

@@ -19,6 +19,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 GIB = 1024 ** 3
+PREF_PLOTTED = ("reward_margin", "reward_accuracy")   # preference runs: the PNG's second panel
+
+
+def _pref_info(extra: dict | None) -> str:
+    """`` margin 0.123 acc 0.75`` for a preference step's numbers, else nothing."""
+    if not extra or "reward_margin" not in extra:
+        return ""
+    return f"  margin {extra['reward_margin']:.3f} acc {extra['reward_accuracy']:.2f}"
 
 
 def peak_rss_gib() -> float:
@@ -50,6 +58,8 @@ class Reporter:
         self.valid_s = 0.0         # seconds inside validation passes
         self.train_curve: list[tuple[int, float]] = []
         self.valid_curve: list[tuple[int, float]] = []
+        self.pref_curves: dict[str, list[tuple[int, float]]] = {}   # "reward_margin", "val_reward_accuracy", ...
+        self.last_extra: dict[str, float] = {}   # the latest of each (val_)reward metric, for the summary
         self._load_curves()
         self.last_train = self.last_valid = self.first_valid = None
         self.live = progress and write and self.console.is_terminal
@@ -81,12 +91,23 @@ class Reporter:
                 self.train_curve.append((rec["step"], rec["train_loss"]))
             if "val_loss" in rec:
                 self.valid_curve.append((rec["step"], rec["val_loss"]))
+            for k in PREF_PLOTTED:
+                for key in (k, "val_" + k):
+                    if key in rec:
+                        self.pref_curves.setdefault(key, []).append((rec["step"], rec[key]))
 
     def _write(self, rec: dict) -> None:
         if not self.write:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+
+    def _extra(self, step: int, extra: dict | None, prefix: str) -> None:
+        if extra:
+            self.last_extra.update({prefix + k: v for k, v in extra.items()})
+        for k in PREF_PLOTTED:
+            if extra and k in extra:
+                self.pref_curves.setdefault(prefix + k, []).append((step, extra[k]))
 
     def print(self, msg: str) -> None:
         if self.write:
@@ -97,8 +118,9 @@ class Reporter:
         """Real tokens per second of training steps (validation and start-up excluded)."""
         return self.tokens / self.train_s if self.train_s > 0 else 0.0
 
-    def step(self, step: int, loss: float, tokens: int, lr: float, seconds: float) -> None:
-        """One optimizer step done: ``tokens`` real tokens in ``seconds`` (the step alone)."""
+    def step(self, step: int, loss: float, tokens: int, lr: float, seconds: float, extra: dict | None = None) -> None:
+        """One optimizer step done: ``tokens`` real tokens in ``seconds`` (the step alone);
+        ``extra``: further per-step numbers (preference rewards, margin, accuracy)."""
         self.tokens += tokens
         self.train_s += seconds
         self.last_train = loss
@@ -107,23 +129,27 @@ class Reporter:
                "step_s": round(seconds, 4), "tok_per_s": round(self.tok_per_s, 2),
                "peak_rss_gib": round(peak_rss_gib(), 3),
                "peak_mlx_gib": round(peak_mlx_gib(), 3)}
+        rec.update({k: round(v, 6) for k, v in (extra or {}).items()})
         self._write(rec)
+        self._extra(step, extra, "")
         ranks = f" on {self.ranks} ranks" if self.ranks > 1 else ""
-        info = f"loss {loss:.3f}  {self.tok_per_s:,.0f} tok/s{ranks}  mem {peak_rss_gib():.2f} GiB"
+        info = f"loss {loss:.3f}{_pref_info(extra)}  {self.tok_per_s:,.0f} tok/s{ranks}  mem {peak_rss_gib():.2f} GiB"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
         elif step % self.log_every == 0 or step == self.total:
             self.print(f"step {step}/{self.total}  {info}  lr {lr:.2e}")
 
-    def valid(self, step: int, loss: float, seconds: float) -> None:
+    def valid(self, step: int, loss: float, seconds: float, extra: dict | None = None) -> None:
         """A validation pass done in ``seconds`` (kept out of the training tok/s)."""
         if self.first_valid is None:
             self.first_valid = loss
         self.last_valid = loss
         self.valid_s += seconds
         self.valid_curve.append((step, loss))
-        self._write({"step": step, "val_loss": round(loss, 6), "valid_s": round(seconds, 3)})
-        self.print(f"step {step}: valid loss {loss:.4f} ({seconds:.1f} s)")
+        self._write({"step": step, "val_loss": round(loss, 6), "valid_s": round(seconds, 3),
+                     **{"val_" + k: round(v, 6) for k, v in (extra or {}).items()}})
+        self._extra(step, extra, "val_")
+        self.print(f"step {step}: valid loss {loss:.4f}{_pref_info(extra)} ({seconds:.1f} s)")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -144,6 +170,7 @@ class Reporter:
                "val_loss_start": self.first_valid, "val_loss": self.last_valid, "adapter_bytes": size}
         if per_rank:
             out.update(ranks=len(per_rank), tok_per_s_per_rank=[round(x, 2) for x in per_rank])
+        out.update({k: round(v, 6) for k, v in self.last_extra.items()})
         if not self.write:
             return out
         t = Table(title="training summary", show_header=False)
@@ -160,6 +187,9 @@ class Reporter:
         if self.last_valid is not None:
             start = f" (from {self.first_valid:.4f})" if self.first_valid is not None else ""
             t.add_row("final valid loss", f"{self.last_valid:.4f}{start}")
+        if "val_reward_margin" in self.last_extra:
+            t.add_row("final valid rewards", f"margin {self.last_extra['val_reward_margin']:.4f}, accuracy "
+                                             f"{self.last_extra['val_reward_accuracy']:.3f}")
         t.add_row("adapter", f"{adapter_path} ({size / 1024 ** 2:.2f} MiB)")
         self.console.print(t)
         self.plot()
@@ -174,13 +204,22 @@ class Reporter:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        if self.pref_curves:
+            fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=100, sharex=True)
+            for key, curve in sorted(self.pref_curves.items()):
+                style = "o-" if key.startswith("val_") else "-"
+                ax2.plot(*zip(*curve), style, label=key.replace("_", " "), lw=1)
+            ax2.set_ylabel("reward margin (nats x beta) / accuracy")
+            ax2.grid(alpha=0.3)
+            ax2.legend(fontsize=8)
+        else:
+            fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         if self.train_curve:
             ax.plot(*zip(*self.train_curve), label="train", lw=1)
         if self.valid_curve:
             ax.plot(*zip(*self.valid_curve), "o-", label="valid")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats / token)")
+        (ax2 if self.pref_curves else ax).set_xlabel("step")
+        ax.set_ylabel("loss (nats / pair)" if self.pref_curves else "loss (nats / token)")
         ax.grid(alpha=0.3)
         ax.legend()
         path = self.out / "loss_curve.png"
