@@ -1,0 +1,154 @@
+"""Draft tokens for ``BatchDecoder``: what a row will most likely write next, so the model checks
+several positions of that row in one batched ``llama_decode`` instead of one step each.
+
+Two sources, both only proposals (the decoder keeps a drafted token only where the grammar-
+constrained argmax at that position is that very token, so the answers stay those of plain greedy
+decoding, token for token):
+
+- forced tokens (jump-forward): where the JSON schema allows the next bytes one way only (keys,
+  quotes, braces, the rest of an enum value once its first token is out), llguidance's matcher
+  gives them as tokens (``LLMatcher.compute_ff_tokens``). The matcher follows the schema in the
+  layout ``json.dumps`` writes (``structured.JSON_LAYOUT``: the training rows' layout); llama.cpp's
+  own grammar, which does the constraining, also allows free whitespace: a row whose model writes
+  some stops getting forced drafts (its matcher rejects the token) and is otherwise unaffected.
+- prompt lookup: the tokens that followed the row's last written tokens where those occurred in
+  the row's own text (an aspect term is copied from the review). Tokens are compared by their
+  text without leading/trailing spaces, case-folded: a term's first word inside a JSON string is
+  ``soup`` where the review had `` soup``, a different token id; the drafted continuation is then
+  the review's own tokens (`` roll`` after ``lobster``), which is what the model writes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..structured import JSON_LAYOUT
+
+_TOKENIZERS: dict[int, object] = {}      # llama model address -> llguidance tokenizer (~1 s to build)
+LOOKUP_NGRAMS = (3, 2, 1)                # longest match first: the most specific continuation
+LOOKUP_DRAFT = 4                         # tokens per prompt-lookup draft: a wrong one costs as
+#                                          much to evaluate as a right one, so drafts stay short
+
+
+def llg_tokenizer(llm):
+    """llguidance's tokenizer for a llama-cpp-python model (built from its vocabulary, cached)."""
+    import llama_cpp as lc
+    from llguidance.llamacpp import lltokenizer_from_vocab
+
+    key = lc.llama_model_get_vocab(llm.model) or id(llm)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = lltokenizer_from_vocab(lc.llama_model_get_vocab(llm.model))
+    return _TOKENIZERS[key]
+
+
+# The layouts a row's output is followed in, first that still matches: json.dumps' (the training
+# rows', most forced bytes), then the one optional space between JSON tokens that the GBNF of
+# llama-cpp-python's converter allows (``space ::= " "?``), a superset of what llama.cpp accepts
+LAYOUTS = (JSON_LAYOUT, {"whitespace_flexible": True, "whitespace_pattern": " ?"})
+
+
+def schema_grammars(schema: dict) -> list[str]:
+    """llguidance's grammars for ``schema``, one per layout of ``LAYOUTS`` (those it compiles)."""
+    import llguidance
+
+    out = []
+    for layout in LAYOUTS:
+        try:
+            out.append(llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=layout))
+        except ValueError:   # llama.cpp's converter took the schema: drafts are optional
+            pass
+    return out
+
+
+@dataclass
+class DraftCounts:
+    """Tokens per kind, summed over rows (all counts are tokens)."""
+    forced: int = 0        # drafted by the grammar (forced) and kept
+    lookup: int = 0        # drafted by prompt lookup and kept
+    sampled: int = 0       # chosen at a position no kept draft covered (the model's own choices)
+    rejected: int = 0      # drafted, evaluated, and thrown away (wasted evaluations)
+    steps: int = 0         # batched llama_decode steps of the generation loop (not prompts)
+
+    def add(self, other: "DraftCounts") -> None:
+        for k in vars(self):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+class Drafter:
+    """Makes a ``RowDrafts`` per row: forced tokens from ``schema`` and/or prompt lookup."""
+
+    def __init__(self, llm, schema: dict | None = None, forced: bool = True, lookup: bool = True,
+                 max_draft: int = 16):
+        self.llm, self.lookup, self.max_draft = llm, lookup, max_draft
+        self.tokenizer = llg_tokenizer(llm) if forced and schema is not None else None
+        self._matchers = self._compile(schema) if self.tokenizer is not None else []
+        self._keys: dict[int, bytes] = {}
+
+    def key(self, tok: int) -> bytes:
+        k = self._keys.get(tok)
+        if k is None:
+            k = self._keys[tok] = self.llm.detokenize([tok]).strip().lower()
+        return k
+
+    def row(self, text_tokens: list[int], schema: dict | None = None) -> "RowDrafts":
+        """Drafts for one row whose own text is ``text_tokens`` (what lookup copies from); a row's
+        own schema (its ``Job.gbnf``'s, e.g. spans of its text) replaces the default one."""
+        if self.tokenizer is None:
+            return RowDrafts(self, text_tokens, [])
+        matchers = self._compile(schema) if schema is not None else self._matchers
+        return RowDrafts(self, text_tokens, [m.deep_copy() for m in matchers])
+
+    def _compile(self, schema: dict) -> list:
+        import llguidance
+
+        out = [llguidance.LLMatcher(self.tokenizer, g, log_level=0) for g in schema_grammars(schema)]
+        return [m for m in out if not m.is_error()]
+
+
+class RowDrafts:
+    def __init__(self, drafter: Drafter, text_tokens: list[int], matchers: list):
+        self.d, self.matchers = drafter, matchers   # llguidance's LLMatchers of the row, per layout
+        self.ids: list[int] = []             # the row's text, then what it wrote
+        self.keys: list[bytes] = []
+        self.index: dict[tuple, int] = {}    # n-gram of keys -> where it last ended (index in ids),
+        #                                      only occurrences that something followed
+        for t in text_tokens:
+            self._push(t)
+
+    def _push(self, tok: int) -> None:
+        # index the n-grams that end just before ``tok``: they now have a continuation, and the
+        # row's own last n tokens (the lookup key) are never found as their own match
+        end = len(self.ids) - 1
+        for n in LOOKUP_NGRAMS:
+            if end + 1 >= n:
+                self.index[tuple(self.keys[end + 1 - n:end + 1])] = end
+        self.ids.append(tok)
+        self.keys.append(self.d.key(tok))
+
+    def accept(self, tok: int) -> None:
+        """The row wrote ``tok`` (after the decoder checked it against llama.cpp's grammar)."""
+        # a layout the row left (json.dumps' after a free space) drafts no more
+        self.matchers = [m for m in self.matchers if m.consume_token(tok)]
+        self._push(tok)
+
+    def propose(self) -> tuple[list[int], int]:
+        """(draft tokens, how many of them are forced); drafts never hold an end-of-generation token."""
+        forced: list[int] = []
+        if self.matchers and not self.matchers[0].is_stopped():
+            eos = self.d.tokenizer.eos_token
+            forced = [t for t in self.matchers[0].compute_ff_tokens()[:self.d.max_draft] if t != eos]
+        if forced or not self.d.lookup:
+            return forced, len(forced)
+        return self._lookup(), 0
+
+    def _lookup(self) -> list[int]:
+        end = len(self.ids)
+        for n in LOOKUP_NGRAMS:
+            hit = self.index.get(tuple(self.keys[end - n:])) if end >= n else None
+            if hit is None:
+                continue
+            draft = self.ids[hit + 1:min(hit + 1 + LOOKUP_DRAFT, end)]
+            if self.matchers:                    # cut where the schema forbids it
+                draft = draft[:self.matchers[-1].validate_tokens(draft)]
+            if draft:
+                return draft
+        return []
