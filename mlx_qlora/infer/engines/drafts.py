@@ -19,11 +19,15 @@ decoding, token for token):
 """
 from __future__ import annotations
 
+import warnings
+import weakref
 from dataclasses import dataclass
 
 from ..structured import JSON_LAYOUT
 
-_TOKENIZERS: dict[int, object] = {}      # llama model address -> llguidance tokenizer (~1 s to build)
+# Llama -> llguidance tokenizer (~1 s to build); weak, so a closed model's entry goes with it (an
+# address would be reused by the next model loaded)
+_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 LOOKUP_NGRAMS = (3, 2, 1)                # longest match first: the most specific continuation
 LOOKUP_DRAFT = 4                         # tokens per prompt-lookup draft: a wrong one costs as
 #                                          much to evaluate as a right one, so drafts stay short
@@ -34,10 +38,11 @@ def llg_tokenizer(llm):
     import llama_cpp as lc
     from llguidance.llamacpp import lltokenizer_from_vocab
 
-    key = lc.llama_model_get_vocab(llm.model) or id(llm)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = lltokenizer_from_vocab(lc.llama_model_get_vocab(llm.model))
-    return _TOKENIZERS[key]
+    if llm not in _TOKENIZERS:
+        with warnings.catch_warnings():   # it reads each token's attributes by a deprecated name
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _TOKENIZERS[llm] = lltokenizer_from_vocab(lc.llama_model_get_vocab(llm.model))
+    return _TOKENIZERS[llm]
 
 
 # The layouts a row's output is followed in, first that still matches: json.dumps' (the training
