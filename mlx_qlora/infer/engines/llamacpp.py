@@ -122,20 +122,8 @@ class LlamaCppEngine(Engine):
         self.model_name = model_name or self.gguf_path.stem
         n_threads = n_threads or default_threads()
         self.n_threads = n_threads
-        # extra buffer types off (they segfault on AMX CPUs): a stand-in on branch wave3-26 until
-        # issue #21's loader (model/llama_load.open_llama) replaces this load
-        original = llama_cpp.llama_cpp.llama_model_default_params
-
-        def params():
-            p = original()
-            p.use_extra_bufts = False
-            return p
-        llama_cpp.llama_cpp.llama_model_default_params = params
-        try:
-            self.llm = llama_cpp.Llama(str(self.gguf_path), n_ctx=n_ctx, n_threads=n_threads,
-                                       n_threads_batch=n_threads, verbose=False)
-        finally:
-            llama_cpp.llama_cpp.llama_model_default_params = original
+        self.llm = llama_cpp.Llama(str(self.gguf_path), n_ctx=n_ctx, n_threads=n_threads,
+                                   n_threads_batch=n_threads, verbose=False)
         self.n_ctx = self.llm.n_ctx()
         meta = self.llm.metadata
         self.stop_ids = {self.llm.token_eos()}
