@@ -68,9 +68,9 @@ def time_stream(it, n: int) -> tuple[float, float]:
 
 
 def bench_llama_raw(gguf: Path, prompt_text: str, n: int, threads: int):
-    from llama_cpp import Llama
+    from mlx_qlora.model.llama_load import open_llama
 
-    llm = Llama(str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = open_llama(gguf, n_ctx=2048, n_threads=threads, n_threads_batch=threads)
     ids = llm.tokenize(prompt_text.encode(), add_bos=False, special=True)
 
     def run():

@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def anchor(model: str, rows: list[dict], schema: dict, instruction: str, threads: int | None, max_tokens: int):
-    from llama_cpp import Llama
+    from mlx_qlora.model.llama_load import open_llama
 
     from mlx_qlora.apps.prompt import messages
 
     kw = {"n_threads": threads, "n_threads_batch": threads} if threads else {}   # else the library's default
-    llm = Llama(model, n_ctx=2048, verbose=False, **kw)
+    llm = open_llama(model, n_ctx=2048, **kw)
     print(f"  (a) n_threads {llm.n_threads}", flush=True)
     out, t0 = [], time.perf_counter()
     for i, r in enumerate(rows):

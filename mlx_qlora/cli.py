@@ -54,11 +54,15 @@ def main():
 
 
 @main.command()
-def doctor():
-    """Show MLX device, BLAS in use (with measured sgemm GFLOP/s), embedded model, llama.cpp."""
+@click.option("--probe-llama", "probe_gguf", is_flag=False, flag_value="embedded", default=None,
+              metavar="[GGUF]", help="measure llama.cpp's extra buffer types (AMX, repacked rows) on this CPU "
+                                     "for GGUF (default: the embedded model) and remember the verdict")
+def doctor(probe_gguf: str | None):
+    """Show the CPU, MLX device, BLAS in use (with measured sgemm GFLOP/s), embedded model, llama.cpp
+    (its build and whether its extra buffer types are used)."""
     from .doctor import run_doctor
 
-    run_doctor()
+    run_doctor(probe_gguf)
 
 
 @main.command()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 from .model import blas as blas_loader
@@ -16,6 +17,9 @@ class DoctorReport:
     sgemm_gflops: float    # measured fp32 matmul throughput through MLX on the CPU
     embedded_model: str    # path of the embedded GGUF, or how to install it
     llama_cpp: str         # llama-cpp-python version, or why it is unavailable
+    cpu: str = ""          # CPU model and the features llama.cpp and the BLAS care about
+    llama_build: str = ""  # what llama-cpp-python was compiled with
+    llama_bufts: str = ""  # whether llama.cpp's extra buffer types (AMX, repack) are used, and why
 
     def lines(self) -> list[str]:
         return [
@@ -24,6 +28,9 @@ class DoctorReport:
             f"sgemm          {self.sgemm_gflops:.1f} GFLOP/s (fp32 1024x1024 matmul on the CPU through MLX)",
             f"embedded model {self.embedded_model}",
             f"llama.cpp      {self.llama_cpp}",
+            f"CPU            {self.cpu}",
+            f"llama build    {self.llama_build}",
+            f"llama bufts    {self.llama_bufts}",
         ]
 
 
@@ -60,9 +67,11 @@ def _backend() -> tuple[str, str]:
 def collect() -> DoctorReport:
     import mlx.core as mx
 
+    from .model import llama_load
     from .model.embedded import INSTALL_HINT, find_embedded_gguf
 
     device, backend = _backend()
+    cpu = llama_load.cpu_info()
     state = blas_loader.STATE
     blas = state.path if state.path else f"MLX's bundled BLAS ({state.reason})"
     gguf = find_embedded_gguf()
@@ -75,10 +84,28 @@ def collect() -> DoctorReport:
     return DoctorReport(mlx_version=mx.__version__, device=device, backend=backend, blas=blas,
                         sgemm_gflops=measure_sgemm_gflops(),
                         embedded_model=str(gguf) if gguf else f"not installed ({INSTALL_HINT})",
-                        llama_cpp=llama)
+                        llama_cpp=llama, cpu=f"{cpu.model}: {' '.join(cpu.features) or 'no AVX2/AVX-512/AMX/NEON'}",
+                        llama_build=llama_load.llama_build(), llama_bufts=_bufts_line(llama_load, gguf))
 
 
-def run_doctor() -> DoctorReport:
+def _bufts_line(llama_load, gguf) -> str:
+    """The choice for the embedded model's type (what the demo and chat load) and the rule's reason."""
+    wtype = llama_load.gguf_weight_type(gguf) if gguf else None
+    choice = llama_load.choose_extra_bufts(wtype)
+    return f"extra buffer types {choice.why}" + (f" for {wtype}" if wtype else "")
+
+
+def run_doctor(probe_gguf: str | None = None) -> DoctorReport:
+    if probe_gguf:
+        from .errors import require
+        from .model import llama_load
+        from .model.embedded import embedded_gguf_path
+
+        path = embedded_gguf_path() if probe_gguf == "embedded" else probe_gguf
+        require(str(path).endswith(".gguf") and Path(path).is_file(),
+                f"--probe-llama {probe_gguf!r}: not a GGUF file; pass a .gguf path or no value (the embedded model)")
+        for wtype, v in llama_load.probe(path).items():
+            print(f"probe          {Path(path).name} ({wtype}): {v['verdict']}")
     report = collect()
     for line in report.lines():
         print(line)

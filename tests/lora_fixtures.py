@@ -98,9 +98,9 @@ def mlx_greedy(model, tokens: list[int], n: int) -> list[int]:
 
 
 def llama(gguf_path: Path, lora: Path | None = None, vocab_only: bool = False):
-    from llama_cpp import Llama
+    from mlx_qlora.model.llama_load import open_llama
 
-    return Llama(model_path=str(gguf_path), lora_path=str(lora) if lora else None, n_ctx=256,
+    return open_llama(gguf_path, lora_path=str(lora) if lora else None, n_ctx=256,
                  logits_all=True, n_threads=2, n_batch=256, verbose=False, vocab_only=vocab_only)
 
 

@@ -5,6 +5,7 @@ import pytest
 import tiny
 from mlx_qlora.model import model_io
 from mlx_qlora.model.convert import ConvertConfig, run_convert
+from mlx_qlora.model.llama_load import open_llama
 
 TRICKY = ["Hello world", "  leading and  double  spaces", "digits 1234567 and 3.14159", "tabs\tand\nnewlines\n",
           "unicode: naïve café 日本語 🤖 ✓", "SELECT name FROM users WHERE age > 30;", "don't we'll", ""]
@@ -19,7 +20,7 @@ def test_sentencepiece_gguf_tokenizer_matches_llama_cpp_and_sentencepiece(tmp_pa
     g = tiny.write_sp_gguf(tmp_path / "sp.gguf", sp_model)
     run_convert(ConvertConfig(source=str(g), out_dir=str(tmp_path / "o")))
     _, tok = model_io.load(tmp_path / "o")
-    llm = llama_cpp.Llama(str(g), vocab_only=True, verbose=False)
+    llm = open_llama(g, vocab_only=True)
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     for text in TRICKY:
         ours = tok.encode(text)  # adds BOS, as the GGUF's add_bos_token says
@@ -34,7 +35,7 @@ def test_bpe_gguf_tokenizer_matches_llama_cpp(tmp_path, tiny_hf_llama):
     g = tiny.write_gguf(tiny_hf_llama, tmp_path / "m.gguf", "F32")
     run_convert(ConvertConfig(source=str(g), out_dir=str(tmp_path / "o")))
     _, tok = model_io.load(tmp_path / "o")
-    llm = llama_cpp.Llama(str(g), vocab_only=True, verbose=False)
+    llm = open_llama(g, vocab_only=True)
     for text in TRICKY + ["<|im_start|>user\nhi<|im_end|>"]:
         assert tok.encode(text) == llm.tokenize(text.encode(), add_bos=False, special=True), text
 

@@ -104,7 +104,7 @@ def test_batched_logits_are_bit_identical_to_one_row_at_a_time(qtype, tmp_path):
     the same float whatever rows run beside it (each sequence in its own KV stream; quantized
     matmuls take one path for one token and for many; F32 weights do not, so they are not used here)."""
     import numpy as np
-    from llama_cpp import Llama
+    from mlx_qlora.model.llama_load import open_llama
 
     from mlx_qlora.infer.engines.llamacpp_batch import BatchDecoder, Job, schema_to_gbnf
 
@@ -115,7 +115,7 @@ def test_batched_logits_are_bit_identical_to_one_row_at_a_time(qtype, tmp_path):
             seen.setdefault(slot.job.key, []).append(logits.copy())
             return super()._pick(slot, logits)
 
-    llm = Llama(str(tiny_gguf), n_ctx=64, n_threads=1, verbose=False)
+    llm = open_llama(tiny_gguf, n_ctx=64, n_threads=1)
     prefix = llm.tokenize(b"Reviews follow. Extract the aspects of each one.", add_bos=True)
     jobs = lambda: [Job(i, prefix + llm.tokenize(r.encode(), add_bos=False)) for i, r in enumerate(REVIEWS)]
     runs = {}

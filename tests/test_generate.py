@@ -9,6 +9,7 @@ import mlx_qlora  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
 
 from mlx_qlora.errors import UserError
+from mlx_qlora.model.llama_load import open_llama
 from mlx_qlora.infer.generate import Detokenizer, KVSession, SamplingConfig, generate_tokens
 from test_adapters import make_adapter, write_untied_llama
 
@@ -192,7 +193,7 @@ def _llama_direct_greedy(gguf, prompt, n, stop, lora=None):
 
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(gguf), n_ctx=512, logits_all=True, n_threads=1, n_threads_batch=1, verbose=False)
+    llm = open_llama(gguf, n_ctx=512, logits_all=True, n_threads=1, n_threads_batch=1)
     if lora is not None:
         h = llama_cpp.llama_adapter_lora_init(llm.model, str(lora).encode())
         llama_cpp.llama_set_adapters_lora(llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(h), 1,
@@ -261,7 +262,7 @@ def _llama_logits(gguf, ids, lora):
 
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(gguf), n_ctx=512, logits_all=True, n_threads=1, n_threads_batch=1, verbose=False)
+    llm = open_llama(gguf, n_ctx=512, logits_all=True, n_threads=1, n_threads_batch=1)
     h = llama_cpp.llama_adapter_lora_init(llm.model, str(lora).encode())
     llama_cpp.llama_set_adapters_lora(llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(h), 1,
                                       (ctypes.c_float * 1)(1.0))

@@ -8,6 +8,7 @@ import mlx_qlora  # noqa: F401
 import mlx.core as mx
 
 from mlx_qlora.model import model_io
+from mlx_qlora.model.llama_load import open_llama
 
 pytestmark = [pytest.mark.real, pytest.mark.llamacpp]
 
@@ -33,7 +34,7 @@ TRICKY = ["Hello world", "  leading and  double  spaces ", "digits 1234567 and 3
 @pytest.fixture(scope="module")
 def llama(smollm2_gguf):
     llama_cpp = pytest.importorskip("llama_cpp")
-    return llama_cpp.Llama(str(smollm2_gguf), logits_all=True, n_ctx=512, n_threads=2, verbose=False)
+    return open_llama(smollm2_gguf, logits_all=True, n_ctx=512, n_threads=2)
 
 
 @pytest.fixture(scope="module")

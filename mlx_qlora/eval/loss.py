@@ -88,15 +88,16 @@ class LlamaCppScorer:
 
     def __init__(self, gguf: str | Path, n_ctx: int = 2048, threads: int | None = None):
         try:
-            from llama_cpp import Llama
+            import llama_cpp  # noqa: F401
         except ImportError:
             raise UserError("scoring a .gguf needs llama-cpp-python: pip install 'mlx_qlora[llama]'") from None
         from ..infer.engines.llamacpp import default_threads
+        from ..model.llama_load import open_llama
 
         self.path = Path(gguf)
         threads = threads or default_threads()
-        self.llm = Llama(str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                         n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.llm = open_llama(self.path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                              n_threads=threads, n_threads_batch=threads)
         self.n_ctx = self.llm.n_ctx()
         self.engine = f"llama.cpp ({threads} thread{'s' * (threads > 1)})"
 

@@ -104,10 +104,12 @@ def export_and_answer(model: str, adapter: str | None, out: str, prompt: str, ma
     through llama.cpp with the GGUF's own chat template (greedy). The demo's last step."""
     run_export(ExportConfig(model=model, out=out, adapter=adapter, force=force))
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError:
         raise UserError("llama.cpp is not installed: pip install llama-cpp-python") from None
-    llm = Llama(model_path=out, n_ctx=1024, verbose=False)
+    from ..model.llama_load import open_llama
+
+    llm = open_llama(out, n_ctx=1024)
     reply = llm.create_chat_completion([{"role": "user", "content": prompt}], temperature=0.0,
                                        max_tokens=max_tokens)
     answer = reply["choices"][0]["message"]["content"].strip()

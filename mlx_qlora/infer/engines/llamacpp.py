@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ...errors import UserError, require
+from ...model.llama_load import open_llama
 from ..adapters import AdapterSpec
 from ..generate import ByteDetokenizer, SamplingConfig, common_prefix
 from .base import Engine
@@ -122,8 +123,7 @@ class LlamaCppEngine(Engine):
         self.model_name = model_name or self.gguf_path.stem
         n_threads = n_threads or default_threads()
         self.n_threads = n_threads
-        self.llm = llama_cpp.Llama(str(self.gguf_path), n_ctx=n_ctx, n_threads=n_threads,
-                                   n_threads_batch=n_threads, verbose=False)
+        self.llm = open_llama(self.gguf_path, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads)
         self.n_ctx = self.llm.n_ctx()
         meta = self.llm.metadata
         self.stop_ids = {self.llm.token_eos()}

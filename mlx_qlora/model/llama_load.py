@@ -1,0 +1,248 @@
+"""The one place that opens a llama.cpp model: every ``Llama(...)`` of the package comes from
+:func:`open_llama`, so a CPU-specific setting cannot be forgotten by one path (a test walks the
+sources for any other ``Llama(`` call).
+
+Why it exists: llama.cpp moves weights into "extra buffer types" on some CPUs -- on x86 the AMX
+type (Intel Xeons since Sapphire Rapids: ``amx_tile amx_int8`` in /proc/cpuinfo) and the
+repacked CPU type (Q4_0/IQ4_NL/Q4_K/Q8_0 rows interleaved for AVX2/NEON). With
+llama-cpp-python 0.3.36 as ``scripts/setup.sh`` builds it, a plain completion from the embedded
+Q4_1 GGUF segfaults on a 2-core AMX Xeon while the same call with ``use_extra_bufts=False``
+answers (issue #21). So the extra types are used only where they were measured correct there:
+
+1. ``MLX_QLORA_LLAMA_EXTRA_BUFTS=1|0`` forces the choice (a user who measured their machine);
+2. a measurement by ``mlx_qlora doctor --probe-llama`` for this CPU, this llama-cpp-python and
+   this GGUF weight type (cached under ``~/.cache/mlx_qlora``), which runs both settings in child
+   processes, so a crash there is a measured "no", not a dead ``doctor``;
+3. otherwise a rule by CPU: off where the CPU has AMX (the crash above), on elsewhere -- llama.cpp's
+   own default, the setting of every measurement and test made on AVX2 and NEON machines before.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+ENV_VAR = "MLX_QLORA_LLAMA_EXTRA_BUFTS"
+CACHE_DIR = Path(os.environ.get("MLX_QLORA_CACHE", Path.home() / ".cache" / "mlx_qlora"))
+
+# /proc/cpuinfo flag -> the name said to users. The x86 ones decide llama.cpp's kernels; NEON is
+# "asimd" in an aarch64 "Features" line (and always present on Apple silicon).
+FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16",
+            "amx_tile": "AMX", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16", "asimd": "NEON"}
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str                 # "Intel(R) Xeon(R) Processor", "Apple M2", ...
+    flags: frozenset           # the raw flags of interest present (keys of FEATURES)
+
+    @property
+    def features(self) -> list[str]:
+        return [name for flag, name in FEATURES.items() if flag in self.flags]
+
+    @property
+    def key(self) -> str:
+        """Stable id of the CPU class, for the probe cache."""
+        return hashlib.sha1(f"{self.model}|{sorted(self.flags)}".encode()).hexdigest()[:12]
+
+
+def parse_cpuinfo(text: str, machine: str = "") -> CpuInfo:
+    model, flags = "", set()
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        k = k.strip().lower()
+        if k in ("model name", "hardware", "cpu model") and not model:
+            model = v.strip()
+        elif k in ("flags", "features"):
+            flags |= set(v.split())
+    if machine in ("arm64", "aarch64"):
+        flags.add("asimd")             # NEON is mandatory on ARMv8-A
+    return CpuInfo(model or machine or "unknown CPU", frozenset(f for f in flags if f in FEATURES))
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> CpuInfo:
+    text = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        try:   # macOS
+            text = "model name: " + subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
+                                                   capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return parse_cpuinfo(text, platform.machine().lower())
+
+
+def llama_build() -> str:
+    """What llama-cpp-python was built with (llama.cpp's system-info line), or why unknown."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return "llama-cpp-python not installed"
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode() if isinstance(info, bytes) else str(info)
+    parts = [p.split(":")[-1].strip() for p in info.split("|") if p.strip().endswith("= 1")]
+    return f"llama-cpp-python {llama_cpp.__version__}: " + " ".join(p.split(" =")[0] for p in parts)
+
+
+@dataclass(frozen=True)
+class BuftChoice:
+    extra_bufts: bool
+    why: str
+
+
+def _probe_cache() -> Path:
+    try:
+        import llama_cpp
+        version = llama_cpp.__version__
+    except ImportError:
+        version = "none"
+    return CACHE_DIR / f"llama_bufts-{cpu_info().key}-{version}.json"
+
+
+def read_probe() -> dict:
+    try:
+        return json.loads(_probe_cache().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def choose_extra_bufts(gguf_type: str | None = None, cpu: CpuInfo | None = None,
+                       env: dict | None = None, probe: dict | None = None) -> BuftChoice:
+    """Whether llama.cpp may move weights of a GGUF of ``gguf_type`` into its extra buffer types."""
+    env = os.environ if env is None else env
+    forced = env.get(ENV_VAR, "").strip().lower()
+    if forced in ("1", "on", "true", "yes"):
+        return BuftChoice(True, f"on ({ENV_VAR}={forced})")
+    if forced in ("0", "off", "false", "no"):
+        return BuftChoice(False, f"off ({ENV_VAR}={forced})")
+    cpu = cpu or cpu_info()
+    probe = read_probe() if probe is None else probe
+    got = probe.get(gguf_type or "") if gguf_type else None
+    if got:
+        ok = got["correct"] and got["speedup"] > 1.0
+        return BuftChoice(ok, f"{'on' if ok else 'off'} (measured by doctor --probe-llama on {gguf_type}: "
+                              f"{got['verdict']})")
+    if "amx_tile" in cpu.flags:
+        return BuftChoice(False, "off (AMX CPU: llama.cpp's AMX buffer type segfaulted on Q4_1 there; "
+                                 f"{ENV_VAR}=1 turns it on)")
+    return BuftChoice(True, "on (llama.cpp's default; no AMX on this CPU)")
+
+
+def gguf_weight_type(path: str | Path) -> str | None:
+    """The GGUF's main weight type ('Q4_1', 'F16', ...): general.file_type where written, else the
+    most common type of its 2-D tensors (what llama.cpp's buffer types act on); None if unreadable."""
+    try:
+        import gguf
+        r = gguf.GGUFReader(str(path))
+        field = r.fields.get("general.file_type")
+        if field is not None:
+            return gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+        kinds = [t.tensor_type.name for t in r.tensors if len(t.shape) == 2]
+        return max(set(kinds), key=kinds.count) if kinds else None
+    except Exception:  # noqa: BLE001 - a type we cannot read means "no measurement", not an error
+        return None
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+@contextmanager
+def model_params(extra_bufts: bool):
+    """llama-cpp-python's ``Llama`` takes no ``use_extra_bufts`` argument: it builds its model
+    parameters from ``llama_model_default_params()``. For the duration of one load that function
+    returns parameters with the field set; a lock keeps two threads' loads apart."""
+    from llama_cpp import llama_cpp as C
+
+    with _LOAD_LOCK:
+        original = C.llama_model_default_params
+
+        def params():
+            p = original()
+            p.use_extra_bufts = extra_bufts
+            return p
+
+        C.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            C.llama_model_default_params = original
+
+
+def open_llama(path: str | Path, extra_bufts: bool | None = None, **kwargs):
+    """``llama_cpp.Llama(path, **kwargs)`` with the load parameters this CPU needs; ``extra_bufts``
+    None = :func:`choose_extra_bufts` for the file's weight type.
+
+    Raises ImportError when llama-cpp-python is missing (callers turn it into their own hint)."""
+    from llama_cpp import Llama
+
+    if extra_bufts is None:
+        extra_bufts = choose_extra_bufts(gguf_weight_type(path)).extra_bufts
+    kwargs.setdefault("verbose", False)
+    with model_params(extra_bufts):
+        return Llama(model_path=str(path), **kwargs)
+
+
+# --- the measurement (mlx_qlora doctor --probe-llama) -------------------------------------------
+_CHILD = r"""
+import sys, time, numpy as np
+from mlx_qlora.model.llama_load import open_llama
+path, on, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+llm = open_llama(path, extra_bufts=on, n_ctx=256, n_batch=256, n_ubatch=256, logits_all=True,
+                 n_threads=int(sys.argv[4]), n_threads_batch=int(sys.argv[4]))
+ids = llm.tokenize(b"Reviews at scale: the pasta was great but the service was slow and the room loud. " * 3)[:96]
+best = float("inf")
+for _ in range(3):
+    llm.reset(); t0 = time.perf_counter(); llm.eval(ids); best = min(best, time.perf_counter() - t0)
+np.save(out, np.asarray(llm.scores[:len(ids)], np.float32))
+print(len(ids) / best)
+"""
+
+
+def probe(gguf: str | Path, threads: int = 2, timeout: float = 300) -> dict:
+    """Run a 96-token prompt through ``gguf`` with llama.cpp's extra buffer types on and off, each
+    in a child process (a crash is a result here). Correct = the same argmax at every position and
+    max|Δlogit| ≤ 2% of the logits' spread (the extra types reorder and requantize the dot
+    products, so equality is not expected; 2% is far below what a wrong kernel gives). The
+    verdict is cached per CPU class, llama-cpp-python version and weight type."""
+    import sys
+    import tempfile
+
+    import numpy as np
+
+    wtype = gguf_weight_type(gguf) or "unknown"
+    res = {}
+    with tempfile.TemporaryDirectory() as d:
+        for on in (False, True):
+            out = Path(d) / f"{int(on)}.npy"
+            p = subprocess.run([sys.executable, "-c", _CHILD, str(gguf), str(int(on)), str(out), str(threads)],
+                               capture_output=True, text=True, timeout=timeout)
+            res[on] = (p.returncode, float(p.stdout.split()[-1]) if p.returncode == 0 else 0.0,
+                       np.load(out) if p.returncode == 0 else None)
+    (rc_off, tps_off, ref), (rc_on, tps_on, got) = res[False], res[True]
+    if rc_off != 0:
+        verdict = {"correct": False, "speedup": 0.0, "verdict": f"the plain load failed (exit {rc_off})"}
+    elif rc_on != 0:
+        verdict = {"correct": False, "speedup": 0.0,
+                   "verdict": f"crashed with extra buffer types (exit {rc_on}); off: {tps_off:.0f} tok/s"}
+    else:
+        diff = float(np.abs(got - ref).max())
+        spread = float(ref.max() - ref.min())
+        same = bool((got.argmax(-1) == ref.argmax(-1)).all())
+        correct = same and diff <= 0.02 * spread
+        verdict = {"correct": correct, "speedup": tps_on / tps_off,
+                   "verdict": f"{'correct' if correct else 'WRONG'} (max|Δ| {diff:.3g} of spread {spread:.3g}), "
+                              f"prompt {tps_on:.0f} vs {tps_off:.0f} tok/s on/off"}
+    cache = read_probe()
+    cache[wtype] = verdict
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    _probe_cache().write_text(json.dumps(cache, indent=1))
+    return {wtype: verdict}
