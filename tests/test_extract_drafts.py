@@ -2,7 +2,6 @@
 greedy tokens -- and the same float logits at every position -- as one token per row per step."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,31 +13,12 @@ pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp
 
 ROOT = Path(__file__).resolve().parent.parent
-ASPECTS = json.loads((ROOT / "recipes" / "schemas" / "aspects.json").read_text())
 
 
 def open_llama(path, **kw):
-    """A llama.cpp model with extra buffer types off (they crash on AMX CPUs, issue #21)."""
-    try:
-        from mlx_qlora.model.llama_load import open_llama as central
-    except ImportError:
-        central = None
-    if central is not None:
-        return central(path, **kw)
-    from llama_cpp import Llama
-    from llama_cpp import llama_cpp as C
+    from mlx_qlora.model.llama_load import open_llama as central
 
-    original = C.llama_model_default_params
-
-    def params():
-        p = original()
-        p.use_extra_bufts = False
-        return p
-    C.llama_model_default_params = params
-    try:
-        return Llama(str(path), verbose=False, **kw)
-    finally:
-        C.llama_model_default_params = original
+    return central(path, **kw)
 
 
 def decode(llm, schema, prompts, prefix, parallel, drafter, max_tokens=40):
