@@ -2,7 +2,13 @@
 
 (a) the anchor: one ``Llama``, ``create_chat_completion`` per review with the schema as
     ``response_format`` ({"type": "json_object", "schema": ...}), greedy, one review at a time.
-(b) ``mlx_qlora extract`` on the same GGUF, the same rows, the same messages and schema.
+(b0) ``mlx_qlora extract --drafts off``: the batched decoder one token per row per step (the
+    decoder before forced-token / prompt-lookup drafts, issue #26).
+(b) ``mlx_qlora extract`` (``--drafts schema``, the default) on the same GGUF, the same rows, the
+    same messages and schema; (b+) ``--drafts all`` (prompt lookup too).
+Each extract run prints the tokens the model evaluated per row: prompt, forced (drafted from the
+schema and kept), drafted (prompt lookup, kept), sampled (the model's own choices) and drafted
+tokens thrown away, and the decode steps per row; (b) must give (b0)'s rows exactly.
 
 Threads: by default each side as its user would run it — (a) with llama-cpp-python's default
 (``n_threads`` = half the cores: 1 on a 2-core box), (b) with extract's (the idle cores) — and
@@ -61,6 +67,7 @@ def main() -> None:
     ap.add_argument("--anchor-all-cores", action="store_true", help="also run (a) with every core")
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--price-per-hour", type=float, default=None)
+    ap.add_argument("--skip-anchor", action="store_true", help="only (b0) and (b)")
     args = ap.parse_args()
 
     from mlx_qlora.apps.costs import cost_rows, default_price_per_hour
@@ -74,8 +81,10 @@ def main() -> None:
     price = default_price_per_hour() if args.price_per_hour is None else args.price_per_hour
     print(f"model {model}, {len(rows)} reviews, threads {args.threads or 'each side default'}")
 
-    print("(a) llama-cpp-python create_chat_completion, one review at a time, response_format schema")
-    ref, rps_a = anchor(model, rows, schema, instruction_of(schema), args.threads or None, args.max_tokens)
+    rps_a = None
+    if not args.skip_anchor:
+        print("(a) llama-cpp-python create_chat_completion, one review at a time, response_format schema")
+        ref, rps_a = anchor(model, rows, schema, instruction_of(schema), args.threads or None, args.max_tokens)
     rps_all = None
     if args.anchor_all_cores:
         import os
@@ -84,28 +93,45 @@ def main() -> None:
         ref_all, rps_all = anchor(model, rows, schema, instruction_of(schema), len(os.sched_getaffinity(0)),
                                   args.max_tokens)
 
-    print(f"(b) mlx_qlora extract --parallel {args.parallel}")
+    runs = {}
     with tempfile.TemporaryDirectory() as d:
         inp = Path(d) / "in.jsonl"
         inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        summary = run_extract(ExtractConfig(model=model, input=str(inp), output=str(Path(d) / "out.jsonl"),
-                                            parallel=args.parallel, threads=args.threads or None, progress=False,
-                                            max_tokens=args.max_tokens, price_per_hour=price))
-        got = [json.loads(line).get("result") for line in open(Path(d) / "out.jsonl")]
-    rps_b = summary["rows_per_s"]
-    same = sum(a == b for a, b in zip(ref, got))
+        for name, drafts in (("b0", "off"), ("b", "schema"), ("b+", "all")):
+            print(f"({name}) mlx_qlora extract --parallel {args.parallel} --drafts {drafts}")
+            out = Path(d) / f"{name}.jsonl"
+            summary = run_extract(ExtractConfig(model=model, input=str(inp), output=str(out), parallel=args.parallel,
+                                                threads=args.threads or None, progress=False, drafts=drafts,
+                                                max_tokens=args.max_tokens, price_per_hour=price))
+            runs[name] = summary, [json.loads(line) for line in open(out)]
+    (s0, got0), (s1, got1), (s2, got2) = runs["b0"], runs["b"], runs["b+"]
+    rps_b = s1["rows_per_s"]
+    base = rps_a or s0["rows_per_s"]
     print()
-    print("| run | rows/s | vs (a) | USD per 1M reviews |")
-    print("|---|---:|---:|---:|")
-    print(f"| (a) llama-cpp-python, one at a time | {rps_a:.2f} | 1.00x | {1e6 / rps_a / 3600 * price:,.2f} |")
+    print("| run | rows/s | vs " + ("(a)" if rps_a else "(b0)") + " | tokens evaluated per row: prompt + forced + "
+          "drafted + sampled + thrown away = total | decode steps per row | USD per 1M reviews |")
+    print("|---|---:|---:|---|---:|---:|")
+    if rps_a:
+        print(f"| (a) llama-cpp-python, one at a time | {rps_a:.2f} | 1.00x | | | {1e6 / rps_a / 3600 * price:,.2f} |")
     if rps_all:
-        print(f"| (a') the same, every core | {rps_all:.2f} | {rps_all / rps_a:.2f}x | {1e6 / rps_all / 3600 * price:,.2f} |")
-    vs_all = f" ({rps_b / rps_all:.2f}x (a'))" if rps_all else ""
-    print(f"| (b) mlx_qlora extract --parallel {args.parallel} | {rps_b:.2f} | {rps_b / rps_a:.2f}x{vs_all} | "
-          f"{1e6 / rps_b / 3600 * price:,.2f} |")
-    for who, usd in cost_rows(rps_b, summary["tokens_in"], summary["tokens_out"], price)[1:]:
-        print(f"| API {who} ({summary['tokens_in']:.0f} in / {summary['tokens_out']:.0f} out tokens per review) | | | {usd:,.2f} |")
-    print(f"\nsame result on {same}/{len(rows)} rows; price ${price}/h")
+        print(f"| (a') the same, every core | {rps_all:.2f} | {rps_all / base:.2f}x | | | "
+              f"{1e6 / rps_all / 3600 * price:,.2f} |")
+    for name, (sm, _) in runs.items():
+        e = sm["evaluated_per_row"]
+        label = {"b0": "extract --drafts off (one token per step)", "b": "extract --drafts schema (default)",
+                 "b+": "extract --drafts all (+ prompt lookup)"}[name]
+        print(f"| ({name}) {label}, --parallel {args.parallel} | {sm['rows_per_s']:.2f} | {sm['rows_per_s'] / base:.2f}x | "
+              f"{e['prompt']:.1f} + {e['forced']:.1f} + {e['drafted']:.1f} + {e['sampled']:.1f} + {e['rejected']:.1f} = "
+              f"{e['total']:.1f} | {e['steps']:.1f} | {1e6 / sm['rows_per_s'] / 3600 * price:,.2f} |")
+    for who, usd in cost_rows(rps_b, s1["tokens_in"], s1["tokens_out"], price)[1:]:
+        print(f"| API {who} ({s1['tokens_in']:.0f} in / {s1['tokens_out']:.0f} out tokens per review) | | | | | {usd:,.2f} |")
+    same_b, same_b2 = sum(a == b for a, b in zip(got0, got1)), sum(a == b for a, b in zip(got0, got2))
+    print(f"\n(b) = (b0) on {same_b}/{len(rows)} rows, (b+) = (b0) on {same_b2}/{len(rows)} (whole output lines); "
+          f"speed (b) / (b0) {rps_b / s0['rows_per_s']:.2f}x, (b+) / (b0) {s2['rows_per_s'] / s0['rows_per_s']:.2f}x; "
+          f"price ${price}/h")
+    if rps_a:
+        same = sum(a == b.get("result") for a, b in zip(ref, got1))
+        print(f"(b) same result as (a) on {same}/{len(rows)} rows")
 
 
 if __name__ == "__main__":

@@ -54,21 +54,19 @@ def test_drafts_give_the_tokens_and_logits_of_one_token_per_step(qtype, tmp_path
     tok1, log1, plain = decode(llm, SMALL, prompts, prefix, 1, None)
     assert plain.forced == plain.lookup == plain.rejected == 0
     assert plain.sampled == sum(map(len, tok1.values())) and plain.steps >= max(map(len, tok1.values()))
-    for parallel, forced, lookup in [(4, True, True), (1, True, False), (3, False, True)]:
-        drafter = Drafter(llm, SMALL, forced=forced, lookup=lookup)
-        tok, logits, counts = decode(llm, SMALL, prompts, prefix, parallel, drafter)
-        assert tok == tok1, (parallel, forced, lookup)
+    sources = [dict(forced=True, lookup=False, habits=False), dict(forced=False, lookup=True, habits=False),
+               dict(forced=False, lookup=False, habits=True), dict()]
+    for parallel, kw in zip((1, 3, 2, 4), sources):
+        tok, logits, counts = decode(llm, SMALL, prompts, prefix, parallel, Drafter(llm, SMALL, **kw))
+        assert tok == tok1, kw
         for key in log1:   # one pick per output token (+ the end): same count, bit for bit the same floats
             assert len(logits[key]) == len(log1[key])
             assert all(np.array_equal(a, b) for a, b in zip(log1[key], logits[key])), key
-        # every output token is accounted for once: kept as forced, kept as looked up, or chosen
+        # every output token is accounted for once: kept as forced, kept as otherwise drafted, or chosen
         assert counts.forced + counts.lookup + counts.sampled == plain.sampled
-        if forced:   # the schema's keys and quotes were drafted and kept: fewer steps than tokens
-            assert counts.forced > 0 and counts.steps < plain.steps * parallel
-        else:
-            assert counts.forced == 0
-        if not lookup:
-            assert counts.lookup == 0
+        assert counts.forced + counts.lookup > 0 and counts.steps * parallel < plain.steps, kw
+        assert (counts.forced > 0) == kw.get("forced", True), kw
+        assert (counts.lookup > 0) == (kw.get("lookup", True) or kw.get("habits", True)), kw
     llm.close()
 
 
@@ -82,9 +80,9 @@ def test_lookup_drafts_the_rest_of_a_term_from_the_text(tmp_path):
     row = drafter.row(text)
     for t in llm.tokenize(b'{"aspects": [{"term": "Lobster mango', add_bos=False):
         row.accept(t)
-    draft, n_forced = row.propose()
+    draft, forced = row.propose()
     expected = llm.tokenize(b" summer roll and the squid.", add_bos=False)[:LOOKUP_DRAFT]
-    assert n_forced == 0 and draft == expected
+    assert not any(forced) and draft == expected
     llm.close()
 
 
@@ -97,12 +95,12 @@ def test_extract_same_rows_with_and_without_drafts_and_the_split_adds_up(tmp_pat
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": r} for r in REVIEWS])
     for sch, extra in [(schema, {}), (spans, {"span_field": "term"})]:   # one grammar, one per row
         got = {}
-        for drafts in (False, True):
+        for drafts, parallel in (("off", 1), ("schema", 2), ("all", 3)):
             out = tmp_path / f"o{drafts}{len(extra)}.jsonl"
-            summary = run(gguf, inp, out, parallel=1 if not drafts else 3, schema=str(sch), drafts=drafts, **extra)
+            summary = run(gguf, inp, out, parallel=parallel, schema=str(sch), drafts=drafts, **extra)
             got[drafts] = read(out), summary
-        (plain, s0), (drafted, s1) = got[False], got[True]
-        assert drafted == plain and all("result" in r for r in plain)
+        (plain, s0), (drafted, s1) = got["off"], got["all"]
+        assert drafted == plain == got["schema"][0] and all("result" in r for r in plain)
         split0, split1 = s0["evaluated_per_row"], s1["evaluated_per_row"]
         assert split0["forced"] == split0["drafted"] == split0["rejected"] == 0
         assert split1["forced"] > 0 and split1["steps"] < split0["steps"]
@@ -117,9 +115,18 @@ def test_extract_same_rows_with_and_without_drafts_and_the_split_adds_up(tmp_pat
 def test_smollm2_same_rows_with_and_without_drafts(smollm2_gguf, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": r} for r in REVIEWS])
     outs = {}
-    for drafts, parallel in ((False, 1), (True, 4)):
+    for drafts, parallel in (("off", 1), ("all", 4)):
         out = tmp_path / f"o{drafts}.jsonl"
         summary = run(smollm2_gguf, inp, out, parallel=parallel, max_tokens=120, drafts=drafts)
         outs[drafts] = read(out)
-    assert outs[True] == outs[False] and len(outs[True]) == len(REVIEWS)
+    assert outs["all"] == outs["off"] and len(outs["all"]) == len(REVIEWS)
     assert summary["evaluated_per_row"]["forced"] > 0
+
+
+def test_unknown_drafts_value_is_one_clear_error(tmp_path):
+    from mlx_qlora.apps.extract import ExtractConfig
+    from mlx_qlora.errors import UserError
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    with pytest.raises(UserError, match=r"--drafts 'some': use one of off, schema, all"):
+        ExtractConfig(model=None, input=str(inp), output=str(tmp_path / "o.jsonl"), drafts="some")

@@ -27,6 +27,10 @@ from .costs import cost_rows, default_price_per_hour, load_prices
 from .prompt import instruction_of, load_schema, messages
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+# --drafts: what the batched llama.cpp decoder drafts (infer/engines/drafts.py); every choice gives
+# the same answers, only the work differs: "schema" = the schema's forced tokens split the way the
+# model splits them (its habits over earlier rows); "all" adds prompt lookup (copies of the review)
+DRAFTS = {"off": None, "schema": {"lookup": False}, "all": {}}
 
 
 @dataclass
@@ -45,7 +49,7 @@ class ExtractConfig:
     threads: int | None = None
     progress: bool = True
     span_field: str | None = None     # string fields of this name must be spans of the row's text
-    drafts: bool = True               # llama.cpp: forced tokens and prompt lookup checked in one step
+    drafts: str = "schema"            # llama.cpp drafts checked in one step: off | schema | all (DRAFTS)
 
     def __post_init__(self):
         require(Path(self.input).is_file(), f"--input {self.input!r}: file not found")
@@ -57,6 +61,7 @@ class ExtractConfig:
         require(self.price_per_hour is None or self.price_per_hour >= 0,
                 f"--price-per-hour {self.price_per_hour}: use a price >= 0 in USD per hour")
         require(bool(self.text_field), "--text-field: give the JSON key that holds the text, e.g. text")
+        require(self.drafts in DRAFTS, f"--drafts {self.drafts!r}: use one of {', '.join(DRAFTS)}")
 
 
 @dataclass
@@ -197,7 +202,7 @@ def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row, schema):
     from ..infer.engines.llamacpp import default_threads
     from ..infer.engines.llamacpp_batch import BatchDecoder, Job, schema_to_gbnf
 
-    drafter = Drafter(engine.llm, schema) if cfg.drafts else None
+    drafter = Drafter(engine.llm, schema, **DRAFTS[cfg.drafts]) if DRAFTS[cfg.drafts] is not None else None
     dec = BatchDecoder(engine.llm, gbnf, prefix, parallel=cfg.parallel, max_tokens=cfg.max_tokens,
                        slot_tokens=512, n_threads=cfg.threads or default_threads(), drafter=drafter)
     try:
@@ -352,7 +357,7 @@ def summarize(cfg, out: Path, total: int, skipped: int, tally: Tally, elapsed: f
         print(f"tokens evaluated per row: {split['prompt']:.1f} prompt + {split['forced']:.1f} forced + "
               f"{split['drafted']:.1f} drafted (kept) + {split['sampled']:.1f} sampled + {split['rejected']:.1f} "
               f"drafted (thrown away) = {split['total']:.1f}; {split['steps']:.1f} decode steps per row"
-              f"{'' if cfg.drafts else ' (drafts off)'}")
+              f" (--drafts {cfg.drafts})")
     print(f"speed: {rps:.2f} rows/s ({elapsed:.1f} s, {engine_name}, parallel {cfg.parallel if engine_name == 'llama.cpp' else 1})")
     print(f"cost per 1M rows (prices {prices.get('date', '?')}, {prices.get('source', '?')}):")
     for who, usd in costs:

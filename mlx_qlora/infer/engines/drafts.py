@@ -31,6 +31,8 @@ _TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 LOOKUP_NGRAMS = (3, 2, 1)                # longest match first: the most specific continuation
 LOOKUP_DRAFT = 4                         # tokens per prompt-lookup draft: a wrong one costs as
 #                                          much to evaluate as a right one, so drafts stay short
+HABIT_CONTEXT = 3                        # output tokens a habit is keyed by
+HABIT_MIN, HABIT_SHARE = 2, 0.9          # a habit: seen at least twice, and 9 times in 10
 
 
 def llg_tokenizer(llm):
@@ -68,7 +70,7 @@ def schema_grammars(schema: dict) -> list[str]:
 class DraftCounts:
     """Tokens per kind, summed over rows (all counts are tokens)."""
     forced: int = 0        # drafted by the grammar (forced) and kept
-    lookup: int = 0        # drafted by prompt lookup and kept
+    lookup: int = 0        # drafted otherwise (the model's habits, prompt lookup) and kept
     sampled: int = 0       # chosen at a position no kept draft covered (the model's own choices)
     rejected: int = 0      # drafted, evaluated, and thrown away (wasted evaluations)
     steps: int = 0         # batched llama_decode steps of the generation loop (not prompts)
@@ -79,20 +81,37 @@ class DraftCounts:
 
 
 class Drafter:
-    """Makes a ``RowDrafts`` per row: forced tokens from ``schema`` and/or prompt lookup."""
+    """Makes a ``RowDrafts`` per row: forced tokens from ``schema``, the model's habits across rows,
+    prompt lookup; holds what all rows share (llguidance's tokenizer and matchers, the habits)."""
 
     def __init__(self, llm, schema: dict | None = None, forced: bool = True, lookup: bool = True,
-                 max_draft: int = 16):
-        self.llm, self.lookup, self.max_draft = llm, lookup, max_draft
+                 habits: bool = True, max_draft: int = 16):
+        import llama_cpp as lc
+
+        self.llm, self.lookup, self.habits, self.max_draft = llm, lookup, habits, max_draft
         self.tokenizer = llg_tokenizer(llm) if forced and schema is not None else None
         self._matchers = self._compile(schema) if self.tokenizer is not None else []
+        vocab = lc.llama_model_get_vocab(llm.model)
+        self.eog = lambda t: lc.llama_vocab_is_eog(vocab, t)
         self._keys: dict[int, bytes] = {}
+        # the tokens the model wrote after each HABIT_CONTEXT tokens of its output, over all rows:
+        # {context: {next token: times}} (llama.cpp's lookup decoding keeps such an n-gram cache)
+        self.seen: dict[tuple, dict[int, int]] = {}
 
     def key(self, tok: int) -> bytes:
         k = self._keys.get(tok)
         if k is None:
             k = self._keys[tok] = self.llm.detokenize([tok]).strip().lower()
         return k
+
+    def habit(self, context: tuple) -> int | None:
+        """The token the model wrote after ``context`` at least HABIT_MIN times and at least
+        HABIT_SHARE of the times (a key, a quote, its own way of splitting them), else None."""
+        nexts = self.seen.get(context) if self.habits else None
+        if not nexts:
+            return None
+        tok, n = max(nexts.items(), key=lambda kv: kv[1])
+        return tok if n >= HABIT_MIN and n >= HABIT_SHARE * sum(nexts.values()) else None
 
     def row(self, text_tokens: list[int], schema: dict | None = None) -> "RowDrafts":
         """Drafts for one row whose own text is ``text_tokens`` (what lookup copies from); a row's
@@ -118,6 +137,7 @@ class RowDrafts:
         #                                      only occurrences that something followed
         for t in text_tokens:
             self._push(t)
+        self.out: list = [None] * HABIT_CONTEXT   # what the row wrote, after a start marker
 
     def _push(self, tok: int) -> None:
         # index the n-grams that end just before ``tok``: they now have a continuation, and the
@@ -133,17 +153,40 @@ class RowDrafts:
         """The row wrote ``tok`` (after the decoder checked it against llama.cpp's grammar)."""
         # a layout the row left (json.dumps' after a free space) drafts no more
         self.matchers = [m for m in self.matchers if m.consume_token(tok)]
+        nexts = self.d.seen.setdefault(tuple(self.out[-HABIT_CONTEXT:]), {})
+        nexts[tok] = nexts.get(tok, 0) + 1
+        self.out.append(tok)
         self._push(tok)
 
-    def propose(self) -> tuple[list[int], int]:
-        """(draft tokens, how many of them are forced); drafts never hold an end-of-generation token."""
-        forced: list[int] = []
-        if self.matchers and not self.matchers[0].is_stopped():
-            eos = self.d.tokenizer.eos_token
-            forced = [t for t in self.matchers[0].compute_ff_tokens()[:self.d.max_draft] if t != eos]
-        if forced or not self.d.lookup:
-            return forced, len(forced)
-        return self._lookup(), 0
+    def propose(self) -> tuple[list[int], list[bool]]:
+        """(draft tokens, for each whether the schema forced its bytes); no end-of-generation token.
+
+        Position by position: the model's habit where it has one and the schema allows it, else
+        the first of llguidance's forced tokens (its own split of the forced bytes); where neither
+        applies the draft ends, and an empty draft falls back to prompt lookup."""
+        m = self.matchers[0] if self.matchers else None
+        draft, forced = [], []
+        context = list(self.out[-HABIT_CONTEXT:])
+        while len(draft) < self.d.max_draft and (m is None or not m.is_stopped()):
+            tok = self.d.habit(tuple(context))
+            ff = m.compute_ff_tokens() if m is not None else []
+            if tok is not None and m is not None and m.validate_tokens([tok]) != 1:
+                tok = None
+            if tok is None and ff:
+                tok = ff[0]
+            if tok is None or self.d.eog(tok):
+                break
+            draft.append(tok)
+            forced.append(bool(ff))
+            context = context[1:] + [tok]
+            if m is not None and not m.consume_token(tok):   # cannot happen: validated or forced
+                break
+        if m is not None and draft:
+            m.rollback(len(draft))
+        if draft or not self.d.lookup:
+            return draft, forced
+        draft = self._lookup()
+        return draft, [False] * len(draft)
 
     def _lookup(self) -> list[int]:
         end = len(self.ids)

@@ -191,7 +191,7 @@ class BatchDecoder:
         exhausted = False
         while True:
             items: list[tuple[int, int, int, bool]] = []
-            pending = []  # (slot, index of its last token in items, its draft, how many are forced)
+            pending = []  # (slot, index of its last token in items, its draft, which are forced)
             fresh = []    # (slot, logits) of rows just started: each prompt runs in a call of its own,
             #               so its tokens meet the same kernels at any --parallel (with the generating
             #               rows, llama.cpp would split them unevenly across its micro-batches)
@@ -204,10 +204,10 @@ class BatchDecoder:
                     new = self._start(slot, job)
                     fresh.append((slot, self._run(new)[len(new) - 1]))
                 elif slot.job is not None and slot.job.tokens:
-                    draft, n_forced = slot.drafts.propose() if slot.drafts is not None else ([], 0)
+                    draft, forced = slot.drafts.propose() if slot.drafts is not None else ([], [])
                     # a draft past --max-tokens could never be kept
                     draft = draft[:max(0, self.max_tokens - len(slot.job.tokens) - 1)]
-                    pending.append((slot, len(items), draft, n_forced))
+                    pending.append((slot, len(items), draft, forced))
                     items += [(t, slot.pos + i, slot.seq, True)
                               for i, t in enumerate([slot.job.tokens[-1], *draft])]
             if not items and not fresh:
@@ -215,9 +215,9 @@ class BatchDecoder:
             logits = self._run(items) if items else {}
             self.counts.steps += bool(items)
             # (slot, logits per position, draft, forced, 1 when the row's last token was fed this step)
-            steps = [(slot, [logits[at + j] for j in range(len(draft) + 1)], draft, n_forced, 1)
-                     for slot, at, draft, n_forced in pending] + [(slot, [lg], [], 0, 0) for slot, lg in fresh]
-            for slot, row_logits, draft, n_forced, fed in steps:
+            steps = [(slot, [logits[at + j] for j in range(len(draft) + 1)], draft, forced, 1)
+                     for slot, at, draft, forced in pending] + [(slot, [lg], [], [], 0) for slot, lg in fresh]
+            for slot, row_logits, draft, forced, fed in steps:
                 job, start = slot.job, slot.pos
                 kept, finished = 0, False
                 for j, lg in enumerate(row_logits):
@@ -227,8 +227,8 @@ class BatchDecoder:
                         self.counts.sampled += not finished or job.finish == "length"
                         break
                     kept += 1
-                    self.counts.forced += j < n_forced
-                    self.counts.lookup += j >= n_forced
+                    self.counts.forced += forced[j]
+                    self.counts.lookup += not forced[j]
                 self.counts.rejected += len(draft) - kept
                 if finished:
                     slot.job = slot.drafts = None
