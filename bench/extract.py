@@ -19,6 +19,11 @@ Both run in this process one after the other, so they see the same (possibly sha
 Prints rows/s of each, the ratio, how many rows got the same result, and the cost of a million
 reviews at --price-per-hour next to the API list prices (recipes/api_prices.json).
 
+``--gguf-types f16,q8_0`` adds (b) on the model rewritten to each type (llama.cpp's own quantizer,
+requantizing: the weights stay those of the given GGUF, so it measures the speed of the type; a
+fine-tuned model is exported to the type from its float weights): rows/s per type, and on how many
+rows the answer matches the given GGUF's.
+
     .venv/bin/python bench/extract.py --model runs/eval11/reviews-q4_1.gguf --rows 200
 """
 from __future__ import annotations
@@ -57,6 +62,23 @@ def anchor(model: str, rows: list[dict], schema: dict, instruction: str, threads
     return out, len(rows) / elapsed
 
 
+def requantize(model: str, kind: str, out_dir: Path) -> str:
+    """``model`` rewritten as GGUF type ``kind`` (f16, q8_0, q4_0, ...) by llama.cpp's quantizer."""
+    import llama_cpp as lc
+
+    p = lc.llama_model_quantize_default_params()
+    p.ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
+    p.allow_requantize = True
+    out = out_dir / f"{Path(model).stem}.{kind}.gguf"
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):   # it logs every tensor
+        rc = lc.llama_model_quantize(model.encode(), str(out).encode(), p)
+    if rc != 0:
+        raise SystemExit(f"llama.cpp could not write {kind} from {model} (code {rc})")
+    return str(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="GGUF (default: the embedded SmolLM2)")
@@ -67,7 +89,9 @@ def main() -> None:
     ap.add_argument("--anchor-all-cores", action="store_true", help="also run (a) with every core")
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--price-per-hour", type=float, default=None)
-    ap.add_argument("--skip-anchor", action="store_true", help="only (b0) and (b)")
+    ap.add_argument("--skip-anchor", action="store_true", help="only the extract runs")
+    ap.add_argument("--gguf-types", default="", help="also run (b) on the model rewritten to these GGUF types, "
+                    "e.g. f16,q8_0")
     args = ap.parse_args()
 
     from mlx_qlora.apps.costs import cost_rows, default_price_per_hour
@@ -104,6 +128,15 @@ def main() -> None:
                                                 threads=args.threads or None, progress=False, drafts=drafts,
                                                 max_tokens=args.max_tokens, price_per_hour=price))
             runs[name] = summary, [json.loads(line) for line in open(out)]
+        types = {}
+        for kind in filter(None, args.gguf_types.split(",")):
+            path = requantize(model, kind.strip().lower(), Path(d))
+            print(f"(b {kind}) mlx_qlora extract --parallel {args.parallel} on {Path(path).name}")
+            out = Path(d) / f"b-{kind}.jsonl"
+            summary = run_extract(ExtractConfig(model=path, input=str(inp), output=str(out), parallel=args.parallel,
+                                                threads=args.threads or None, progress=False,
+                                                max_tokens=args.max_tokens, price_per_hour=price))
+            types[kind] = summary, [json.loads(line) for line in open(out)]
     (s0, got0), (s1, got1), (s2, got2) = runs["b0"], runs["b"], runs["b+"]
     rps_b = s1["rows_per_s"]
     base = rps_a or s0["rows_per_s"]
@@ -123,6 +156,13 @@ def main() -> None:
         print(f"| ({name}) {label}, --parallel {args.parallel} | {sm['rows_per_s']:.2f} | {sm['rows_per_s'] / base:.2f}x | "
               f"{e['prompt']:.1f} + {e['forced']:.1f} + {e['drafted']:.1f} + {e['sampled']:.1f} + {e['rejected']:.1f} = "
               f"{e['total']:.1f} | {e['steps']:.1f} | {1e6 / sm['rows_per_s'] / 3600 * price:,.2f} |")
+    for kind, (sm, got) in types.items():
+        e = sm["evaluated_per_row"]
+        same = sum(a == b for a, b in zip(runs["b"][1], got))
+        print(f"| (b) on the model as {kind.upper()} (answers = (b) on {same}/{len(rows)} rows) | {sm['rows_per_s']:.2f} | "
+              f"{sm['rows_per_s'] / base:.2f}x | {e['prompt']:.1f} + {e['forced']:.1f} + {e['drafted']:.1f} + "
+              f"{e['sampled']:.1f} + {e['rejected']:.1f} = {e['total']:.1f} | {e['steps']:.1f} | "
+              f"{1e6 / sm['rows_per_s'] / 3600 * price:,.2f} |")
     for who, usd in cost_rows(rps_b, s1["tokens_in"], s1["tokens_out"], price)[1:]:
         print(f"| API {who} ({s1['tokens_in']:.0f} in / {s1['tokens_out']:.0f} out tokens per review) | | | | | {usd:,.2f} |")
     same_b, same_b2 = sum(a == b for a, b in zip(got0, got1)), sum(a == b for a, b in zip(got0, got2))
