@@ -1,21 +1,25 @@
 """Draft tokens for ``BatchDecoder``: what a row will most likely write next, so the model checks
 several positions of that row in one batched ``llama_decode`` instead of one step each.
 
-Two sources, both only proposals (the decoder keeps a drafted token only where the grammar-
-constrained argmax at that position is that very token, so the answers stay those of plain greedy
-decoding, token for token):
+Drafts are only proposals: the decoder keeps a drafted token only where the grammar-constrained
+argmax at that position is that very token, so the answers are those of plain greedy decoding,
+token for token (tests/test_extract_drafts.py compares every logit). Sources, per position:
 
-- forced tokens (jump-forward): where the JSON schema allows the next bytes one way only (keys,
-  quotes, braces, the rest of an enum value once its first token is out), llguidance's matcher
-  gives them as tokens (``LLMatcher.compute_ff_tokens``). The matcher follows the schema in the
-  layout ``json.dumps`` writes (``structured.JSON_LAYOUT``: the training rows' layout); llama.cpp's
-  own grammar, which does the constraining, also allows free whitespace: a row whose model writes
-  some stops getting forced drafts (its matcher rejects the token) and is otherwise unaffected.
-- prompt lookup: the tokens that followed the row's last written tokens where those occurred in
-  the row's own text (an aspect term is copied from the review). Tokens are compared by their
-  text without leading/trailing spaces, case-folded: a term's first word inside a JSON string is
-  ``soup`` where the review had `` soup``, a different token id; the drafted continuation is then
-  the review's own tokens (`` roll`` after ``lobster``), which is what the model writes.
+- forced bytes (jump-forward): where the JSON schema allows the next bytes one way only (keys,
+  quotes, the rest of an enum value once its first token is out), llguidance's matcher gives them
+  (``LLMatcher.compute_ff_tokens``). It follows the schema in json.dumps' layout (the training
+  rows') while the row does, then in the one-optional-space layout of llama-cpp-python's GBNF.
+- the model's habits: the token the model wrote after the same 3 tokens in earlier rows, nearly
+  always (llama.cpp's lookup decoding keeps such an n-gram cache). This picks the model's own
+  split of forced bytes (a base model writes ``as`` ``pe`` ``c`` ``ts`` where llguidance's
+  canonical split is ``as`` ``pects``, and a split other than the model's is thrown away).
+- prompt lookup (``--drafts all``): the tokens that followed the row's last written tokens in the
+  row's own text (an aspect term copied from the review). Tokens are compared by their text without
+  spaces, case-folded: a term's first word inside a JSON string is ``soup`` where the review had
+  `` soup``; the drafted continuation is then the review's own tokens (`` roll`` after ``lobster``).
+
+On a compute-bound CPU a drafted token costs as much to evaluate as any other, kept or not: drafts
+save decode steps (the per-step cost of a ``llama_decode``), not evaluated tokens.
 """
 from __future__ import annotations
 
@@ -88,6 +92,9 @@ class Drafter:
                  habits: bool = True, max_draft: int = 16):
         import llama_cpp as lc
 
+        # a row's last token + its draft stay under 64 tokens: from 64 queries per KV stream ggml's
+        # CPU flash attention takes a tiled path that sums in another order (other logits)
+        assert 0 < max_draft < 63, max_draft
         self.llm, self.lookup, self.habits, self.max_draft = llm, lookup, habits, max_draft
         self.tokenizer = llg_tokenizer(llm) if forced and schema is not None else None
         self._matchers = self._compile(schema) if self.tokenizer is not None else []

@@ -20,6 +20,11 @@ Output is constrained by llama.cpp's own grammar sampler (``llama_sampler_init_g
 GBNF that ``LlamaGrammar.from_json_schema`` writes. Decoding is greedy; as llama.cpp's common
 sampler does, the argmax token is first checked alone against the grammar and only when the
 grammar rejects it is the whole vocabulary filtered, which keeps the grammar off the hot path.
+
+With a ``Drafter`` (``drafts.py``) a step also carries each row's draft after its last token and
+keeps the drafted tokens that the argmax confirms: the same tokens, bit-identical logits (a row's
+positions are evaluated one query row at a time in the CPU attention, while its tokens in a
+micro-batch stay under ggml's 64-query tile), fewer steps.
 """
 from __future__ import annotations
 
