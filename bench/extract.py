@@ -2,10 +2,10 @@
 
 (a) the anchor: one ``Llama``, ``create_chat_completion`` per review with the schema as
     ``response_format`` ({"type": "json_object", "schema": ...}), greedy, one review at a time.
-(b0) ``mlx_qlora extract --drafts off``: the batched decoder one token per row per step (the
-    decoder before forced-token / prompt-lookup drafts, issue #26).
-(b) ``mlx_qlora extract`` (``--drafts schema``, the default) on the same GGUF, the same rows, the
-    same messages and schema; (b+) ``--drafts all`` (prompt lookup too).
+(b0) ``mlx_qlora extract`` (``--drafts off``, the default): the batched decoder, one token per
+    row per step, on the same GGUF, the same rows, the same messages and schema.
+(b) ``--drafts schema``: forced tokens drafted and checked in one step; (b+) ``--drafts all``
+    (prompt lookup too).
 Each extract run prints the tokens the model evaluated per row: prompt, forced (drafted from the
 schema and kept), drafted (prompt lookup, kept), sampled (the model's own choices) and drafted
 tokens thrown away, and the decode steps per row; (b) must give (b0)'s rows exactly.
@@ -19,10 +19,10 @@ Both run in this process one after the other, so they see the same (possibly sha
 Prints rows/s of each, the ratio, how many rows got the same result, and the cost of a million
 reviews at --price-per-hour next to the API list prices (recipes/api_prices.json).
 
-``--gguf-types f16,q8_0`` adds (b) on the model rewritten to each type (llama.cpp's own quantizer,
+``--gguf-types f16,q8_0`` adds (b0) on the model rewritten to each type (llama.cpp's own quantizer,
 requantizing: the weights stay those of the given GGUF, so it measures the speed of the type; a
 fine-tuned model is exported to the type from its float weights): rows/s per type, and on how many
-rows the answer matches the given GGUF's.
+rows the answer matches the given GGUF's (b0).
 
     .venv/bin/python bench/extract.py --model runs/eval11/reviews-q4_1.gguf --rows 200
 """
@@ -141,7 +141,7 @@ def main() -> None:
         types = {}
         for kind in filter(None, args.gguf_types.split(",")):
             path = requantize(model, kind.strip().lower(), Path(d))
-            print(f"(b {kind}) mlx_qlora extract --parallel {args.parallel} on {Path(path).name}")
+            print(f"(b0 {kind}) mlx_qlora extract --parallel {args.parallel} on {Path(path).name}")
             out = Path(d) / f"b-{kind}.jsonl"
             summary = run_extract(ExtractConfig(model=path, input=str(inp), output=str(out), parallel=args.parallel,
                                                 threads=args.threads or None, progress=False,
@@ -161,27 +161,27 @@ def main() -> None:
               f"{1e6 / rps_all / 3600 * price:,.2f} |")
     for name, (sm, _) in runs.items():
         e = sm["evaluated_per_row"]
-        label = {"b0": "extract --drafts off (one token per step)", "b": "extract --drafts schema (default)",
+        label = {"b0": "extract (--drafts off, one token per step)", "b": "extract --drafts schema",
                  "b+": "extract --drafts all (+ prompt lookup)"}[name]
         print(f"| ({name}) {label}, --parallel {args.parallel} | {sm['rows_per_s']:.2f} | {sm['rows_per_s'] / base:.2f}x | "
               f"{e['prompt']:.1f} + {e['forced']:.1f} + {e['drafted']:.1f} + {e['sampled']:.1f} + {e['rejected']:.1f} = "
               f"{e['total']:.1f} | {e['steps']:.1f} | {1e6 / sm['rows_per_s'] / 3600 * price:,.2f} |")
     for kind, (sm, got) in types.items():
         e = sm["evaluated_per_row"]
-        same = sum(a == b for a, b in zip(runs["b"][1], got))
-        print(f"| (b) on the model as {kind.upper()} (answers = (b) on {same}/{len(rows)} rows) | {sm['rows_per_s']:.2f} | "
+        same = sum(a == b for a, b in zip(runs["b0"][1], got))
+        print(f"| (b0) on the model as {kind.upper()} (answers = (b0) on {same}/{len(rows)} rows) | {sm['rows_per_s']:.2f} | "
               f"{sm['rows_per_s'] / base:.2f}x | {e['prompt']:.1f} + {e['forced']:.1f} + {e['drafted']:.1f} + "
               f"{e['sampled']:.1f} + {e['rejected']:.1f} = {e['total']:.1f} | {e['steps']:.1f} | "
               f"{1e6 / sm['rows_per_s'] / 3600 * price:,.2f} |")
-    for who, usd in cost_rows(rps_b, s1["tokens_in"], s1["tokens_out"], price)[1:]:
-        print(f"| API {who} ({s1['tokens_in']:.0f} in / {s1['tokens_out']:.0f} out tokens per review) | | | | | {usd:,.2f} |")
+    for who, usd in cost_rows(s0["rows_per_s"], s0["tokens_in"], s0["tokens_out"], price)[1:]:
+        print(f"| API {who} ({s0['tokens_in']:.0f} in / {s0['tokens_out']:.0f} out tokens per review) | | | | | {usd:,.2f} |")
     same_b, same_b2 = sum(a == b for a, b in zip(got0, got1)), sum(a == b for a, b in zip(got0, got2))
     print(f"\n(b) = (b0) on {same_b}/{len(rows)} rows, (b+) = (b0) on {same_b2}/{len(rows)} (whole output lines); "
           f"speed (b) / (b0) {rps_b / s0['rows_per_s']:.2f}x, (b+) / (b0) {s2['rows_per_s'] / s0['rows_per_s']:.2f}x; "
           f"price ${price}/h")
     if rps_a:
-        same = sum(a == b.get("result") for a, b in zip(ref, got1))
-        print(f"(b) same result as (a) on {same}/{len(rows)} rows")
+        same = sum(a == b.get("result") for a, b in zip(ref, got0))
+        print(f"(b0) same result as (a) on {same}/{len(rows)} rows")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ from .prompt import instruction_of, load_schema, messages
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # --drafts: what the batched llama.cpp decoder drafts (infer/engines/drafts.py); every choice gives
 # the same answers, only the work differs: "schema" = the schema's forced tokens split the way the
-# model splits them (its habits over earlier rows); "all" adds prompt lookup (copies of the review)
+# model splits them (its habits over earlier rows); "all" adds prompt lookup (copies of the review).
+# Off by default: on a 2-core AVX-512 CPU every evaluated token costs the same and a step's own cost
+# is small, so the drafted tokens thrown away (+7% evaluated) cost more than the steps saved
+# (10 -> 4.7 per row): 0.90x with drafts (bench/extract.py, README); drafts pay where a step costs
+# more than its tokens (memory-bound decoding: GPUs, Metal)
 DRAFTS = {"off": None, "schema": {"lookup": False}, "all": {}}
 
 
@@ -49,7 +53,7 @@ class ExtractConfig:
     threads: int | None = None
     progress: bool = True
     span_field: str | None = None     # string fields of this name must be spans of the row's text
-    drafts: str = "schema"            # llama.cpp drafts checked in one step: off | schema | all (DRAFTS)
+    drafts: str = "off"               # llama.cpp drafts checked in one step: off | schema | all (DRAFTS)
 
     def __post_init__(self):
         require(Path(self.input).is_file(), f"--input {self.input!r}: file not found")
