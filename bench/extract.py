@@ -90,9 +90,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--price-per-hour", type=float, default=None)
     ap.add_argument("--skip-anchor", action="store_true", help="only the extract runs")
-    ap.add_argument("--repeat", type=int, default=1, help="run (b0), (b), (b+) this many times, interleaved; "
+    ap.add_argument("--repeat", type=int, default=1, help="run every extract config this many times, interleaved; "
                     "the fastest of each counts")
-    ap.add_argument("--gguf-types", default="", help="also run (b) on the model rewritten to these GGUF types, "
+    ap.add_argument("--gguf-types", default="", help="also run (b0) on the model rewritten to these GGUF types, "
                     "e.g. f16,q8_0")
     args = ap.parse_args()
 
@@ -123,13 +123,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         inp = Path(d) / "in.jsonl"
         inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        # interleaved (b0, b, b+, b0, b, b+, ...), each config's fastest run kept: on a shared box the
+        configs = [("b0", model, "off"), ("b", model, "schema"), ("b+", model, "all")]
+        for kind in filter(None, args.gguf_types.split(",")):
+            configs.append((kind.strip().upper(), requantize(model, kind.strip().lower(), Path(d)), "off"))
+        # interleaved (b0, b, b+, types, b0, ...), each config's fastest run kept: on a shared box the
         # load changes within minutes, and a run the others did not share would decide the ratio
         for rep in range(args.repeat):
-            for name, drafts in (("b0", "off"), ("b", "schema"), ("b+", "all")):
-                print(f"({name}) mlx_qlora extract --parallel {args.parallel} --drafts {drafts} (run {rep + 1})")
+            for name, path, drafts in configs:
+                print(f"({name}) mlx_qlora extract {Path(path).name} --parallel {args.parallel} --drafts {drafts} "
+                      f"(run {rep + 1})")
                 out = Path(d) / f"{name}-{rep}.jsonl"
-                summary = run_extract(ExtractConfig(model=model, input=str(inp), output=str(out),
+                summary = run_extract(ExtractConfig(model=path, input=str(inp), output=str(out),
                                                     parallel=args.parallel, threads=args.threads or None,
                                                     progress=False, drafts=drafts, max_tokens=args.max_tokens,
                                                     price_per_hour=price))
@@ -138,15 +142,7 @@ def main() -> None:
                     assert got == runs[name][1], f"({name}) gave other rows on run {rep + 1}"
                 if name not in runs or summary["rows_per_s"] > runs[name][0]["rows_per_s"]:
                     runs[name] = summary, got
-        types = {}
-        for kind in filter(None, args.gguf_types.split(",")):
-            path = requantize(model, kind.strip().lower(), Path(d))
-            print(f"(b0 {kind}) mlx_qlora extract --parallel {args.parallel} on {Path(path).name}")
-            out = Path(d) / f"b-{kind}.jsonl"
-            summary = run_extract(ExtractConfig(model=path, input=str(inp), output=str(out), parallel=args.parallel,
-                                                threads=args.threads or None, progress=False,
-                                                max_tokens=args.max_tokens, price_per_hour=price))
-            types[kind] = summary, [json.loads(line) for line in open(out)]
+        types = {name: runs.pop(name) for name, _, _ in configs[3:]}
     (s0, got0), (s1, got1), (s2, got2) = runs["b0"], runs["b"], runs["b+"]
     rps_b = s1["rows_per_s"]
     base = rps_a or s0["rows_per_s"]
@@ -169,7 +165,7 @@ def main() -> None:
     for kind, (sm, got) in types.items():
         e = sm["evaluated_per_row"]
         same = sum(a == b for a, b in zip(runs["b0"][1], got))
-        print(f"| (b0) on the model as {kind.upper()} (answers = (b0) on {same}/{len(rows)} rows) | {sm['rows_per_s']:.2f} | "
+        print(f"| (b0) on the model as {kind} (answers = (b0) on {same}/{len(rows)} rows) | {sm['rows_per_s']:.2f} | "
               f"{sm['rows_per_s'] / base:.2f}x | {e['prompt']:.1f} + {e['forced']:.1f} + {e['drafted']:.1f} + "
               f"{e['sampled']:.1f} + {e['rejected']:.1f} = {e['total']:.1f} | {e['steps']:.1f} | "
               f"{1e6 / sm['rows_per_s'] / 3600 * price:,.2f} |")
