@@ -27,6 +27,14 @@ from .costs import cost_rows, default_price_per_hour, load_prices
 from .prompt import instruction_of, load_schema, messages
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+# --drafts: what the batched llama.cpp decoder drafts (infer/engines/drafts.py); every choice gives
+# the same answers, only the work differs: "schema" = the schema's forced tokens split the way the
+# model splits them (its habits over earlier rows); "all" adds prompt lookup (copies of the review).
+# Off by default: on a 2-core AVX-512 CPU every evaluated token costs the same and a step's own cost
+# is small, so the drafted tokens thrown away (+7% evaluated) cost more than the steps saved
+# (10 -> 4.7 per row): 0.90x with drafts (bench/extract.py, README); drafts pay where a step costs
+# more than its tokens (memory-bound decoding: GPUs, Metal)
+DRAFTS = {"off": None, "schema": {"lookup": False}, "all": {}}
 
 
 @dataclass
@@ -45,6 +53,7 @@ class ExtractConfig:
     threads: int | None = None
     progress: bool = True
     span_field: str | None = None     # string fields of this name must be spans of the row's text
+    drafts: str = "off"               # llama.cpp drafts checked in one step: off | schema | all (DRAFTS)
 
     def __post_init__(self):
         require(Path(self.input).is_file(), f"--input {self.input!r}: file not found")
@@ -56,6 +65,7 @@ class ExtractConfig:
         require(self.price_per_hour is None or self.price_per_hour >= 0,
                 f"--price-per-hour {self.price_per_hour}: use a price >= 0 in USD per hour")
         require(bool(self.text_field), "--text-field: give the JSON key that holds the text, e.g. text")
+        require(self.drafts in DRAFTS, f"--drafts {self.drafts!r}: use one of {', '.join(DRAFTS)}")
 
 
 @dataclass
@@ -192,11 +202,13 @@ def _progress(enabled: bool, total: int, done: int):
 
 
 def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row, schema):
+    from ..infer.engines.drafts import Drafter
     from ..infer.engines.llamacpp import default_threads
     from ..infer.engines.llamacpp_batch import BatchDecoder, Job, schema_to_gbnf
 
+    drafter = Drafter(engine.llm, schema, **DRAFTS[cfg.drafts]) if DRAFTS[cfg.drafts] is not None else None
     dec = BatchDecoder(engine.llm, gbnf, prefix, parallel=cfg.parallel, max_tokens=cfg.max_tokens,
-                       slot_tokens=512, n_threads=cfg.threads or default_threads())
+                       slot_tokens=512, n_threads=cfg.threads or default_threads(), drafter=drafter)
     try:
         if engine.active_adapter:
             dec.set_lora(engine._loras[engine.active_adapter])
@@ -207,13 +219,13 @@ def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row, schema):
                 if why:
                     on_row(row, None, None, why)
                     continue
-                gbnf_row = schema_to_gbnf(with_spans(schema, cfg.span_field, row.text)) if cfg.span_field else None
-                yield Job(row.index, prompts[row.index], gbnf=gbnf_row)
+                own = with_spans(schema, cfg.span_field, row.text) if cfg.span_field else None
+                yield Job(row.index, prompts[row.index], gbnf=schema_to_gbnf(own) if own else None, schema=own)
 
         by_index = {r.index: r for r in rows}
         for job in dec.run(jobs()):
             on_row(by_index[job.key], dec.text(job.tokens), job, None)
-        return dec.tokens_evaluated
+        return dec.tokens_evaluated, vars(dec.counts)
     finally:
         dec.close()
 
@@ -233,7 +245,7 @@ def _decode_mlx(engine, rows, prompts, cfg, schema, on_row):
         st = engine.stats
         evaluated += st.prompt_tokens - st.reused_tokens
         on_row(row, text, _MlxJob(st.generated_tokens, st.finish_reason), None)
-    return evaluated
+    return evaluated, None
 
 
 @dataclass
@@ -299,9 +311,9 @@ def run_extract(cfg: ExtractConfig) -> dict:
     try:
         with bar:
             if engine.name == "llama.cpp":
-                evaluated = _decode_llamacpp(engine, todo, prompts, cfg, gbnf, prefix, on_row, schema)
+                evaluated, counts = _decode_llamacpp(engine, todo, prompts, cfg, gbnf, prefix, on_row, schema)
             else:
-                evaluated = _decode_mlx(engine, todo, prompts, cfg, schema, on_row)
+                evaluated, counts = _decode_mlx(engine, todo, prompts, cfg, schema, on_row)
     except KeyboardInterrupt:
         writer.close()
         kept = out.read_bytes().count(b"\n")
@@ -312,11 +324,24 @@ def run_extract(cfg: ExtractConfig) -> dict:
         writer.close()
         engine.close()
     elapsed = time.perf_counter() - t0
-    return summarize(cfg, out, len(rows), done, tally, elapsed, price, evaluated, engine.name)
+    return summarize(cfg, out, len(rows), done, tally, elapsed, price, evaluated, engine.name, counts)
+
+
+def evaluated_split(prompt: int, counts: dict, rows: int) -> dict:
+    """Tokens the model evaluated per row, by kind (llama.cpp's batched decoder): the prompt (its
+    shared prefix counted once per run), then per output token how it came -- drafted as forced by
+    the schema and kept, drafted by lookup and kept, or chosen by the model where no draft was
+    kept ("sampled") -- and the drafted tokens evaluated and thrown away."""
+    n = max(rows, 1)
+    split = {"prompt": prompt / n, "forced": counts["forced"] / n, "drafted": counts["lookup"] / n,
+             "sampled": counts["sampled"] / n, "rejected": counts["rejected"] / n}
+    split["total"] = sum(split.values())
+    split["steps"] = counts["steps"] / n
+    return split
 
 
 def summarize(cfg, out: Path, total: int, skipped: int, tally: Tally, elapsed: float, price: float,
-              evaluated: int, engine_name: str) -> dict:
+              evaluated: int, engine_name: str, counts: dict | None = None) -> dict:
     results = errors = 0
     for line in out.read_text(encoding="utf-8").splitlines():
         obj = json.loads(line)
@@ -331,10 +356,16 @@ def summarize(cfg, out: Path, total: int, skipped: int, tally: Tally, elapsed: f
     print(f"valid: {100 * results / max(results + errors, 1):.1f}% ({results} results, {errors} errors)")
     print(f"tokens per row: {tin:.1f} in, {tout:.1f} out; prompt tokens computed this run: {evaluated} "
           f"({evaluated / n:.1f} per row, the shared prefix reused)")
+    split = evaluated_split(evaluated, counts, tally.decoded) if counts is not None else None
+    if split:
+        print(f"tokens evaluated per row: {split['prompt']:.1f} prompt + {split['forced']:.1f} forced + "
+              f"{split['drafted']:.1f} drafted (kept) + {split['sampled']:.1f} sampled + {split['rejected']:.1f} "
+              f"drafted (thrown away) = {split['total']:.1f}; {split['steps']:.1f} decode steps per row"
+              f" (--drafts {cfg.drafts})")
     print(f"speed: {rps:.2f} rows/s ({elapsed:.1f} s, {engine_name}, parallel {cfg.parallel if engine_name == 'llama.cpp' else 1})")
     print(f"cost per 1M rows (prices {prices.get('date', '?')}, {prices.get('source', '?')}):")
     for who, usd in costs:
         print(f"  {who:<28} ${usd:,.2f}")
     return {"rows": results + errors, "results": results, "errors": errors, "rows_per_s": rps,
             "tokens_in": tin, "tokens_out": tout, "evaluated": evaluated, "elapsed_s": elapsed,
-            "costs": dict(costs), "engine": engine_name}
+            "costs": dict(costs), "engine": engine_name, "evaluated_per_row": split}

@@ -20,6 +20,11 @@ Output is constrained by llama.cpp's own grammar sampler (``llama_sampler_init_g
 GBNF that ``LlamaGrammar.from_json_schema`` writes. Decoding is greedy; as llama.cpp's common
 sampler does, the argmax token is first checked alone against the grammar and only when the
 grammar rejects it is the whole vocabulary filtered, which keeps the grammar off the hot path.
+
+With a ``Drafter`` (``drafts.py``) a step also carries each row's draft after its last token and
+keeps the drafted tokens that the argmax confirms: the same tokens, bit-identical logits (a row's
+positions are evaluated one query row at a time in the CPU attention, while its tokens in a
+micro-batch stay under ggml's 64-query tile), fewer steps.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ class Job:
     key: object                       # the caller's handle (a row index)
     prompt: list[int]
     gbnf: str | None = None           # this job's own grammar (default: the decoder's)
+    schema: dict | None = None        # the JSON schema ``gbnf`` was made from (for forced drafts)
     tokens: list[int] = field(default_factory=list)
     finish: str = "stop"              # "stop" (end of grammar / eos) or "length"
 
@@ -52,14 +58,15 @@ class Job:
 class _Slot:
     def __init__(self, seq: int, grammar):
         self.seq, self.grammar, self.job = seq, grammar, None
-        self.pos = 0                  # next KV position of this sequence
+        self.pos = 0                  # KV position of the row's last token (not evaluated yet)
+        self.drafts = None            # RowDrafts of the row, when the decoder drafts
 
 
 class BatchDecoder:
     """Greedy, grammar-constrained decoding of many prompts over one llama.cpp model."""
 
     def __init__(self, llm, gbnf: str, prefix: list[int], parallel: int = 4, max_tokens: int = 512,
-                 slot_tokens: int = 1024, n_threads: int = 1, n_batch: int = 512):
+                 slot_tokens: int = 1024, n_threads: int = 1, n_batch: int = 512, drafter=None):
         import llama_cpp as lc
 
         self.lc, self.llm = lc, llm
@@ -96,6 +103,9 @@ class BatchDecoder:
         self._cand_np["id"] = np.arange(self.n_vocab, dtype=np.int32)
         self._one = (lc.llama_token_data * 1)()
         self.tokens_evaluated = len(self.prefix)  # prompt tokens actually run (the shared prefix once)
+        from .drafts import DraftCounts
+
+        self.drafter, self.counts = drafter, DraftCounts()
         if self.prefix:
             self._run([(t, i, 0, False) for i, t in enumerate(self.prefix)])
 
@@ -160,6 +170,8 @@ class BatchDecoder:
             lc.llama_sampler_reset(slot.grammar)
         slot.job, slot.pos = job, len(job.prompt)
         rest = job.prompt[keep:]
+        if self.drafter is not None:   # lookup copies from the row's own text, not the shared prefix
+            slot.drafts = self.drafter.row(job.prompt[len(self.prefix) if keep else 0:], job.schema)
         self.tokens_evaluated += len(rest)
         return [(t, keep + i, slot.seq, i == len(rest) - 1) for i, t in enumerate(rest)]
 
@@ -174,16 +186,20 @@ class BatchDecoder:
         return None
 
     def run(self, jobs: Iterable[Job], on_done: Callable[[Job], None] | None = None) -> Iterator[Job]:
-        """Decode every job; yields each one when finished (not in input order)."""
+        """Decode every job; yields each one when finished (not in input order).
+
+        A step evaluates, for every generating row, its last token and then the row's draft (see
+        ``drafts.py``), all in one ``llama_decode``; the logits at each position are checked in order
+        against the grammar-constrained argmax, and a drafted token is kept only while it is that
+        argmax, so the row writes what one token per step would have written."""
         todo = iter(jobs)
-        pending: dict[int, _Slot] = {}    # item index in this step's batch -> slot awaiting logits
         exhausted = False
         while True:
             items: list[tuple[int, int, int, bool]] = []
-            pending.clear()
-            fresh = []   # (slot, logits) of rows just started: each prompt runs in a call of its own,
-            #              so its tokens meet the same kernels at any --parallel (with the generating
-            #              rows, llama.cpp would split them unevenly across its micro-batches)
+            pending = []  # (slot, index of its last token in items, its draft, which are forced)
+            fresh = []    # (slot, logits) of rows just started: each prompt runs in a call of its own,
+            #               so its tokens meet the same kernels at any --parallel (with the generating
+            #               rows, llama.cpp would split them unevenly across its micro-batches)
             for slot in self.slots:
                 if slot.job is None and not exhausted:
                     job = next(todo, None)
@@ -193,26 +209,54 @@ class BatchDecoder:
                     new = self._start(slot, job)
                     fresh.append((slot, self._run(new)[len(new) - 1]))
                 elif slot.job is not None and slot.job.tokens:
-                    pending[len(items)] = slot
-                    items.append((slot.job.tokens[-1], slot.pos, slot.seq, True))
-                    slot.pos += 1
+                    draft, forced = slot.drafts.propose() if slot.drafts is not None else ([], [])
+                    # a draft past --max-tokens could never be kept
+                    draft = draft[:max(0, self.max_tokens - len(slot.job.tokens) - 1)]
+                    pending.append((slot, len(items), draft, forced))
+                    items += [(t, slot.pos + i, slot.seq, True)
+                              for i, t in enumerate([slot.job.tokens[-1], *draft])]
             if not items and not fresh:
                 return
             logits = self._run(items) if items else {}
-            for slot, row_logits in [(slot, logits[idx]) for idx, slot in pending.items()] + fresh:
-                job = slot.job
-                tok = self._pick(slot, row_logits)
-                if self.eog(tok):
-                    job.finish = "stop"
-                elif len(job.tokens) + 1 >= self.max_tokens:
-                    job.tokens.append(tok)
-                    job.finish = "length"
-                else:
-                    job.tokens.append(tok)
+            self.counts.steps += bool(items)
+            # (slot, logits per position, draft, forced, 1 when the row's last token was fed this step)
+            steps = [(slot, [logits[at + j] for j in range(len(draft) + 1)], draft, forced, 1)
+                     for slot, at, draft, forced in pending] + [(slot, [lg], [], [], 0) for slot, lg in fresh]
+            for slot, row_logits, draft, forced, fed in steps:
+                job, start = slot.job, slot.pos
+                kept, finished = 0, False
+                for j, lg in enumerate(row_logits):
+                    tok = self._pick(slot, lg)
+                    finished = self._take(slot, tok)
+                    if finished or j == len(draft) or tok != draft[j]:
+                        self.counts.sampled += not finished or job.finish == "length"
+                        break
+                    kept += 1
+                    self.counts.forced += forced[j]
+                    self.counts.lookup += not forced[j]
+                self.counts.rejected += len(draft) - kept
+                if finished:
+                    slot.job = slot.drafts = None
+                    self.lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+                    yield job
                     continue
-                slot.job = None
-                self.lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-                yield job
+                slot.pos = start + fed + kept        # where the row's new last token goes
+                if kept < len(draft):   # the cells of the drafts thrown away
+                    self.lc.llama_memory_seq_rm(self.mem, slot.seq, slot.pos, -1)
+
+    def _take(self, slot: _Slot, tok: int) -> bool:
+        """Append ``tok`` to the slot's row; True when the row is finished."""
+        job = slot.job
+        if self.eog(tok):
+            job.finish = "stop"
+            return True
+        job.tokens.append(tok)
+        if slot.drafts is not None:
+            slot.drafts.accept(tok)
+        if len(job.tokens) >= self.max_tokens:
+            job.finish = "length"
+            return True
+        return False
 
     def text(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
