@@ -1,4 +1,4 @@
-"""The GPU path's step (train/mlx_step.py) against today's MLX-autodiff step, on CPU with the CPU
+"""The GPU path's step (train/engines/mlx_step.py) against today's MLX-autodiff step, on CPU with the CPU
 kernels off: chunked cross-entropy == plain cross-entropy (loss and gradient), the compiled step ==
 the uncompiled one == the gather-based step, checkpointing changes nothing, bf16 LoRA compute."""
 from __future__ import annotations
@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten
 from test_cpu_engine import batch, model_for, reference, rel_err
 from test_train import cfg, data_dir, tiny_q4, weights  # noqa: F401  (fixtures)
 from tolerance import tol
-from mlx_qlora.train import memory_plan, mlx_cpu_kernels, mlx_step
+from mlx_qlora.train import memory_plan
+from mlx_qlora.train.engines import mlx_cpu_kernels, mlx_step
 from mlx_qlora.train.config import LoraConfig
 from mlx_qlora.train.lora import LoRALinear
 from mlx_qlora.train.loop import grad_checkpoint, make_step_fns, output_head

@@ -19,7 +19,7 @@ from ..errors import UserError, require
 
 SCHEDULES = ("cosine", "linear", "constant")
 FORMATS = ("auto", "text", "completions", "chat")
-BASE_MATMULS = ("auto", "quantized", "dense")   # train/dequant_gemm.py (kept here: no MLX import)
+BASE_MATMULS = ("auto", "quantized", "dense")   # train/engines/dequant_gemm.py (kept here: no MLX import)
 
 
 def _is_int(v) -> bool:
@@ -153,9 +153,9 @@ class TrainConfig:
     batch_size: int = 4              # rows per micro-batch
     seed: int = 0
     grad_checkpoint: bool = False    # recompute each layer in backward: less memory, ~30% slower
-    cpu_engine: bool = True          # CPU: NumPy/BLAS engine (train/numpy_engine.py); false: MLX autodiff
+    cpu_engine: bool = True          # CPU: NumPy/BLAS engine (train/engines/numpy_engine.py); false: MLX autodiff
     base_matmul: str = "auto"        # GPU: frozen 4-bit products as "dense" (dequantize + GEMM, see
-                                     # train/dequant_gemm.py) or "quantized" kernels; auto: dense on CUDA
+                                     # train/engines/dequant_gemm.py) or "quantized" kernels; auto: dense on CUDA
     cpu_weight_cache_mb: int = 1024  # CPU engine: MiB of fp32 copies of frozen weights kept between
                                      # steps (0: dequantize 4-bit weights at every use, least memory)
     checkpoint_every: int = 100      # steps between checkpoints (0: only at the end)

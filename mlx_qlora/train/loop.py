@@ -30,7 +30,7 @@ from ..atomic import remove_stale
 from ..errors import UserError, require
 from ..model.model_io import check_model_dir
 from . import distributed as dist
-from . import mlx_cpu_kernels, numpy_engine
+from .engines import mlx_cpu_kernels, numpy_engine
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import OptimConfig, TrainConfig
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
@@ -185,7 +185,8 @@ def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_en
             return StepFns(eng.loss_and_grad, eng.loss, True)
         say(f"engine: MLX autodiff (the CPU engine does not cover {why})")
     if not mlx_cpu_kernels.on_cpu():   # Metal / CUDA (or CPU kernels off): compiled, chunked loss
-        from . import dequant_gemm, memory_plan, mlx_step
+        from . import memory_plan
+        from .engines import dequant_gemm, mlx_step
 
         head = output_head(model)
         dense = dequant_gemm.resolve(base_matmul)
@@ -275,7 +276,7 @@ def train(cfg: TrainConfig) -> dict:
     fns = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb, rep.print,
                         batch_shape=(cfg.batch_size, cfg.data.max_seq_len), base_matmul=cfg.base_matmul)
     grad_fn, eval_fn, packed = fns.grad, fns.loss, fns.packed
-    from .mlx_step import make_scale_clip, make_update
+    from .engines.mlx_step import make_scale_clip, make_update
 
     gpu_path = not packed and not mlx_cpu_kernels.on_cpu()   # the GPU path: scaling, clipping, update compiled
     update = make_update(model, optimizer) if gpu_path else partial(optimizer.update, model)

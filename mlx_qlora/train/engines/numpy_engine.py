@@ -30,7 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from . import numpy_kernels as ops
-from .lora import LoRALinear, linear_dims
+from ..lora import LoRALinear, linear_dims
 from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 
 ENGINE_TYPES = {"llama", "mistral", "qwen2"}
