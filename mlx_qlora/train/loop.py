@@ -30,6 +30,7 @@ from ..atomic import remove_stale
 from ..errors import UserError, require
 from ..model.model_io import check_model_dir
 from . import distributed as dist
+from .engines import cpu_gemm as cpu_gemm_mod
 from .engines import mlx_cpu_kernels, numpy_engine
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import OptimConfig, TrainConfig
@@ -168,20 +169,24 @@ class StepFns(NamedTuple):
 
 
 def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_engine: bool = True,
-                  weight_cache_mb: float = 1024, say=print, batch_shape=None, base_matmul: str = "auto"):
+                  weight_cache_mb: float = 1024, say=print, batch_shape=None, base_matmul: str = "auto",
+                  cpu_gemm: str = "auto"):
     """The step functions for this device (``StepFns``).
 
     On CPU the NumPy/BLAS engine (``numpy_engine``) when it covers the model, else MLX autodiff
     (the fast-path kernels of ``mlx_cpu_kernels``; Metal/CUDA always take this path, with the
-    frozen 4-bit products as ``base_matmul`` says: see ``dequant_gemm``). Losses and gradients
+    frozen 4-bit products as ``base_matmul`` says: see ``dequant_gemm``); the CPU engine's frozen
+    products in fp32 or bf16 as ``cpu_gemm`` says (``cpu_gemm.choose``). Losses and gradients
     are of the summed token loss; the caller divides by the loss-token count.
     """
     if mlx_cpu_kernels.on_cpu() and use_cpu_engine:
         why = numpy_engine.unsupported(model)
         if why is None:
-            eng = numpy_engine.CpuEngine(model, grad_checkpointing, weight_cache_mb)
-            say(f"engine: CPU NumPy/BLAS, padding-free; {eng.cached_mb:,.1f} MiB of fp32 weight cache "
-                f"(cpu_weight_cache_mb={weight_cache_mb})")
+            gemm = cpu_gemm_mod.choose(cpu_gemm)
+            eng = numpy_engine.CpuEngine(model, grad_checkpointing, weight_cache_mb,
+                                         bf16=cpu_gemm_mod.load_library()[0] if gemm.bf16 else None)
+            say(f"engine: CPU NumPy/BLAS, padding-free; GEMMs: {gemm.reason}; {eng.cached_mb:,.1f} MiB of "
+                f"{gemm.path} weight cache (cpu_weight_cache_mb={weight_cache_mb})")
             return StepFns(eng.loss_and_grad, eng.loss, True)
         say(f"engine: MLX autodiff (the CPU engine does not cover {why})")
     if not mlx_cpu_kernels.on_cpu():   # Metal / CUDA (or CPU kernels off): compiled, chunked loss
@@ -274,7 +279,8 @@ def train(cfg: TrainConfig) -> dict:
     trainable, total = count_parameters(model)
     rep.print(f"model {cfg.model}: {total / 1e6:.2f}M parameters, trainable {trainable:,} ({100 * trainable / total:.3f}%)")
     fns = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb, rep.print,
-                        batch_shape=(cfg.batch_size, cfg.data.max_seq_len), base_matmul=cfg.base_matmul)
+                        batch_shape=(cfg.batch_size, cfg.data.max_seq_len), base_matmul=cfg.base_matmul,
+                        cpu_gemm=cfg.cpu_gemm)
     grad_fn, eval_fn, packed = fns.grad, fns.loss, fns.packed
     from .engines.mlx_step import make_scale_clip, make_update
 

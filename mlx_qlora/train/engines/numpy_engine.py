@@ -30,6 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from . import numpy_kernels as ops
+from .cpu_gemm import to_bf16
 from ..lora import LoRALinear, linear_dims
 from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 
@@ -74,23 +75,37 @@ def _np(a: mx.array) -> np.ndarray:
 
 
 class _Proj:
-    """One frozen projection (4-bit or dense) with an optional LoRA branch."""
+    """One frozen projection (4-bit or dense) with an optional LoRA branch. With ``bf16`` (a
+    ``cpu_gemm.MklBf16``) its base products take bf16 operands (the weight kept or made as bf16
+    bits), accumulated in fp32; the LoRA branch stays fp32."""
 
-    def __init__(self, module: nn.Module, path: str):
+    def __init__(self, module: nn.Module, path: str, bf16=None):
         self.lora = module if isinstance(module, LoRALinear) else None
         self.base = self.lora.linear if self.lora else module
         self.path = path
         self.bias = _np(self.base["bias"]) if "bias" in self.base else None
         self.p = 1.0 - getattr(self.lora.dropout, "_p_1", 1.0) if self.lora else 0.0
         self.cached: np.ndarray | None = None
-        self.nbytes = 4 * math.prod(linear_dims(self.base))      # of its fp32 weight
+        self.bf16 = bf16
+        self.nbytes = (2 if bf16 else 4) * math.prod(linear_dims(self.base))   # of its fp32 / bf16 weight
 
     def weight(self) -> np.ndarray:
-        """The (out, in) fp32 weight: the cached copy, or dequantized now and dropped after use."""
-        return self.cached if self.cached is not None else _np(dense_weight(self.base))
+        """The (out, in) fp32 weight (bf16 bits with ``bf16``): the cached copy, or dequantized now
+        and dropped after use."""
+        if self.cached is not None:
+            return self.cached
+        w = _np(dense_weight(self.base))
+        return to_bf16(w) if self.bf16 else w
+
+    def matmul(self, x: np.ndarray, w: np.ndarray, transpose: bool) -> np.ndarray:
+        """``x @ w.T`` (``transpose``: the forward) or ``x @ w`` (the input gradient), ``w`` from
+        ``weight()``: fp32 BLAS, or bf16 operands accumulated in fp32."""
+        if self.bf16 is None:
+            return x @ w.T if transpose else x @ w
+        return self.bf16.matmul(to_bf16(x), w, transpose)
 
     def forward(self, x: np.ndarray, rng, ctx: dict | None) -> np.ndarray:
-        y = x @ self.weight().T
+        y = self.matmul(x, self.weight(), True)
         if self.bias is not None:
             y += self.bias
         if self.lora is not None:
@@ -105,7 +120,7 @@ class _Proj:
         return y
 
     def backward(self, dy: np.ndarray, ctx: dict, grads: dict, need_dx: bool) -> np.ndarray | None:
-        dx = dy @ self.weight() if need_dx else None
+        dx = self.matmul(dy, self.weight(), False) if need_dx else None
         if self.lora is not None:
             xd, xa, keep = ctx.pop(self.path)
             s = F32(self.lora.scale)
@@ -146,10 +161,10 @@ class _Geometry:
 class _Block:
     """One decoder block: forward (optionally keeping what backward needs) and backward."""
 
-    def __init__(self, layer: nn.Module, prefix: str):
+    def __init__(self, layer: nn.Module, prefix: str, bf16=None):
         a, m = layer.self_attn, layer.mlp
-        self.proj = {n: _Proj(a[n], f"{prefix}.self_attn.{n}") for n in ATTN}
-        self.proj.update({n: _Proj(m[n], f"{prefix}.mlp.{n}") for n in MLP})
+        self.proj = {n: _Proj(a[n], f"{prefix}.self_attn.{n}", bf16) for n in ATTN}
+        self.proj.update({n: _Proj(m[n], f"{prefix}.mlp.{n}", bf16) for n in MLP})
         self.trainable = any(p.lora is not None for p in self.proj.values())
         self.heads = ops.Heads(a.n_heads, a.n_kv_heads, linear_dims(self.proj["q_proj"].base)[1] // a.n_heads,
                                a.scale)
@@ -205,9 +220,12 @@ class _Block:
 
 
 class CpuEngine:
-    """``loss_and_grad(batch, seed)`` and ``loss(batch)`` for a LoRA-wrapped mlx-lm model."""
+    """``loss_and_grad(batch, seed)`` and ``loss(batch)`` for a LoRA-wrapped mlx-lm model.
 
-    def __init__(self, model: nn.Module, grad_checkpoint: bool = False, weight_cache_mb: float = 0):
+    ``bf16``: None (fp32 BLAS throughout) or a ``cpu_gemm.MklBf16``: the frozen base's products
+    (projections, output head; forward and input gradient) with bf16 operands, fp32 accumulation."""
+
+    def __init__(self, model: nn.Module, grad_checkpoint: bool = False, weight_cache_mb: float = 0, bf16=None):
         why = unsupported(model)
         if why:
             raise ValueError(f"CPU engine: unsupported {why}")
@@ -215,18 +233,18 @@ class CpuEngine:
         self.grad_checkpoint = grad_checkpoint
         inner = model.model
         names = {id(m): n for n, m in model.named_modules()}
-        self.blocks = [_Block(layer, names[id(layer)]) for layer in model.layers]
+        self.blocks = [_Block(layer, names[id(layer)], bf16) for layer in model.layers]
         trainable = [i for i, b in enumerate(self.blocks) if b.trainable]
         self.first = trainable[0] if trainable else len(self.blocks)
         self.embed = inner.embed_tokens
         self.norm_w, self.norm_eps = _np(inner.norm.weight), inner.norm.eps
         head = model["lm_head"] if "lm_head" in model else inner.embed_tokens
-        self.head = _Proj(head, "head")             # frozen; its fp32 weight may be cached too
+        self.head = _Proj(head, "head", bf16)       # frozen; its weight may be cached too
         self.cached_mb = self._fill_cache(weight_cache_mb)
         self._paths = None
 
     def _fill_cache(self, budget_mb: float) -> float:
-        """Keep fp32 copies of frozen weights up to ``budget_mb`` MiB: first the adapted blocks'
+        """Keep fp32 (bf16 on that path) copies of frozen weights up to ``budget_mb`` MiB: first the adapted blocks'
         (used twice per step, three times with checkpointing), top down, then the output head and
         the blocks below (once per step each). Returns the MiB used."""
         used, budget = 0, budget_mb * 2 ** 20
@@ -260,10 +278,10 @@ class CpuEngine:
         w = self.head.weight()                                    # (vocab, dim): one dequantize per step
         total, dhn = 0.0, (np.empty_like(hn) if grad else None)
         for s in range(0, hn.shape[0], CE_CHUNK_ROWS):
-            logits = hn[s:s + CE_CHUNK_ROWS] @ w.T
+            logits = self.head.matmul(hn[s:s + CE_CHUNK_ROWS], w, True)
             total += float(ops.softmax_ce_rows(logits, targets[s:s + CE_CHUNK_ROWS], grad).sum(dtype=np.float64))
             if grad:
-                dhn[s:s + CE_CHUNK_ROWS] = logits @ w      # (softmax - onehot) @ W
+                dhn[s:s + CE_CHUNK_ROWS] = self.head.matmul(logits, w, False)   # (softmax - onehot) @ W
         if not grad:
             return total, None
         dx = np.zeros_like(x)
