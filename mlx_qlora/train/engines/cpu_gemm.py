@@ -191,17 +191,29 @@ def doctor_line() -> str:
 
 
 # ------------------------------------------------------------------ bf16 values
+def _round_rows(u: np.ndarray, out: np.ndarray) -> None:
+    r = u >> 16
+    r &= 1
+    r += 0x7FFF                      # round to nearest, ties to even: add 0x7FFF + the kept lsb
+    r += u                           # (wraps only for NaN payloads >= 0x7FFF8001, fixed below)
+    r >>= 16
+    out[...] = r
+
+
 def to_bf16(x: np.ndarray) -> np.ndarray:
-    """fp32 -> bf16 bits (uint16), rounded to nearest even; NaN stays NaN."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    r = (u >> 16) & 1
-    r += 0x7FFF
-    r += u                                   # wraps only for NaN payloads, handled below
-    out = (r >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = 0x7FC0
-    return out
+    """fp32 -> bf16 bits (uint16), rounded to nearest even; NaN stays NaN. In the calling thread
+    and the kernel pool (no MLX stream hand-off per call); large matrices split by rows."""
+    x = np.ascontiguousarray(x, np.float32)
+    u = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    out = np.empty(u.shape, np.uint16)
+    u = u.view(np.uint32)
+    numpy_kernels.parallel([lambda lo=lo, hi=hi: _round_rows(u[lo:hi], out[lo:hi])
+                            for lo, hi in numpy_kernels.row_parts(*u.shape)])
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(np.sum(x, dtype=np.float32))    # one read pass; NaN/inf are rare
+    if not finite:
+        out[np.isnan(u.view(np.float32))] = 0x7FC0
+    return out.reshape(x.shape)
 
 
 def from_bf16(b: np.ndarray) -> np.ndarray:

@@ -97,15 +97,16 @@ class _Proj:
         w = _np(dense_weight(self.base))
         return to_bf16(w) if self.bf16 else w
 
-    def matmul(self, x: np.ndarray, w: np.ndarray, transpose: bool) -> np.ndarray:
+    def matmul(self, x: np.ndarray, w: np.ndarray, transpose: bool, x16: np.ndarray | None = None) -> np.ndarray:
         """``x @ w.T`` (``transpose``: the forward) or ``x @ w`` (the input gradient), ``w`` from
-        ``weight()``: fp32 BLAS, or bf16 operands accumulated in fp32."""
+        ``weight()``: fp32 BLAS, or bf16 operands accumulated in fp32 (``x16``: ``x`` already
+        converted, when projections share their input)."""
         if self.bf16 is None:
             return x @ w.T if transpose else x @ w
-        return self.bf16.matmul(to_bf16(x), w, transpose)
+        return self.bf16.matmul(to_bf16(x) if x16 is None else x16, w, transpose)
 
-    def forward(self, x: np.ndarray, rng, ctx: dict | None) -> np.ndarray:
-        y = self.matmul(x, self.weight(), True)
+    def forward(self, x: np.ndarray, rng, ctx: dict | None, x16: np.ndarray | None = None) -> np.ndarray:
+        y = self.matmul(x, self.weight(), True, x16)
         if self.bias is not None:
             y += self.bias
         if self.lora is not None:
@@ -166,6 +167,7 @@ class _Block:
         self.proj = {n: _Proj(a[n], f"{prefix}.self_attn.{n}", bf16) for n in ATTN}
         self.proj.update({n: _Proj(m[n], f"{prefix}.mlp.{n}", bf16) for n in MLP})
         self.trainable = any(p.lora is not None for p in self.proj.values())
+        self.bf16 = bf16
         self.heads = ops.Heads(a.n_heads, a.n_kv_heads, linear_dims(self.proj["q_proj"].base)[1] // a.n_heads,
                                a.scale)
         r = a.rope
@@ -182,14 +184,18 @@ class _Block:
     def forward(self, x: np.ndarray, geo: _Geometry, rng, ctx: dict | None) -> np.ndarray:
         P = self.proj
         a_in, n1, r1 = ops.rms(x, self.w1, self.eps1)
-        q = self._rope(P["q_proj"].forward(a_in, rng, ctx), self.heads.h, geo, False)
-        k = self._rope(P["k_proj"].forward(a_in, rng, ctx), self.heads.hkv, geo, False)
-        v = P["v_proj"].forward(a_in, rng, ctx)
+        a16 = to_bf16(a_in) if self.bf16 else None          # q, k, v share one bf16 copy of their input
+        q = self._rope(P["q_proj"].forward(a_in, rng, ctx, a16), self.heads.h, geo, False)
+        k = self._rope(P["k_proj"].forward(a_in, rng, ctx, a16), self.heads.hkv, geo, False)
+        v = P["v_proj"].forward(a_in, rng, ctx, a16)
+        del a16
         o, probs = ops.attention(q, k, v, geo.segments, self.heads, ctx is not None)
         h = x + P["o_proj"].forward(o, rng, ctx)
         del o
         m_in, n2, r2 = ops.rms(h, self.w2, self.eps2)
-        g, u = P["gate_proj"].forward(m_in, rng, ctx), P["up_proj"].forward(m_in, rng, ctx)
+        m16 = to_bf16(m_in) if self.bf16 else None          # gate and up share theirs
+        g, u = P["gate_proj"].forward(m_in, rng, ctx, m16), P["up_proj"].forward(m_in, rng, ctx, m16)
+        del m16
         act, sig = ops.swiglu(g, u, keep_sigmoid=ctx is not None)
         out = h + P["down_proj"].forward(act, rng, ctx)
         if ctx is not None:
