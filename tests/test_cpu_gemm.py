@@ -114,6 +114,19 @@ def test_path_honours_key_and_cpu_flags():
     assert cpu_gemm.cpu_summary(AVX2) == "AMD EPYC 7B12 (avx2)"
 
 
+def test_doctor_lines_name_the_cpu_and_the_path(monkeypatch):
+    class Lib:
+        version = "oneMKL 2026"
+
+    monkeypatch.setattr(cpu_gemm, "cpuinfo_text", lambda: SPR)
+    monkeypatch.setattr(cpu_gemm, "load_library", lambda: (Lib(), "loaded"))
+    assert cpu_gemm.doctor_lines() == [
+        "CPU            Intel(R) Xeon(R) Platinum 8480+ (avx2 avx512f avx512_bf16 amx_bf16 amx_tile)",
+        "CPU GEMMs      bf16 GEMMs, fp32 accumulation (oneMKL 2026; cpu_gemm=auto, CPU has amx_bf16 avx512_bf16)"]
+    monkeypatch.setattr(cpu_gemm, "cpuinfo_text", lambda: AVX2)
+    assert cpu_gemm.doctor_lines()[1].startswith("CPU GEMMs      fp32 BLAS (cpu_gemm=auto: this CPU has no bf16 units")
+
+
 def test_config_key_checked_and_passed(tiny_llama_q4, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cpu_gemm='half': use one of auto, fp32, bf16"):
         load_config(None, {"model": "m", "data.train": "d", "cpu_gemm": "half"})

@@ -28,6 +28,7 @@ import ctypes
 import ctypes.util
 import glob
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,9 @@ class MklBf16:
         self._gemm = f
         version = ctypes.create_string_buffer(256)
         lib.mkl_get_version_string(version, 256)
-        self.version = version.value.decode(errors="replace").strip()
+        text = version.value.decode(errors="replace")
+        found = re.search(r"Version (\S+)", text)      # "Intel(R) oneAPI Math Kernel Library Version 2026.2-Product ..."
+        self.version = f"oneMKL {found.group(1).split('-')[0]}" if found else "oneMKL"
 
     def matmul(self, a: np.ndarray, b: np.ndarray, transpose_b: bool) -> np.ndarray:
         """fp32 ``a @ b`` (``a @ b.T`` with ``transpose_b``) of C-contiguous bf16 (uint16) matrices."""
@@ -185,9 +188,9 @@ def _lib_name(lib) -> str:
     return getattr(lib, "version", None) or "oneMKL"
 
 
-def doctor_line() -> str:
-    """What ``mlx_qlora doctor`` prints for the CPU engine's GEMM path (cpu_gemm=auto)."""
-    return f"CPU training GEMMs: {choose('auto').reason}; CPU: {cpu_summary()}"
+def doctor_lines() -> list[str]:
+    """What ``mlx_qlora doctor`` prints about the CPU engine's GEMM path (as cpu_gemm=auto picks it)."""
+    return [f"CPU            {cpu_summary()}", f"CPU GEMMs      {choose('auto').reason}"]
 
 
 # ------------------------------------------------------------------ bf16 values
