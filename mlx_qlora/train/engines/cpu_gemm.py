@@ -194,13 +194,19 @@ def doctor_lines() -> list[str]:
 
 
 # ------------------------------------------------------------------ bf16 values
+CONVERT_BLOCK = 1 << 15     # elements per pass (128 KiB of fp32): the five passes stay in L2
+
+
 def _round_rows(u: np.ndarray, out: np.ndarray) -> None:
-    r = u >> 16
-    r &= 1
-    r += 0x7FFF                      # round to nearest, ties to even: add 0x7FFF + the kept lsb
-    r += u                           # (wraps only for NaN payloads >= 0x7FFF8001, fixed below)
-    r >>= 16
-    out[...] = r
+    step = max(1, CONVERT_BLOCK // u.shape[1])
+    for lo in range(0, u.shape[0], step):
+        ub = u[lo:lo + step]
+        r = ub >> 16
+        r &= 1
+        r += 0x7FFF                  # round to nearest, ties to even: add 0x7FFF + the kept lsb
+        r += ub                      # (wraps only for NaN payloads >= 0x7FFF8001, fixed below)
+        r >>= 16
+        out[lo:lo + step] = r
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:
