@@ -171,6 +171,8 @@ def test_engine_bf16_matches_fp32_tiny(request, arch, cache_mb, checkpoint):
                       LoraConfig(rank=4, alpha=8, layers="all", targets="all-linear", dropout=0.1))
     check_engine(model, batch(), n_blocks=len(model.layers), weight_cache_mb=cache_mb,
                  grad_checkpoint=checkpoint)
+    # evaluation (validation, mlx_qlora eval) is fp32 on either path: the same number bit for bit
+    assert CpuEngine(model, weight_cache_mb=cache_mb, bf16=LIB).loss(batch()) == CpuEngine(model).loss(batch())
     if cache_mb:                                  # the bf16 cache holds each weight in half the bytes
         e16, e32 = CpuEngine(model, weight_cache_mb=cache_mb, bf16=LIB), CpuEngine(model, weight_cache_mb=cache_mb)
         assert e16.cached_mb == e32.cached_mb / 2 and e16.head.cached.dtype == np.uint16

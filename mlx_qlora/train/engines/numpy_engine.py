@@ -23,6 +23,7 @@ architectures, RoPE scaling, sliding windows) trains through MLX autodiff instea
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -237,6 +238,7 @@ class CpuEngine:
             raise ValueError(f"CPU engine: unsupported {why}")
         self.model = model
         self.grad_checkpoint = grad_checkpoint
+        self.bf16 = bf16
         inner = model.model
         names = {id(m): n for n, m in model.named_modules()}
         self.blocks = [_Block(layer, names[id(layer)], bf16) for layer in model.layers]
@@ -295,12 +297,34 @@ class CpuEngine:
         return total, dx
 
     def loss(self, batch) -> float:
-        """Summed token loss of ``batch`` (no gradient, nothing kept)."""
+        """Summed token loss of ``batch`` (no gradient, nothing kept). Always fp32 products: a
+        validation or ``mlx_qlora eval`` loss is the model's own, whatever GEMM path trains it."""
         ids, geo, rows, targets = self._pack(batch)
-        x = self._embed(ids)
+        with self._fp32_products():
+            x = self._embed(ids)
+            for b in self.blocks:
+                x = b.forward(x, geo, None, None)
+            return self._head_loss(x, rows, targets, grad=False)[0]
+
+    @contextmanager
+    def _fp32_products(self):
+        """On the bf16 path: every projection fp32 (dequantized per use; the bf16 cache set aside)."""
+        if self.bf16 is None:
+            yield
+            return
+        projs = [p for b in self.blocks for p in b.proj.values()] + [self.head]
+        kept = [p.cached for p in projs]
+        for p in projs:
+            p.bf16 = p.cached = None
         for b in self.blocks:
-            x = b.forward(x, geo, None, None)
-        return self._head_loss(x, rows, targets, grad=False)[0]
+            b.bf16 = None
+        try:
+            yield
+        finally:
+            for p, c in zip(projs, kept):
+                p.bf16, p.cached = self.bf16, c
+            for b in self.blocks:
+                b.bf16 = self.bf16
 
     def loss_and_grad(self, batch, seed=(0,)):
         """(summed token loss, gradient tree shaped like ``model.trainable_parameters()``).
