@@ -79,7 +79,9 @@ def collect() -> DoctorReport:
 
 
 def run_doctor() -> DoctorReport:
+    from .train.engines.cpu_gemm import doctor_lines   # the CPU and the CPU engine's GEMM path
+
     report = collect()
-    for line in report.lines():
+    for line in report.lines() + doctor_lines():
         print(line)
     return report

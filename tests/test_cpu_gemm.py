@@ -127,6 +127,14 @@ def test_doctor_lines_name_the_cpu_and_the_path(monkeypatch):
     assert cpu_gemm.doctor_lines()[1].startswith("CPU GEMMs      fp32 BLAS (cpu_gemm=auto: this CPU has no bf16 units")
 
 
+def test_doctor_prints_them(capsys):
+    from mlx_qlora.doctor import run_doctor
+
+    run_doctor()
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == cpu_gemm.doctor_lines()
+
+
 def test_config_key_checked_and_passed(tiny_llama_q4, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cpu_gemm='half': use one of auto, fp32, bf16"):
         load_config(None, {"model": "m", "data.train": "d", "cpu_gemm": "half"})
