@@ -33,8 +33,9 @@ from tolerance import tol
 
 LIB, WHY = cpu_gemm.load_library()
 needs_lib = pytest.mark.skipif(LIB is None, reason=f"no bf16 GEMM library: {WHY}")
-SPR = "model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
-AVX2 = "model name\t: AMD EPYC 7B12\nflags\t\t: fpu sse avx avx2 fma\n"
+SPR = "vendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+AVX2 = "vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse avx avx2 fma\n"
+ZEN4 = "vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
 
 
 class Checked:
@@ -97,12 +98,15 @@ def test_gemm_within_derived_bound(m, k, n, transpose):
 # ------------------------------------------------------------------ choosing the path
 def test_path_honours_key_and_cpu_flags():
     spr, avx2, lib = cpu_gemm.cpu_flags(SPR), cpu_gemm.cpu_flags(AVX2), object()
-    assert {"amx_bf16", "avx512_bf16", "avx2"} <= spr and "amx_bf16" not in avx2
-    assert cpu_gemm.choose("auto", spr, lib).path == "bf16"
-    assert "amx_bf16" in cpu_gemm.choose("auto", spr, lib).reason
-    assert cpu_gemm.choose("auto", avx2, lib).path == "fp32"
-    assert cpu_gemm.choose("auto", frozenset({"avx512_bf16"}), lib).path == "bf16"     # Cooper Lake, Zen 4
-    no_lib = cpu_gemm.choose("auto", spr, None)
+    intel = cpu_gemm.cpu_vendor(SPR)
+    assert {"amx_bf16", "avx512_bf16", "avx2"} <= spr and "amx_bf16" not in avx2 and intel == "GenuineIntel"
+    assert cpu_gemm.choose("auto", spr, lib, intel).path == "bf16"
+    assert "amx_bf16" in cpu_gemm.choose("auto", spr, lib, intel).reason
+    assert cpu_gemm.choose("auto", avx2, lib, intel).path == "fp32"
+    assert cpu_gemm.choose("auto", frozenset({"avx512_bf16"}), lib, intel).path == "bf16"     # Cooper Lake
+    zen4 = cpu_gemm.choose("auto", cpu_gemm.cpu_flags(ZEN4), lib, cpu_gemm.cpu_vendor(ZEN4))
+    assert zen4.path == "fp32" and "AuthenticAMD" in zen4.reason                      # unmeasured there
+    no_lib = cpu_gemm.choose("auto", spr, None, intel)
     assert no_lib.path == "fp32" and "amx_bf16" in no_lib.reason
     assert cpu_gemm.choose("fp32", spr, lib).path == "fp32"
     assert cpu_gemm.choose("bf16", avx2, lib).path == "bf16"        # asked for: honoured (oneMKL emulates)

@@ -1,7 +1,7 @@
 """The CPU engine's GEMM path for the frozen base's products: fp32 BLAS or bf16 operands.
 
-Why: CPUs with bf16 units (AVX512-BF16, AMX-BF16 tiles: Cooper Lake, Sapphire Rapids and later,
-Zen 4+) multiply bf16 several times faster than fp32 (measured here, 2 Sapphire-Rapids-class
+Why: CPUs with bf16 units (AVX512-BF16, AMX-BF16 tiles: Cooper Lake, Sapphire Rapids and later)
+multiply bf16 several times faster than fp32 (measured here, 2 Sapphire-Rapids-class
 cores: ~400-700 GFLOP/s bf16 vs ~100-150 fp32 on the engine's 576 x 1536 shapes). The frozen base
 weight of each projection and the activation (forward) or output gradient (backward, the input
 gradient) are rounded to bf16; the products accumulate in fp32 and come back as fp32. LoRA
@@ -13,8 +13,9 @@ loaded privately (RTLD_LOCAL) so MLX and NumPy keep the BLAS they bind today. Op
 scipy-openblas wheels (0.3.31, 0.3.34) are not.
 
 Path (config key ``cpu_gemm``): ``fp32`` (the engine exactly as before), ``bf16`` (error when no
-library), ``auto`` (bf16 when /proc/cpuinfo lists amx_bf16 or avx512_bf16 and the library
-loads, else fp32). Without bf16 units MKL would emulate bf16 slower than fp32 BLAS.
+library), ``auto`` (bf16 on an Intel CPU whose /proc/cpuinfo lists amx_bf16 or avx512_bf16, when
+the library loads; else fp32). AMD's Zen 4+ has avx512_bf16 too, but oneMKL's speed there is
+unmeasured, so auto keeps fp32 on it (``bf16`` forces the path).
 
 Precision (the bound tests/test_cpu_gemm.py checks): bf16 keeps 8 significant bits, so rounding
 to nearest gives a relative error of at most u = 2^-8 per operand. A product of two rounded
@@ -69,12 +70,20 @@ def cpu_flags(text: str | None = None) -> frozenset[str]:
     return frozenset()
 
 
-def cpu_name(text: str | None = None) -> str:
+def _field(name: str, text: str | None) -> str | None:
     for line in (cpuinfo_text() if text is None else text).splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "model name":
+        if key.strip() == name:
             return value.strip()
-    return "unknown CPU"
+    return None
+
+
+def cpu_name(text: str | None = None) -> str:
+    return _field("model name", text) or "unknown CPU"
+
+
+def cpu_vendor(text: str | None = None) -> str:
+    return _field("vendor_id", text) or "unknown"
 
 
 def cpu_summary(text: str | None = None) -> str:
@@ -162,9 +171,10 @@ class GemmChoice:
         return self.path == "bf16"
 
 
-def choose(key: str = "auto", flags: frozenset[str] | None = None, library=False) -> GemmChoice:
-    """The GEMM path for ``cpu_gemm=key`` on a CPU with ``flags`` (default: this one's) given
-    ``library`` (default: ``load_library()``; None: no library)."""
+def choose(key: str = "auto", flags: frozenset[str] | None = None, library=False,
+           vendor: str | None = None) -> GemmChoice:
+    """The GEMM path for ``cpu_gemm=key`` on a CPU with ``flags`` and ``vendor`` (default: this
+    one's) given ``library`` (default: ``load_library()``; None: no library)."""
     require(key in PATHS, f"cpu_gemm={key!r}: use one of {', '.join(PATHS)}")
     if key == "fp32":
         return GemmChoice("fp32", "fp32 BLAS (cpu_gemm=fp32)")
@@ -178,6 +188,10 @@ def choose(key: str = "auto", flags: frozenset[str] | None = None, library=False
     if not units:
         return GemmChoice("fp32", "fp32 BLAS (cpu_gemm=auto: this CPU has no bf16 units, "
                                   "amx_bf16/avx512_bf16)")
+    vendor = cpu_vendor() if vendor is None else vendor
+    if vendor != "GenuineIntel":
+        return GemmChoice("fp32", f"fp32 BLAS (cpu_gemm=auto: oneMKL's bf16 GEMMs are measured on Intel CPUs "
+                                  f"only, this is {vendor}; cpu_gemm=bf16 forces them)")
     if lib is None:
         return GemmChoice("fp32", f"fp32 BLAS (cpu_gemm=auto: the CPU has {' '.join(units)} but {why})")
     return GemmChoice("bf16", f"bf16 GEMMs, fp32 accumulation ({_lib_name(lib)}; cpu_gemm=auto, "
