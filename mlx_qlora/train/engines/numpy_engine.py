@@ -95,8 +95,12 @@ class _Proj:
         and dropped after use."""
         if self.cached is not None:
             return self.cached
-        w = _np(dense_weight(self.base))
-        return to_bf16(w) if self.bf16 else w
+        if self.bf16 is None:
+            return _np(dense_weight(self.base))
+        # rounded in the same MLX evaluation as the dequantize (round to nearest even, as to_bf16)
+        w16 = dense_weight(self.base).astype(mx.bfloat16).view(mx.uint16)
+        mx.eval(w16)
+        return np.asarray(w16)
 
     def matmul(self, x: np.ndarray, w: np.ndarray, transpose: bool, x16: np.ndarray | None = None) -> np.ndarray:
         """``x @ w.T`` (``transpose``: the forward) or ``x @ w`` (the input gradient), ``w`` from
