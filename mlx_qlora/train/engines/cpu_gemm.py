@@ -31,6 +31,7 @@ import glob
 import os
 import re
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,23 @@ def load_library():
                 why = f"{path}: {e}"
     _LIB[:] = [lib, why]
     return lib, why
+
+
+_CONTROLLER: list = []
+
+
+def other_blas_serial():
+    """Context in which the other BLAS libraries (NumPy's OpenBLAS, the one MLX binds) run on one
+    thread, via threadpoolctl (nothing when it is missing). Why: on the bf16 path the large
+    products are oneMKL's, split over the kernel pool; an OpenBLAS worker left spinning after a
+    small LoRA product takes a core from them (2 cores: 448 vs 377 tok/s on the bench's default row)."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return nullcontext()
+    if not _CONTROLLER:
+        _CONTROLLER.append(threadpoolctl.ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=1, user_api="blas")
 
 
 # ------------------------------------------------------------------ the choice

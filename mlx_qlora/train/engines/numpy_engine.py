@@ -31,7 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from . import numpy_kernels as ops
-from .cpu_gemm import to_bf16
+from .cpu_gemm import other_blas_serial, to_bf16
 from ..lora import LoRALinear, linear_dims
 from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 
@@ -335,6 +335,12 @@ class CpuEngine:
 
         ``seed``: int or tuple of ints; LoRA dropout masks are a function of it.
         """
+        if self.bf16 is None:
+            return self._loss_and_grad(batch, seed)
+        with other_blas_serial():
+            return self._loss_and_grad(batch, seed)
+
+    def _loss_and_grad(self, batch, seed):
         seed = tuple(seed) if isinstance(seed, (tuple, list)) else (seed,)
         ids, geo, rows, targets = self._pack(batch)
         x = self._embed(ids)
