@@ -11,9 +11,9 @@ tokens, every position in the loss. Each system runs in its own process (so its 
 own), ``--warmup`` steps first (compilation), then ``--steps`` timed optimizer steps. Rows:
 
 - ``mlx_qlora``: ``loop.make_step_fns(...).whole_step`` with the CPU engine off, i.e. the path
-  Metal/CUDA take in ``train()`` (train/mlx_step.py: the whole step one compiled graph, chunked
+  Metal/CUDA take in ``train()`` (train/engines/mlx_step.py: the whole step one compiled graph, chunked
   cross-entropy), its 4-bit products as ``base_matmul: auto`` picks them (dequantize + dense GEMM
-  on CUDA, train/dequant_gemm.py; the quantized kernels elsewhere); on CPU the CPU kernels are
+  on CUDA, train/engines/dequant_gemm.py; the quantized kernels elsewhere); on CPU the CPU kernels are
   switched off so the same path runs;
 - ``mlx_qlora_qmm`` / ``mlx_qlora_dense``: the same with the quantized kernels / dequantize + GEMM
   forced (the two side by side on any device);
@@ -97,7 +97,8 @@ def run_mlx_qlora(a, d: dict, system: str) -> dict:
     import mlx.optimizers as optim
     import numpy as np
 
-    from mlx_qlora.train import dequant_gemm, loop, mlx_cpu_kernels, mlx_step
+    from mlx_qlora.train import loop
+    from mlx_qlora.train.engines import dequant_gemm, mlx_cpu_kernels, mlx_step
     from mlx_qlora.train.config import LoraConfig
     from mlx_qlora.train.data import Example, collate
     from mlx_qlora.train.lora import apply_lora

@@ -7,11 +7,17 @@ tokens. Each system runs in its own process so peak RSS (ru_maxrss) is its own.
 
   mlx_qlora      this project, 4-bit base (the embedded Q4_1 GGUF converted with group 32), as
                  `mlx_qlora train` runs it: the CPU engine (rows packed, so it never computes on
-                 the padding), default fp32 weight cache; torch kept out of the process
-  mlx_qlora, cache 0   the same with cpu_weight_cache_mb=0 (no fp32 weight kept)
+                 the padding), default weight cache, cpu_gemm auto (bf16 GEMMs for the frozen
+                 products where the CPU has bf16 units and oneMKL is installed, else fp32);
+                 torch kept out of the process
+  mlx_qlora, fp32      the same with cpu_gemm=fp32 (shown only when auto picked bf16)
+  mlx_qlora, cache 0   the default with cpu_weight_cache_mb=0 (no dequantized weight kept)
   mlx_qlora, lean      cache 0 and grad_checkpoint (blocks keep only their input)
   mlx-lm QLoRA   mlx_lm's LoRALinear on the same 4-bit model (quantized_matmul on CPU)
-  torch+PEFT     transformers + peft LoRA on the same weights dequantized to fp32
+  torch+PEFT     transformers + peft LoRA on the same weights dequantized to fp32, in fp32 and
+                 under torch.autocast("cpu", dtype=torch.bfloat16) (bf16 matmuls, oneDNN)
+
+The CPU (model name and its AVX2 / AVX-512 / AMX / bf16 flags) and the GEMM path picked are printed.
 
 Then a Llama-2-7B-shaped model (random 4-bit weights, group 64) takes QLoRA steps with batch 1,
 256 tokens and gradient checkpointing, and its peak RSS is printed.
@@ -68,20 +74,22 @@ def batches(rows: list[list[int]]):
 
 
 def timed(step_fn, rows, warmup: int) -> dict:
-    """Run step_fn per batch; time everything after `warmup` batches."""
+    """Run step_fn per batch; time everything after `warmup` batches (wall clock, and the CPU time
+    of all the process's threads: on a shared machine tokens per CPU-second is the steadier figure)."""
     tokens, t0 = 0, None
     for i, b in enumerate(batches(rows)):
         if i == warmup:
-            t0, tokens = time.perf_counter(), 0
+            t0, c0, tokens = time.perf_counter(), time.process_time(), 0
         step_fn(b)
         tokens += sum(len(r) - 1 for r in b)
-    dt = time.perf_counter() - t0
-    return {"tok_s": tokens / dt, "tokens": tokens, "seconds": dt, "peak_rss_gib": peak_rss_gib()}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"tok_s": tokens / dt, "tokens": tokens, "seconds": dt, "tok_per_cpu_s": tokens / cpu,
+            "peak_rss_gib": peak_rss_gib()}
 
 
 # ------------------------------------------------------------------ workers (one per process)
 def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int, weight_cache_mb: float = 1024,
-                     grad_checkpoint: bool = False) -> dict:
+                     grad_checkpoint: bool = False, cpu_gemm: str = "auto") -> dict:
     from mlx_qlora.lean_imports import hide_torch
     hide_torch()            # as the `mlx_qlora train` command does (transformers would import torch)
     import mlx_qlora  # noqa: F401  (BLAS before mlx.core)
@@ -99,8 +107,9 @@ def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int, weight_cache_mb: 
     prepare_model(model)
     apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, layers=LAYERS))
     # what `mlx_qlora train` runs: the CPU engine on CPU, MLX autodiff elsewhere
-    grad_fn = make_step_fns(model, grad_checkpoint, weight_cache_mb=weight_cache_mb,
-                            say=lambda m: print(m, file=sys.stderr)).grad
+    said = []
+    grad_fn = make_step_fns(model, grad_checkpoint, weight_cache_mb=weight_cache_mb, say=said.append,
+                            cpu_gemm=cpu_gemm).grad
     opt = optim.AdamW(learning_rate=1e-4)
     step_no = [0]
 
@@ -113,6 +122,7 @@ def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int, weight_cache_mb: 
 
     res = timed(step, tokenized(tok, n_rows), warmup)
     res["trainable"] = count_parameters(model)[0]
+    res["engine"] = " ".join(said)
     return res
 
 
@@ -180,7 +190,7 @@ def export_fp32_hf(model_dir: str) -> Path:
     return out
 
 
-def worker_torch(model_dir: str, n_rows: int, warmup: int) -> dict:
+def worker_torch(model_dir: str, n_rows: int, warmup: int, autocast: bool = False) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -205,7 +215,8 @@ def worker_torch(model_dir: str, n_rows: int, warmup: int) -> dict:
             ids[i, :len(r)] = torch.tensor(r)
             att[i, :len(r)] = 1
             labels[i, :len(r)] = torch.tensor(r)
-        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -267,7 +278,8 @@ def worker_7b(steps: int) -> dict:
 
 # Rows for this project (worker flags): the default; no fp32 weight kept between steps (every use
 # dequantizes the 4-bit weight); least memory (that, and blocks recomputed in backward).
-MLX_QLORA_ROWS = {"mlx_qlora": [], "mlx_qlora, cache 0": ["--weight-cache-mb", "0"],
+MLX_QLORA_ROWS = {"mlx_qlora": [], "mlx_qlora, fp32": ["--cpu-gemm", "fp32"],
+                  "mlx_qlora, cache 0": ["--weight-cache-mb", "0"],
                   "mlx_qlora, lean": ["--weight-cache-mb", "0", "--grad-checkpoint"]}
 WORKERS = {"mlx_qlora": worker_mlx_qlora, "mlx-lm": worker_mlx_lm, "torch": worker_torch}
 
@@ -369,6 +381,11 @@ def main():
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--weight-cache-mb", type=float, default=1024, help=argparse.SUPPRESS)
     ap.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cpu-gemm", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--autocast", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for every system (MLX_QLORA_THREADS, OMP/OpenBLAS/MKL); default: all cores")
     ap.add_argument("--nproc", default=None, help="data parallel only: rank counts to compare, e.g. 1,2")
     ap.add_argument("--threads-per-rank", type=int, default=0, help="with --nproc (default: cores / N)")
     ap.add_argument("--allreduce-size", type=int, default=1_302_528, help=argparse.SUPPRESS)  # the trainable count
@@ -384,8 +401,9 @@ def main():
         return
     if a.worker:
         n_rows = BATCH * (a.warmup + a.steps)
-        extra = {"weight_cache_mb": a.weight_cache_mb, "grad_checkpoint": a.grad_checkpoint} \
-            if a.worker == "mlx_qlora" else {}
+        extra = {"weight_cache_mb": a.weight_cache_mb, "grad_checkpoint": a.grad_checkpoint,
+                 "cpu_gemm": a.cpu_gemm} if a.worker == "mlx_qlora" else \
+            {"autocast": a.autocast} if a.worker == "torch" else {}
         print(json.dumps(WORKERS[a.worker](a.model, n_rows, a.warmup, **extra)))
         return
 
@@ -395,9 +413,18 @@ def main():
     if a.nproc:
         data_parallel(a)
         return
+    from mlx_qlora.train.engines.cpu_gemm import cpu_summary
+
+    if a.threads:      # the workers inherit it; torch reads OMP_NUM_THREADS
+        os.environ.update({k: str(a.threads) for k in ("MLX_QLORA_THREADS", "OMP_NUM_THREADS",
+                                                       "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+    threads = a.threads or os.cpu_count()
+    print(f"CPU: {cpu_summary()}, {os.cpu_count()} cores, {threads} threads per system", flush=True)
     base = ["--model", a.model, "--warmup", str(a.warmup)]
     results = {}
     for name, flags in MLX_QLORA_ROWS.items():
+        if name == "mlx_qlora, fp32" and "GEMMs: bf16" not in results["mlx_qlora"].get("engine", ""):
+            continue                           # auto already ran fp32
         results[name] = run_worker("mlx_qlora", base + ["--steps", str(a.steps)] + flags)
         print(f"{name}: {results[name]}", flush=True)
     if not a.skip_mlx_lm:
@@ -409,27 +436,34 @@ def main():
         have_torch = True
     except ImportError:
         have_torch = False
-    if have_torch:
+    if have_torch and not a.skip_torch:
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
                         f"from bench.train_throughput import export_fp32_hf; export_fp32_hf({a.model!r})"], check=True)
-        results["torch+PEFT fp32"] = run_worker("torch", base + ["--steps", str(a.steps)])
-        print(f"torch+PEFT fp32: {results['torch+PEFT fp32']}", flush=True)
+        for name, flags in (("torch+PEFT fp32", []), ("torch+PEFT bf16 autocast", ["--autocast"])):
+            results[name] = run_worker("torch", base + ["--steps", str(a.steps)] + flags)
+            print(f"{name}: {results[name]}", flush=True)
 
-    torch_r, stock = results.get("torch+PEFT fp32", {}), results.get("mlx-lm QLoRA", {})
+    # the ratios are against the faster torch row
+    torch_rows = [results[n] for n in ("torch+PEFT fp32", "torch+PEFT bf16 autocast") if "tok_s" in results.get(n, {})]
+    torch_r = max(torch_rows, key=lambda r: r["tok_s"], default={})
+    stock = results.get("mlx-lm QLoRA", {})
     print(f"\nSmolLM2-135M, WikiSQL, batch {BATCH}, LoRA rank {RANK} on all linears of the last {LAYERS} layers "
-          f"({os.cpu_count()} CPU threads)\n")
-    print(f"| {'system':<18} | {'tok/s':>7} | {'peak RSS GiB':>12} | {'trainable':>9} | {'tok/s vs torch':>14} "
-          f"| {'RSS vs torch':>12} | {'tok/s vs mlx-lm':>15} |")
-    print(f"|{'-' * 20}|{'-' * 9}|{'-' * 14}|{'-' * 11}|{'-' * 16}|{'-' * 14}|{'-' * 17}|")
+          f"({threads} threads on {os.cpu_count()} cores; CPU: {cpu_summary()}); 'vs torch': the faster torch row\n")
+    print(f"| {'system':<24} | {'tok/s':>7} | {'tok/CPU-s':>9} | {'peak RSS GiB':>12} | {'trainable':>9} "
+          f"| {'tok/s vs torch':>14} | {'RSS vs torch':>12} | {'tok/s vs mlx-lm':>15} |")
+    print(f"|{'-' * 26}|{'-' * 9}|{'-' * 11}|{'-' * 14}|{'-' * 11}|{'-' * 16}|{'-' * 14}|{'-' * 17}|")
     for name, r in results.items():
         if "error" in r:
-            print(f"| {name:<18} | failed: {r['error']}")
+            print(f"| {name:<24} | failed: {r['error']}")
             continue
         vs_t = f"{r['tok_s'] / torch_r['tok_s']:.2f}x" if "tok_s" in torch_r else "-"
         rss_t = f"{r['peak_rss_gib'] / torch_r['peak_rss_gib']:.2f}x" if "tok_s" in torch_r else "-"
         vs_m = f"{r['tok_s'] / stock['tok_s']:.1f}x" if "tok_s" in stock else "-"
-        print(f"| {name:<18} | {r['tok_s']:7.1f} | {r['peak_rss_gib']:12.2f} | {r['trainable']:9,} | {vs_t:>14} "
+        print(f"| {name:<24} | {r['tok_s']:7.1f} | {r['tok_per_cpu_s']:9.1f} | {r['peak_rss_gib']:12.2f} "
+              f"| {r['trainable']:9,} | {vs_t:>14} "
               f"| {rss_t:>12} | {vs_m:>15} |")
+    if "engine" in results.get("mlx_qlora", {}):
+        print(f"\nmlx_qlora (default): {results['mlx_qlora']['engine']}")
     if not a.skip_7b:
         r = run_worker("7b", ["--steps-7b", str(a.steps_7b)])
         if "error" in r:

@@ -106,7 +106,9 @@ def run_doctor(probe_gguf: str | None = None) -> DoctorReport:
                 f"--probe-llama {probe_gguf!r}: not a GGUF file; pass a .gguf path or no value (the embedded model)")
         for wtype, v in llama_load.probe(path).items():
             print(f"probe          {Path(path).name} ({wtype}): {v['verdict']}")
+    from .train.engines.cpu_gemm import doctor_lines   # the CPU training engine's GEMM path
+
     report = collect()
-    for line in report.lines():
+    for line in report.lines() + doctor_lines():
         print(line)
     return report

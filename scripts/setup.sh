@@ -34,6 +34,10 @@ if [ -z "$BACKEND" ] && [ "$(uname -s)" = "Linux" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then BACKEND=cuda; else BACKEND=cpu; fi
 fi
 EXTRAS="${BACKEND:+$BACKEND,}llama"
+# CPUs with bf16 units (AMX, AVX512-BF16): oneMKL for the CPU engine's bf16 GEMMs (cpu_gemm: auto)
+if [ "$BACKEND" = "cpu" ] && grep -qw 'amx_bf16\|avx512_bf16' /proc/cpuinfo 2>/dev/null; then
+  EXTRAS="$EXTRAS,cpu-bf16"
+fi
 $PIP install -q --upgrade pip >/dev/null 2>&1 || true
 if [ "$MODE" = "test" ]; then
   echo "setup: installing mlx_qlora with test extras (llama-cpp-python builds from source once, ~6 min)"

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from tolerance import on_gpu, tol_abs, transient_s
-from mlx_qlora.train.dequant_gemm import on_cuda
+from mlx_qlora.train.engines.dequant_gemm import on_cuda
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,8 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
-from mlx_qlora.train import mlx_cpu_kernels, numpy_engine
-from mlx_qlora.train.numpy_engine import CpuEngine
+from mlx_qlora.train.engines import mlx_cpu_kernels, numpy_engine
+from mlx_qlora.train.engines.numpy_engine import CpuEngine
 from mlx_qlora.train.data import Example, collate
 from mlx_qlora.train.lora import LoRALinear, apply_lora
 from mlx_qlora.train.loop import make_loss

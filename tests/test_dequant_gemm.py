@@ -1,4 +1,4 @@
-"""dequant_gemm (train/dequant_gemm.py): a 4-bit product as dequantize + dense matmul gives the
+"""dequant_gemm (train/engines/dequant_gemm.py): a 4-bit product as dequantize + dense matmul gives the
 quantized kernel's values and gradients, keeps no dense weight between forward and backward (peak
 memory), and the GPU step with it on gives the same losses and LoRA gradients (CPU kernels off)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from test_cpu_engine import model_for, rel_err
 from test_mlx_step import check_device_step
 from tolerance import on_gpu, tol
-from mlx_qlora.train import dequant_gemm, mlx_cpu_kernels, mlx_step
+from mlx_qlora.train.engines import dequant_gemm, mlx_cpu_kernels, mlx_step
 from mlx_qlora.train.config import LoraConfig, TrainConfig
 from mlx_qlora.errors import UserError
 from mlx_qlora.train.loop import grad_checkpoint, make_step_fns, output_head

@@ -28,8 +28,10 @@ from mlx_qlora.train.loop import train
 ONE_THREAD = {k: "1" for k in ("MLX_QLORA_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 # batch 3 over 2 ranks: shares of 2 and 1 rows; 22 rows = 7 full batches + 1 row, so the
 # epoch's last batch leaves rank 1 empty (its gradient is zeros) and 10 steps cross an epoch.
+# fp32 products: a rank's share gives oneMKL's bf16 GEMMs other shapes, whose fp32-level differences
+# flip later bf16 roundings and grow over steps (bf16 vs fp32 training: tests/test_cpu_gemm.py).
 SETTINGS = {"steps": 10, "batch_size": 3, "checkpoint_every": 5, "eval_every": 5, "keep_checkpoints": 2,
-            "progress": False, "lora.rank": 4, "lora.alpha": 8.0, "optim.learning_rate": 1e-3}
+            "progress": False, "lora.rank": 4, "lora.alpha": 8.0, "optim.learning_rate": 1e-3, "cpu_gemm": "fp32"}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from mlx_lm.tuner.dora import DoRALinear as MlxDoRALinear
 from mlx_lm.tuner.lora import LoRALinear as MlxLoRALinear
 from mlx_lm.utils import load_model
 
-from mlx_qlora.train import mlx_cpu_kernels
+from mlx_qlora.train.engines import mlx_cpu_kernels
 from mlx_qlora.errors import UserError
 from mlx_qlora.train.lora import (LoRALinear, apply_lora, count_parameters, load_adapter, read_adapter_config,
                             save_adapter)

@@ -1,4 +1,4 @@
-"""The GPU path's step (train/mlx_step.py) against today's MLX-autodiff step, on CPU with the CPU
+"""The GPU path's step (train/engines/mlx_step.py) against today's MLX-autodiff step, on CPU with the CPU
 kernels off: chunked cross-entropy == plain cross-entropy (loss and gradient), the compiled step ==
 the uncompiled one == the gather-based step, checkpointing changes nothing, bf16 LoRA compute."""
 from __future__ import annotations
@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten
 from test_cpu_engine import batch, model_for, reference, rel_err
 from test_train import cfg, data_dir, tiny_q4, weights  # noqa: F401  (fixtures)
 from tolerance import tol
-from mlx_qlora.train import memory_plan, mlx_cpu_kernels, mlx_step
+from mlx_qlora.train import memory_plan
+from mlx_qlora.train.engines import mlx_cpu_kernels, mlx_step
 from mlx_qlora.train.config import LoraConfig
 from mlx_qlora.train.lora import LoRALinear
 from mlx_qlora.train.loop import grad_checkpoint, make_step_fns, output_head
@@ -229,7 +230,7 @@ def test_train_end_to_end_on_the_gpu_path(tiny_q4, data_dir, tmp_path, monkeypat
             m.setattr(loop_mod, "make_step_fns", lambda *a, **k: real_fns(*a, **k)._replace(whole_step=None))
             m.setattr(mlx_step, "make_update", lambda model, opt: partial(opt.update, model))
             b = train(run(tmp_path / "b", cpu_engine=False))
-    c = train(run(tmp_path / "c"))                              # the CPU engine
+    c = train(run(tmp_path / "c", cpu_gemm="fp32"))             # the CPU engine, fp32 products
     wa, wb, wc = (weights(tmp_path / x / "adapters.safetensors") for x in "abc")
     assert max(np.abs(wa[k]).max() for k in wa) > 0
     assert max(np.abs(wa[k] - wb[k]).max() for k in wa) < tol(1e-6)

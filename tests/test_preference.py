@@ -217,7 +217,7 @@ def test_fresh_adapter_dpo_is_ln2_with_zero_margin(tiny_q4, pairs_dir, tmp_path,
     reference pass runs the batches training runs, so the log-probs agree bit for bit). Also with
     the CPU kernels off: the path Metal/CUDA take (the head applied as a module, not dequantized)."""
     if kernels == "plain_mlx":
-        from mlx_qlora.train import mlx_cpu_kernels
+        from mlx_qlora.train.engines import mlx_cpu_kernels
 
         monkeypatch.setattr(mlx_cpu_kernels, "_ENABLED", [False])
     out = tmp_path / "run"

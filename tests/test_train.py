@@ -85,7 +85,7 @@ def test_resume_matches_uninterrupted_run(tiny_q4, data_dir, tmp_path, monkeypat
     on the CPU engine, on MLX autodiff and on the GPU path (CPU kernels off; one micro-batch: the
     whole-step graph, whose AdamW state comes from the checkpoint)."""
     if engine == "gpu":
-        from mlx_qlora.train import mlx_cpu_kernels
+        from mlx_qlora.train.engines import mlx_cpu_kernels
 
         monkeypatch.setattr(mlx_cpu_kernels, "_ENABLED", [False])
     kw = {"optim.schedule": "constant", "optim.warmup_steps": 2, "optim.grad_accum": accum,

@@ -20,7 +20,8 @@ from .preference_config import PreferenceConfig, check_method
 
 SCHEDULES = ("cosine", "linear", "constant")
 FORMATS = ("auto", "text", "completions", "chat")
-BASE_MATMULS = ("auto", "quantized", "dense")   # train/dequant_gemm.py (kept here: no MLX import)
+BASE_MATMULS = ("auto", "quantized", "dense")   # train/engines/dequant_gemm.py (kept here: no MLX import)
+CPU_GEMMS = ("auto", "fp32", "bf16")            # train/engines/cpu_gemm.py (kept here: no NumPy import)
 
 
 def _is_int(v) -> bool:
@@ -154,11 +155,13 @@ class TrainConfig:
     batch_size: int = 4              # rows per micro-batch
     seed: int = 0
     grad_checkpoint: bool = False    # recompute each layer in backward: less memory, ~30% slower
-    cpu_engine: bool = True          # CPU: NumPy/BLAS engine (train/numpy_engine.py); false: MLX autodiff
+    cpu_engine: bool = True          # CPU: NumPy/BLAS engine (train/engines/numpy_engine.py); false: MLX autodiff
     base_matmul: str = "auto"        # GPU: frozen 4-bit products as "dense" (dequantize + GEMM, see
-                                     # train/dequant_gemm.py) or "quantized" kernels; auto: dense on CUDA
-    cpu_weight_cache_mb: int = 1024  # CPU engine: MiB of fp32 copies of frozen weights kept between
-                                     # steps (0: dequantize 4-bit weights at every use, least memory)
+                                     # train/engines/dequant_gemm.py) or "quantized" kernels; auto: dense on CUDA
+    cpu_weight_cache_mb: int = 1024  # CPU engine: MiB of fp32 (bf16 with cpu_gemm bf16) copies of frozen weights
+                                     # kept between steps (0: dequantize 4-bit weights at every use, least memory)
+    cpu_gemm: str = "auto"           # CPU engine's frozen-weight products: "fp32" BLAS, or "bf16" operands with
+                                     # fp32 accumulation (oneMKL); auto: bf16 where the CPU has amx_bf16/avx512_bf16
     checkpoint_every: int = 100      # steps between checkpoints (0: only at the end)
     eval_every: int = 50             # steps between validation losses (0: only at start and end)
     eval_batches: int = 25           # validation batches per evaluation (0: the whole set)
@@ -194,6 +197,7 @@ class TrainConfig:
         require(_is_int(self.keep_checkpoints) and self.keep_checkpoints >= 1, "keep_checkpoints: use an integer >= 1")
         require(self.base_matmul in BASE_MATMULS,
                 f"base_matmul={self.base_matmul!r}: use one of {', '.join(BASE_MATMULS)}")
+        require(self.cpu_gemm in CPU_GEMMS, f"cpu_gemm={self.cpu_gemm!r}: use one of {', '.join(CPU_GEMMS)}")
         require(self.optim.warmup_steps < self.steps or self.steps == 1,
                 f"optim.warmup_steps={self.optim.warmup_steps} is not below steps={self.steps}: lower it or train longer")
 

@@ -30,7 +30,8 @@ from ..atomic import remove_stale
 from ..errors import UserError, require
 from ..model.model_io import check_model_dir
 from . import distributed as dist
-from . import mlx_cpu_kernels, numpy_engine
+from .engines import cpu_gemm as cpu_gemm_mod
+from .engines import mlx_cpu_kernels, numpy_engine
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import OptimConfig, TrainConfig
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
@@ -172,24 +173,29 @@ class StepFns(NamedTuple):
 
 
 def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_engine: bool = True,
-                  weight_cache_mb: float = 1024, say=print, batch_shape=None, base_matmul: str = "auto"):
+                  weight_cache_mb: float = 1024, say=print, batch_shape=None, base_matmul: str = "auto",
+                  cpu_gemm: str = "auto"):
     """The step functions for this device (``StepFns``).
 
     On CPU the NumPy/BLAS engine (``numpy_engine``) when it covers the model, else MLX autodiff
     (the fast-path kernels of ``mlx_cpu_kernels``; Metal/CUDA always take this path, with the
-    frozen 4-bit products as ``base_matmul`` says: see ``dequant_gemm``). Losses and gradients
+    frozen 4-bit products as ``base_matmul`` says: see ``dequant_gemm``); the CPU engine's frozen
+    products in fp32 or bf16 as ``cpu_gemm`` says (``cpu_gemm.choose``). Losses and gradients
     are of the summed token loss; the caller divides by the loss-token count.
     """
     if mlx_cpu_kernels.on_cpu() and use_cpu_engine:
         why = numpy_engine.unsupported(model)
         if why is None:
-            eng = numpy_engine.CpuEngine(model, grad_checkpointing, weight_cache_mb)
-            say(f"engine: CPU NumPy/BLAS, padding-free; {eng.cached_mb:,.1f} MiB of fp32 weight cache "
-                f"(cpu_weight_cache_mb={weight_cache_mb})")
+            gemm = cpu_gemm_mod.choose(cpu_gemm)
+            eng = numpy_engine.CpuEngine(model, grad_checkpointing, weight_cache_mb,
+                                         bf16=cpu_gemm_mod.load_library()[0] if gemm.bf16 else None)
+            say(f"engine: CPU NumPy/BLAS, padding-free; GEMMs: {gemm.reason}; {eng.cached_mb:,.1f} MiB of "
+                f"{gemm.path} weight cache (cpu_weight_cache_mb={weight_cache_mb})")
             return StepFns(eng.loss_and_grad, eng.loss, True)
         say(f"engine: MLX autodiff (the CPU engine does not cover {why})")
     if not mlx_cpu_kernels.on_cpu():   # Metal / CUDA (or CPU kernels off): compiled, chunked loss
-        from . import dequant_gemm, memory_plan, mlx_step
+        from . import memory_plan
+        from .engines import dequant_gemm, mlx_step
 
         head = output_head(model)
         dense = dequant_gemm.resolve(base_matmul)
@@ -286,10 +292,11 @@ def train(cfg: TrainConfig) -> dict:
         fns = preference.make_step_fns(model, cfg, ds, start, world, rep.print)
     else:
         fns = make_step_fns(model, cfg.grad_checkpoint, cfg.cpu_engine, cfg.cpu_weight_cache_mb, rep.print,
-                            batch_shape=(cfg.batch_size, cfg.data.max_seq_len), base_matmul=cfg.base_matmul)
+                            batch_shape=(cfg.batch_size, cfg.data.max_seq_len), base_matmul=cfg.base_matmul,
+                            cpu_gemm=cfg.cpu_gemm)
     batch_of = getattr(ds, "collate", collate)   # pairs: chosen and rejected rows in one batch
     grad_fn, eval_fn, packed = fns.grad, fns.loss, fns.packed
-    from .mlx_step import make_scale_clip, make_update
+    from .engines.mlx_step import make_scale_clip, make_update
 
     gpu_path = not packed and not mlx_cpu_kernels.on_cpu()   # the GPU path: scaling, clipping, update compiled
     update = make_update(model, optimizer) if gpu_path else partial(optimizer.update, model)

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..atomic import atomic_file
 from ..errors import UserError, require
 from .config import LoraConfig, parse_layers
-from .mlx_cpu_kernels import base_linear, dense_weight
+from .engines.mlx_cpu_kernels import base_linear, dense_weight
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"

@@ -11,8 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import dequant_gemm
-from .mlx_step import CUDNN_ATTENTION_MULTIPLE, chunk_rows, pad_multiple
+from .engines import dequant_gemm
+from .engines.mlx_step import CUDNN_ATTENTION_MULTIPLE, chunk_rows, pad_multiple
 
 MEMORY_HEADROOM = 0.85        # share of the memory limit a step may plan to use
 

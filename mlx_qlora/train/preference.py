@@ -40,7 +40,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import distributed as dist
-from . import mlx_cpu_kernels
+from .engines import mlx_cpu_kernels
 from .config import TrainConfig
 from .data import batch_order
 from .lora import LoRALinear, apply_lora, load_adapter, seed_dropout
@@ -80,7 +80,7 @@ def orpo_losses(a_c, a_r, beta: float):
 def _token_logps_np(h: mx.array, w: mx.array, targets: mx.array, grad: bool):
     """(per-token log-probs, their gradient w.r.t. ``h`` or None): the projection in row chunks,
     the softmax in NumPy (``numpy_kernels.softmax_ce``, fp64 sums), no (tokens, vocab) array kept."""
-    from . import numpy_kernels
+    from .engines import numpy_kernels
 
     t = np.asarray(targets)
     out, grads = [], []

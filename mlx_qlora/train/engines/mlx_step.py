@@ -33,7 +33,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import dequant_gemm
-from .lora import seed_dropout
+from ..lora import seed_dropout
 from .mlx_cpu_kernels import FastQuantizedLinear, route_mlps
 
 # float32 logits held at once by the chunked loss: 2**26 elements = 256 MiB (512 rows of a

@@ -26,6 +26,7 @@ trains through MLX autodiff instead, and training says why in one line.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,7 +34,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from . import numpy_kernels as ops
-from .lora import LoRALinear, linear_dims
+from .cpu_gemm import other_blas_serial, to_bf16
+from ..lora import LoRALinear, linear_dims
 from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 
 ENGINE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "granite"}
@@ -118,23 +120,42 @@ def _np(a: mx.array) -> np.ndarray:
 
 
 class _Proj:
-    """One frozen projection (4-bit or dense) with an optional LoRA branch."""
+    """One frozen projection (4-bit or dense) with an optional LoRA branch. With ``bf16`` (a
+    ``cpu_gemm.MklBf16``) its base products take bf16 operands (the weight kept or made as bf16
+    bits), accumulated in fp32; the LoRA branch stays fp32."""
 
-    def __init__(self, module: nn.Module, path: str):
+    def __init__(self, module: nn.Module, path: str, bf16=None):
         self.lora = module if isinstance(module, LoRALinear) else None
         self.base = self.lora.linear if self.lora else module
         self.path = path
         self.bias = _np(self.base["bias"]) if "bias" in self.base else None
         self.p = 1.0 - getattr(self.lora.dropout, "_p_1", 1.0) if self.lora else 0.0
         self.cached: np.ndarray | None = None
-        self.nbytes = 4 * math.prod(linear_dims(self.base))      # of its fp32 weight
+        self.bf16 = bf16
+        self.nbytes = (2 if bf16 else 4) * math.prod(linear_dims(self.base))   # of its fp32 / bf16 weight
 
     def weight(self) -> np.ndarray:
-        """The (out, in) fp32 weight: the cached copy, or dequantized now and dropped after use."""
-        return self.cached if self.cached is not None else _np(dense_weight(self.base))
+        """The (out, in) fp32 weight (bf16 bits with ``bf16``): the cached copy, or dequantized now
+        and dropped after use."""
+        if self.cached is not None:
+            return self.cached
+        if self.bf16 is None:
+            return _np(dense_weight(self.base))
+        # rounded in the same MLX evaluation as the dequantize (round to nearest even, as to_bf16)
+        w16 = dense_weight(self.base).astype(mx.bfloat16).view(mx.uint16)
+        mx.eval(w16)
+        return np.asarray(w16)
 
-    def forward(self, x: np.ndarray, rng, ctx: dict | None) -> np.ndarray:
-        y = x @ self.weight().T
+    def matmul(self, x: np.ndarray, w: np.ndarray, transpose: bool, x16: np.ndarray | None = None) -> np.ndarray:
+        """``x @ w.T`` (``transpose``: the forward) or ``x @ w`` (the input gradient), ``w`` from
+        ``weight()``: fp32 BLAS, or bf16 operands accumulated in fp32 (``x16``: ``x`` already
+        converted, when projections share their input)."""
+        if self.bf16 is None:
+            return x @ w.T if transpose else x @ w
+        return self.bf16.matmul(to_bf16(x) if x16 is None else x16, w, transpose)
+
+    def forward(self, x: np.ndarray, rng, ctx: dict | None, x16: np.ndarray | None = None) -> np.ndarray:
+        y = self.matmul(x, self.weight(), True, x16)
         if self.bias is not None:
             y += self.bias
         if self.lora is not None:
@@ -149,7 +170,7 @@ class _Proj:
         return y
 
     def backward(self, dy: np.ndarray, ctx: dict, grads: dict, need_dx: bool) -> np.ndarray | None:
-        dx = dy @ self.weight() if need_dx else None
+        dx = self.matmul(dy, self.weight(), False) if need_dx else None
         if self.lora is not None:
             xd, xa, keep = ctx.pop(self.path)
             s = F32(self.lora.scale)
@@ -190,13 +211,14 @@ class _Geometry:
 class _Block:
     """One decoder block: forward (optionally keeping what backward needs) and backward."""
 
-    def __init__(self, layer: nn.Module, prefix: str):
+    def __init__(self, layer: nn.Module, prefix: str, bf16=None):
         a, m = layer.self_attn, layer.mlp
         attn, mlp = _layout(a, m)
         self.fused_qkv, self.fused_mlp = attn == FUSED_ATTN, mlp == FUSED_MLP
-        self.proj = {n: _Proj(a[n], f"{prefix}.self_attn.{n}") for n in attn}
-        self.proj.update({n: _Proj(m[n], f"{prefix}.mlp.{n}") for n in mlp})
+        self.proj = {n: _Proj(a[n], f"{prefix}.self_attn.{n}", bf16) for n in attn}
+        self.proj.update({n: _Proj(m[n], f"{prefix}.mlp.{n}", bf16) for n in mlp})
         self.trainable = any(p.lora is not None for p in self.proj.values())
+        self.bf16 = bf16
         head_dim = linear_dims(self.proj["o_proj"].base)[0] // a.n_heads   # o_proj's input: heads x head_dim
         self.heads = ops.Heads(a.n_heads, a.n_kv_heads, head_dim, a.scale)
         self.rope = rope_spec(a.rope)
@@ -247,10 +269,12 @@ class _Block:
         P = self.proj
         post = self.post_norms
         a_in, n1, r1 = (x, None, None) if post else ops.rms(x, self.w1, self.eps1)
+        a16 = to_bf16(a_in) if self.bf16 else None          # q, k, v share one bf16 copy of their input
         if self.fused_qkv:
-            q, k, v = np.split(P["qkv_proj"].forward(a_in, rng, ctx), self._qkv_cuts, axis=1)
+            q, k, v = np.split(P["qkv_proj"].forward(a_in, rng, ctx, a16), self._qkv_cuts, axis=1)
         else:
-            q, k, v = (P[n].forward(a_in, rng, ctx) for n in ("q_proj", "k_proj", "v_proj"))
+            q, k, v = (P[n].forward(a_in, rng, ctx, a16) for n in ("q_proj", "k_proj", "v_proj"))
+        del a16
         q = self._rope(self._norm_heads(q, "q_norm", ctx), self.heads.h, geo, False)
         k = self._rope(self._norm_heads(k, "k_norm", ctx), self.heads.hkv, geo, False)
         o, probs = ops.attention(q, k, v, geo.segments, self.heads, ctx is not None)
@@ -260,10 +284,12 @@ class _Block:
             r, n1, r1 = ops.rms(r, self.w1, self.eps1)
         h = x + r * self.res if self.res != 1 else x + r
         m_in, n2, r2 = (h, None, None) if post else ops.rms(h, self.w2, self.eps2)
+        m16 = to_bf16(m_in) if self.bf16 else None          # gate and up share theirs
         if self.fused_mlp:
-            g, u = np.split(P["gate_up_proj"].forward(m_in, rng, ctx), 2, axis=1)
+            g, u = np.split(P["gate_up_proj"].forward(m_in, rng, ctx, m16), 2, axis=1)
         else:
-            g, u = P["gate_proj"].forward(m_in, rng, ctx), P["up_proj"].forward(m_in, rng, ctx)
+            g, u = P["gate_proj"].forward(m_in, rng, ctx, m16), P["up_proj"].forward(m_in, rng, ctx, m16)
+        del m16
         act, sig = ops.swiglu(g, u, keep_sigmoid=ctx is not None)
         r = P["down_proj"].forward(act, rng, ctx)
         if post:
@@ -312,17 +338,21 @@ class _Block:
 
 
 class CpuEngine:
-    """``loss_and_grad(batch, seed)`` and ``loss(batch)`` for a LoRA-wrapped mlx-lm model."""
+    """``loss_and_grad(batch, seed)`` and ``loss(batch)`` for a LoRA-wrapped mlx-lm model.
 
-    def __init__(self, model: nn.Module, grad_checkpoint: bool = False, weight_cache_mb: float = 0):
+    ``bf16``: None (fp32 BLAS throughout) or a ``cpu_gemm.MklBf16``: the frozen base's products
+    (projections, output head; forward and input gradient) with bf16 operands, fp32 accumulation."""
+
+    def __init__(self, model: nn.Module, grad_checkpoint: bool = False, weight_cache_mb: float = 0, bf16=None):
         why = unsupported(model)
         if why:
             raise ValueError(f"CPU engine: unsupported {why}")
         self.model = model
         self.grad_checkpoint = grad_checkpoint
+        self.bf16 = bf16
         inner = model.model
         names = {id(m): n for n, m in model.named_modules()}
-        self.blocks = [_Block(layer, names[id(layer)]) for layer in model.layers]
+        self.blocks = [_Block(layer, names[id(layer)], bf16) for layer in model.layers]
         trainable = [i for i, b in enumerate(self.blocks) if b.trainable]
         self.first = trainable[0] if trainable else len(self.blocks)
         self.embed = inner.embed_tokens
@@ -330,12 +360,12 @@ class CpuEngine:
         self.logit_scale = F32(1.0 / getattr(model, "logits_scaling", 1.0))   # Granite divides the logits
         self.norm_w, self.norm_eps = _np(inner.norm.weight), inner.norm.eps
         head = model["lm_head"] if "lm_head" in model else inner.embed_tokens
-        self.head = _Proj(head, "head")             # frozen; its fp32 weight may be cached too
+        self.head = _Proj(head, "head", bf16)       # frozen; its weight may be cached too
         self.cached_mb = self._fill_cache(weight_cache_mb)
         self._paths = None
 
     def _fill_cache(self, budget_mb: float) -> float:
-        """Keep fp32 copies of frozen weights up to ``budget_mb`` MiB: first the adapted blocks'
+        """Keep fp32 (bf16 on that path) copies of frozen weights up to ``budget_mb`` MiB: first the adapted blocks'
         (used twice per step, three times with checkpointing), top down, then the output head and
         the blocks below (once per step each). Returns the MiB used."""
         used, budget = 0, budget_mb * 2 ** 20
@@ -370,12 +400,12 @@ class CpuEngine:
         w = self.head.weight()                                    # (vocab, dim): one dequantize per step
         total, dhn = 0.0, (np.empty_like(hn) if grad else None)
         for s in range(0, hn.shape[0], CE_CHUNK_ROWS):
-            logits = hn[s:s + CE_CHUNK_ROWS] @ w.T
+            logits = self.head.matmul(hn[s:s + CE_CHUNK_ROWS], w, True)
             if self.logit_scale != 1:
                 logits *= self.logit_scale
             total += float(ops.softmax_ce_rows(logits, targets[s:s + CE_CHUNK_ROWS], grad).sum(dtype=np.float64))
             if grad:
-                dhn[s:s + CE_CHUNK_ROWS] = logits @ w      # (softmax - onehot) @ W
+                dhn[s:s + CE_CHUNK_ROWS] = self.head.matmul(logits, w, False)   # (softmax - onehot) @ W
                 if self.logit_scale != 1:
                     dhn[s:s + CE_CHUNK_ROWS] *= self.logit_scale
         if not grad:
@@ -385,18 +415,46 @@ class CpuEngine:
         return total, dx
 
     def loss(self, batch) -> float:
-        """Summed token loss of ``batch`` (no gradient, nothing kept)."""
+        """Summed token loss of ``batch`` (no gradient, nothing kept). Always fp32 products: a
+        validation or ``mlx_qlora eval`` loss is the model's own, whatever GEMM path trains it."""
         ids, geo, rows, targets = self._pack(batch)
-        x = self._embed(ids)
+        with self._fp32_products():
+            x = self._embed(ids)
+            for b in self.blocks:
+                x = b.forward(x, geo, None, None)
+            return self._head_loss(x, rows, targets, grad=False)[0]
+
+    @contextmanager
+    def _fp32_products(self):
+        """On the bf16 path: every projection fp32 (dequantized per use; the bf16 cache set aside)."""
+        if self.bf16 is None:
+            yield
+            return
+        projs = [p for b in self.blocks for p in b.proj.values()] + [self.head]
+        kept = [p.cached for p in projs]
+        for p in projs:
+            p.bf16 = p.cached = None
         for b in self.blocks:
-            x = b.forward(x, geo, None, None)
-        return self._head_loss(x, rows, targets, grad=False)[0]
+            b.bf16 = None
+        try:
+            yield
+        finally:
+            for p, c in zip(projs, kept):
+                p.bf16, p.cached = self.bf16, c
+            for b in self.blocks:
+                b.bf16 = self.bf16
 
     def loss_and_grad(self, batch, seed=(0,)):
         """(summed token loss, gradient tree shaped like ``model.trainable_parameters()``).
 
         ``seed``: int or tuple of ints; LoRA dropout masks are a function of it.
         """
+        if self.bf16 is None:
+            return self._loss_and_grad(batch, seed)
+        with other_blas_serial():
+            return self._loss_and_grad(batch, seed)
+
+    def _loss_and_grad(self, batch, seed):
         seed = tuple(seed) if isinstance(seed, (tuple, list)) else (seed,)
         ids, geo, rows, targets = self._pack(batch)
         x = self._embed(ids)

@@ -1,0 +1,271 @@
+"""The CPU engine's GEMM path for the frozen base's products: fp32 BLAS or bf16 operands.
+
+Why: CPUs with bf16 units (AVX512-BF16, AMX-BF16 tiles: Cooper Lake, Sapphire Rapids and later)
+multiply bf16 several times faster than fp32 (measured here, 2 Sapphire-Rapids-class
+cores: ~400-700 GFLOP/s bf16 vs ~100-150 fp32 on the engine's 576 x 1536 shapes). The frozen base
+weight of each projection and the activation (forward) or output gradient (backward, the input
+gradient) are rounded to bf16; the products accumulate in fp32 and come back as fp32. LoRA
+factors, their products, the optimizer state, norms, softmax and the loss stay fp32.
+
+Library: Intel oneMKL's ``cblas_gemm_bf16bf16f32`` (the ``mkl`` wheel, extra ``cpu-bf16``),
+loaded privately (RTLD_LOCAL) so MLX and NumPy keep the BLAS they bind today. OpenBLAS has
+``cblas_sbgemm`` only when built with BUILD_BFLOAT16, which Debian 12's 0.3.21 and the
+scipy-openblas wheels (0.3.31, 0.3.34) are not.
+
+Path (config key ``cpu_gemm``): ``fp32`` (the engine exactly as before), ``bf16`` (error when no
+library), ``auto`` (bf16 on an Intel CPU whose /proc/cpuinfo lists amx_bf16 or avx512_bf16, when
+the library loads; else fp32). AMD's Zen 4+ has avx512_bf16 too, but oneMKL's speed there is
+unmeasured, so auto keeps fp32 on it (``bf16`` forces the path).
+
+Precision (the bound tests/test_cpu_gemm.py checks): bf16 keeps 8 significant bits, so rounding
+to nearest gives a relative error of at most u = 2^-8 per operand. A product of two rounded
+operands is a*b*(1+d1)(1+d2), |d1|, |d2| <= u, off by at most (2u + u^2)|a||b|; fp32 accumulation
+of K terms adds at most K * 2^-24 * sum|a||b|. So each element of C = A @ B obeys
+|C_bf16 - C| <= (2u + u^2 + K * 2^-24) * (|A| @ |B|).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import re
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import require
+from ..config import CPU_GEMMS as PATHS
+from . import numpy_kernels
+
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")   # /proc/cpuinfo names of the bf16 units
+U_BF16 = 2.0 ** -8                         # unit roundoff of bf16 (8 significant bits)
+U_FP32 = 2.0 ** -24
+ENV_VAR = "MLX_QLORA_BF16_BLAS"            # off, or the path of a libmkl_rt to use
+# CBLAS enum values (cblas.h): row-major, no transpose, transpose
+_ROW, _N, _T = 101, 111, 112
+
+
+def gemm_bound(k: int) -> float:
+    """Elementwise error bound of a bf16 GEMM of inner size ``k``, relative to |A| @ |B|."""
+    return 2 * U_BF16 + U_BF16 ** 2 + k * U_FP32
+
+
+# ------------------------------------------------------------------ the CPU
+def cpuinfo_text() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:          # macOS, or no procfs
+        return ""
+
+
+def cpu_flags(text: str | None = None) -> frozenset[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (or ``text`` in its format)."""
+    for line in (cpuinfo_text() if text is None else text).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def _field(name: str, text: str | None) -> str | None:
+    for line in (cpuinfo_text() if text is None else text).splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+def cpu_name(text: str | None = None) -> str:
+    return _field("model name", text) or "unknown CPU"
+
+
+def cpu_vendor(text: str | None = None) -> str:
+    return _field("vendor_id", text) or "unknown"
+
+
+def cpu_summary(text: str | None = None) -> str:
+    """'<model name> (avx2 avx512f amx_bf16 ...)': the name and the flags that pick the GEMM path."""
+    flags = cpu_flags(text)
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{cpu_name(text)} ({' '.join(shown) or 'no AVX2/AVX-512/AMX'})"
+
+
+# ------------------------------------------------------------------ the library
+class MklBf16:
+    """oneMKL's bf16 x bf16 -> fp32 GEMM, through ctypes."""
+
+    def __init__(self, lib: ctypes.CDLL, path: str):
+        self.lib, self.path = lib, path
+        f = lib.cblas_gemm_bf16bf16f32
+        f.restype = None
+        p, i = ctypes.c_void_p, ctypes.c_int
+        f.argtypes = [i, i, i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
+        self._gemm = f
+        version = ctypes.create_string_buffer(256)
+        lib.mkl_get_version_string(version, 256)
+        text = version.value.decode(errors="replace")
+        found = re.search(r"Version (\S+)", text)      # "Intel(R) oneAPI Math Kernel Library Version 2026.2-Product ..."
+        self.version = f"oneMKL {found.group(1).split('-')[0]}" if found else "oneMKL"
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, transpose_b: bool) -> np.ndarray:
+        """fp32 ``a @ b`` (``a @ b.T`` with ``transpose_b``) of C-contiguous bf16 (uint16) matrices.
+
+        oneMKL runs sequential; the rows of ``a`` are split over the kernel pool's threads, which
+        wait on futures rather than spin (an OpenMP team spinning beside NumPy's OpenBLAS threads
+        took 5x the CPU time per token on 2 shared cores)."""
+        m, k = a.shape
+        n = b.shape[0] if transpose_b else b.shape[1]
+        assert b.shape[1 if transpose_b else 0] == k and a.dtype == b.dtype == np.uint16
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+        c = np.empty((m, n), np.float32)
+        tb, ldb, pa, pb, pc = _T if transpose_b else _N, b.shape[1], a.ctypes.data, b.ctypes.data, c.ctypes.data
+
+        def rows(lo, hi):   # ctypes releases the GIL for the call
+            self._gemm(_ROW, _N, tb, hi - lo, n, k, 1.0, pa + 2 * lo * k, k, pb, ldb, 0.0, pc + 4 * lo * n, n)
+
+        numpy_kernels.parallel([lambda lo=lo, hi=hi: rows(lo, hi) for lo, hi in numpy_kernels.row_parts(m, n * k // 64)])
+        return c
+
+
+_LIB: list = []     # [MklBf16 | None, reason] once tried
+
+
+def _candidates() -> list[str]:
+    # the mkl wheel puts its libraries in <prefix>/lib (not on the loader's path)
+    here = sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")), reverse=True)
+    found = ctypes.util.find_library("mkl_rt")
+    return here + ([found] if found else [])
+
+
+def load_library():
+    """(MklBf16 or None, why). Tried once; never raises."""
+    if _LIB:
+        return _LIB[0], _LIB[1]
+    choice = os.environ.get(ENV_VAR, "").strip()
+    lib, why = None, "no oneMKL found (pip install mkl, or mlx_qlora[cpu-bf16])"
+    if choice.lower() in ("off", "0", "none", "false", "no"):
+        why = f"disabled by {ENV_VAR}={choice}"
+    elif sys.platform == "darwin":
+        why = "macOS (MLX uses Metal; no oneMKL)"
+    else:
+        for path in [choice] if choice else _candidates():
+            try:
+                # sequential: MatMul threads come from the kernel pool (see MklBf16.matmul), so no
+                # OpenMP runtime is loaded beside NumPy's OpenBLAS threads
+                os.environ.setdefault("MKL_THREADING_LAYER", "SEQUENTIAL")
+                cdll = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+                if not hasattr(cdll, "cblas_gemm_bf16bf16f32"):
+                    why = f"{path} lacks cblas_gemm_bf16bf16f32 (oneMKL 2021 or newer has it)"
+                    continue
+                lib, why = MklBf16(cdll, path), "loaded"
+                break
+            except OSError as e:
+                why = f"{path}: {e}"
+    _LIB[:] = [lib, why]
+    return lib, why
+
+
+_CONTROLLER: list = []
+
+
+def other_blas_serial():
+    """Context in which the other BLAS libraries (NumPy's OpenBLAS, the one MLX binds) run on one
+    thread, via threadpoolctl (nothing when it is missing). Why: on the bf16 path the large
+    products are oneMKL's, split over the kernel pool; an OpenBLAS worker left spinning after a
+    small LoRA product takes a core from them (2 cores: 448 vs 377 tok/s on the bench's default row)."""
+    try:
+        import threadpoolctl
+    except ImportError:
+        return nullcontext()
+    if not _CONTROLLER:
+        _CONTROLLER.append(threadpoolctl.ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=1, user_api="blas")
+
+
+# ------------------------------------------------------------------ the choice
+@dataclass(frozen=True)
+class GemmChoice:
+    path: str        # "fp32" or "bf16"
+    reason: str      # one line: why this path
+
+    @property
+    def bf16(self) -> bool:
+        return self.path == "bf16"
+
+
+def choose(key: str = "auto", flags: frozenset[str] | None = None, library=False,
+           vendor: str | None = None) -> GemmChoice:
+    """The GEMM path for ``cpu_gemm=key`` on a CPU with ``flags`` and ``vendor`` (default: this
+    one's) given ``library`` (default: ``load_library()``; None: no library)."""
+    require(key in PATHS, f"cpu_gemm={key!r}: use one of {', '.join(PATHS)}")
+    if key == "fp32":
+        return GemmChoice("fp32", "fp32 BLAS (cpu_gemm=fp32)")
+    lib, why = load_library() if library is False else (library, "loaded" if library else "no library (given)")
+    if key == "bf16":
+        require(lib is not None, f"cpu_gemm=bf16: no bf16 GEMM library ({why}); "
+                                 f"install oneMKL (pip install mkl) or use cpu_gemm=fp32")
+        return GemmChoice("bf16", f"bf16 GEMMs, fp32 accumulation ({_lib_name(lib)}; cpu_gemm=bf16)")
+    flags = cpu_flags() if flags is None else flags
+    units = [f for f in BF16_FLAGS if f in flags]
+    if not units:
+        return GemmChoice("fp32", "fp32 BLAS (cpu_gemm=auto: this CPU has no bf16 units, "
+                                  "amx_bf16/avx512_bf16)")
+    vendor = cpu_vendor() if vendor is None else vendor
+    if vendor != "GenuineIntel":
+        return GemmChoice("fp32", f"fp32 BLAS (cpu_gemm=auto: oneMKL's bf16 GEMMs are measured on Intel CPUs "
+                                  f"only, this is {vendor}; cpu_gemm=bf16 forces them)")
+    if lib is None:
+        return GemmChoice("fp32", f"fp32 BLAS (cpu_gemm=auto: the CPU has {' '.join(units)} but {why})")
+    return GemmChoice("bf16", f"bf16 GEMMs, fp32 accumulation ({_lib_name(lib)}; cpu_gemm=auto, "
+                              f"CPU has {' '.join(units)})")
+
+
+def _lib_name(lib) -> str:
+    return getattr(lib, "version", None) or "oneMKL"
+
+
+def doctor_lines() -> list[str]:
+    """What ``mlx_qlora doctor`` prints about the CPU engine's GEMM path (as cpu_gemm=auto picks it);
+    the CPU and its features are doctor's own line (``model.llama_load.cpu_info``)."""
+    return [f"CPU GEMMs      {choose('auto').reason}"]
+
+
+# ------------------------------------------------------------------ bf16 values
+CONVERT_BLOCK = 1 << 15     # elements per pass (128 KiB of fp32): the five passes stay in L2
+
+
+def _round_rows(u: np.ndarray, out: np.ndarray) -> None:
+    step = max(1, CONVERT_BLOCK // u.shape[1])
+    for lo in range(0, u.shape[0], step):
+        ub = u[lo:lo + step]
+        r = ub >> 16
+        r &= 1
+        r += 0x7FFF                  # round to nearest, ties to even: add 0x7FFF + the kept lsb
+        r += ub                      # (wraps only for NaN payloads >= 0x7FFF8001, fixed below)
+        r >>= 16
+        out[lo:lo + step] = r
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bits (uint16), rounded to nearest even; NaN stays NaN. In the calling thread
+    and the kernel pool (no MLX stream hand-off per call); large matrices split by rows."""
+    x = np.ascontiguousarray(x, np.float32)
+    u = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    out = np.empty(u.shape, np.uint16)
+    u = u.view(np.uint32)
+    numpy_kernels.parallel([lambda lo=lo, hi=hi: _round_rows(u[lo:hi], out[lo:hi])
+                            for lo, hi in numpy_kernels.row_parts(*u.shape)])
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(np.sum(x, dtype=np.float32))    # one read pass; NaN/inf are rare
+    if not finite:
+        out[np.isnan(u.view(np.float32))] = 0x7FC0
+    return out.reshape(x.shape)
+
+
+def from_bf16(b: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> fp32 (exact)."""
+    return (b.astype(np.uint32) << 16).view(np.float32)
