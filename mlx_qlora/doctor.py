@@ -68,10 +68,11 @@ def collect() -> DoctorReport:
     import mlx.core as mx
 
     from .model import llama_load
+    from .model.cpu import cpu_info
     from .model.embedded import INSTALL_HINT, find_embedded_gguf
 
     device, backend = _backend()
-    cpu = llama_load.cpu_info()
+    cpu = cpu_info()
     state = blas_loader.STATE
     blas = state.path if state.path else f"MLX's bundled BLAS ({state.reason})"
     gguf = find_embedded_gguf()

@@ -10,7 +10,8 @@ import pytest
 
 import tiny
 from mlx_qlora.model import llama_load
-from mlx_qlora.model.llama_load import BuftChoice, CpuInfo, choose_extra_bufts, parse_cpuinfo
+from mlx_qlora.model.cpu import parse_cpuinfo
+from mlx_qlora.model.llama_load import BuftChoice, choose_extra_bufts
 
 ROOT = Path(__file__).resolve().parent.parent
 # calls that open a llama.cpp model: the high-level class and the C API's loaders

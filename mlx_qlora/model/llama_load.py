@@ -18,67 +18,19 @@ answers (issue #21). So the extra types are used only where they were measured c
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import subprocess
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
+
+from .cpu import CpuInfo, cpu_info
+
 
 ENV_VAR = "MLX_QLORA_LLAMA_EXTRA_BUFTS"
 CACHE_DIR = Path(os.environ.get("MLX_QLORA_CACHE", Path.home() / ".cache" / "mlx_qlora"))
-
-# /proc/cpuinfo flag -> the name said to users. The x86 ones decide llama.cpp's kernels; NEON is
-# "asimd" in an aarch64 "Features" line (and always present on Apple silicon).
-FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16",
-            "amx_tile": "AMX", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16", "asimd": "NEON"}
-
-
-@dataclass(frozen=True)
-class CpuInfo:
-    model: str                 # "Intel(R) Xeon(R) Processor", "Apple M2", ...
-    flags: frozenset           # the raw flags of interest present (keys of FEATURES)
-
-    @property
-    def features(self) -> list[str]:
-        return [name for flag, name in FEATURES.items() if flag in self.flags]
-
-    @property
-    def key(self) -> str:
-        """Stable id of the CPU class, for the probe cache."""
-        return hashlib.sha1(f"{self.model}|{sorted(self.flags)}".encode()).hexdigest()[:12]
-
-
-def parse_cpuinfo(text: str, machine: str = "") -> CpuInfo:
-    model, flags = "", set()
-    for line in text.splitlines():
-        k, _, v = line.partition(":")
-        k = k.strip().lower()
-        if k in ("model name", "hardware", "cpu model") and not model:
-            model = v.strip()
-        elif k in ("flags", "features"):
-            flags |= set(v.split())
-    if machine in ("arm64", "aarch64"):
-        flags.add("asimd")             # NEON is mandatory on ARMv8-A
-    return CpuInfo(model or machine or "unknown CPU", frozenset(f for f in flags if f in FEATURES))
-
-
-@lru_cache(maxsize=1)
-def cpu_info() -> CpuInfo:
-    text = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        try:   # macOS
-            text = "model name: " + subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
-                                                   capture_output=True, text=True, timeout=5).stdout
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return parse_cpuinfo(text, platform.machine().lower())
 
 
 def llama_build() -> str:

@@ -33,11 +33,11 @@ import re
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ...errors import require
+from ...model import cpu
 from ..config import CPU_GEMMS as PATHS
 from . import numpy_kernels
 
@@ -55,43 +55,29 @@ def gemm_bound(k: int) -> float:
 
 
 # ------------------------------------------------------------------ the CPU
+# (read by ``model.cpu``, the one /proc/cpuinfo reader; ``text`` = a cpuinfo text, for simulated CPUs)
 def cpuinfo_text() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:          # macOS, or no procfs
-        return ""
+    return cpu.cpuinfo_text()
+
+
+def _cpu(text: str | None) -> cpu.CpuInfo:
+    return cpu.parse_cpuinfo(cpuinfo_text() if text is None else text)
 
 
 def cpu_flags(text: str | None = None) -> frozenset[str]:
     """The feature flags of the first CPU in /proc/cpuinfo (or ``text`` in its format)."""
-    for line in (cpuinfo_text() if text is None else text).splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
-
-
-def _field(name: str, text: str | None) -> str | None:
-    for line in (cpuinfo_text() if text is None else text).splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == name:
-            return value.strip()
-    return None
-
-
-def cpu_name(text: str | None = None) -> str:
-    return _field("model name", text) or "unknown CPU"
+    return _cpu(text).flags
 
 
 def cpu_vendor(text: str | None = None) -> str:
-    return _field("vendor_id", text) or "unknown"
+    return _cpu(text).vendor
 
 
 def cpu_summary(text: str | None = None) -> str:
     """'<model name> (avx2 avx512f amx_bf16 ...)': the name and the flags that pick the GEMM path."""
-    flags = cpu_flags(text)
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{cpu_name(text)} ({' '.join(shown) or 'no AVX2/AVX-512/AMX'})"
+    info = _cpu(text)
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in info.flags]
+    return f"{info.model} ({' '.join(shown) or 'no AVX2/AVX-512/AMX'})"
 
 
 # ------------------------------------------------------------------ the library
