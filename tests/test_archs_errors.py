@@ -42,15 +42,16 @@ def test_convert_refuses_in_one_line(tmp_path, family, edit, needles):
     assert not (tmp_path / "o").exists()
 
 
-def test_gguf_of_another_architecture(tmp_path):
+@pytest.mark.parametrize("arch", ["bert", "mamba"])
+def test_gguf_of_another_architecture(tmp_path, arch):
     import gguf
 
     g = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(g), "bert")
+    w = gguf.GGUFWriter(str(g), arch)
     w.add_block_count(1)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     code, out = run_cli("convert", g, "-o", tmp_path / "o")
-    assert_one_line_error(code, out, "'bert'", "supported:", "gemma3", "phi3", "olmo2")
+    assert_one_line_error(code, out, f"'{arch}'", "supported:", "gemma3", "phi3", "olmo2")
     assert not (tmp_path / "o").exists()
 
 

@@ -47,17 +47,6 @@ def test_unsupported_architecture(tmp_path):
     assert_one_line_error(code, out, "gpt_neox", "llama", "qwen2")
 
 
-def test_unsupported_gguf_architecture(tmp_path):
-    import gguf
-
-    g = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(g), "mamba")
-    w.add_block_count(1)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    code, out = run_cli("convert", g, "-o", tmp_path / "o")
-    assert_one_line_error(code, out, "mamba", "supported")
-
-
 @pytest.mark.parametrize("keep", [0.3, 0.9])
 def test_truncated_gguf(tmp_path, tiny_hf_llama, keep):
     g = tiny.write_gguf(tiny_hf_llama, tmp_path / "m.gguf", "Q4_1")
