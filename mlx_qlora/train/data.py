@@ -208,12 +208,17 @@ def load_dataset(cfg: DataConfig, tokenizer, seed: int = 0) -> Dataset:
     if valid_path is not None:
         valid, _ = _encode_file(valid_path, factory, cfg, counts)
     else:
-        require(len(train) >= 2, f"{train_path} has a single row: add rows or give data.valid")
-        n_valid = min(max(1, round(len(train) * cfg.valid_fraction)), len(train) - 1)
-        perm = np.random.default_rng(seed).permutation(len(train))
-        valid = [train[i] for i in sorted(perm[:n_valid])]
-        train = [train[i] for i in sorted(perm[n_valid:])]
+        train, valid = hold_out(train, cfg.valid_fraction, seed, f"{train_path} has a single row: add rows")
     return Dataset(train, valid, fmt, counts["truncated"], counts["dropped"])
+
+
+def hold_out(train: list, valid_fraction: float, seed: int, too_few: str) -> tuple[list, list]:
+    """(train, valid): ``valid_fraction`` of the items (at least 1, at most all but 1) held out at
+    random by ``seed``, each side in file order; ``too_few`` is the error when there is one item."""
+    require(len(train) >= 2, f"{too_few} or give data.valid")
+    n_valid = min(max(1, round(len(train) * valid_fraction)), len(train) - 1)
+    perm = np.random.default_rng(seed).permutation(len(train))
+    return [train[i] for i in sorted(perm[n_valid:])], [train[i] for i in sorted(perm[:n_valid])]
 
 
 def encode_jsonl(path: str | Path, tokenizer, cfg: DataConfig) -> tuple[list[Example], str, dict]:

@@ -37,7 +37,6 @@ from .config import OptimConfig, TrainConfig
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
 from .lora import count_parameters, dropout_key, seed_dropout
 from . import preference
-from .preference import start_adapter
 from .preference_data import load_pairs
 from .report import Reporter
 
@@ -269,7 +268,7 @@ def train(cfg: TrainConfig) -> dict:
     else:
         ds = load_dataset(cfg.data, tokenizer, cfg.seed)
     mx.random.seed(cfg.seed)
-    start = start_adapter(model, cfg)   # LoRA applied, fresh or from init_adapter; its weights (DPO's reference)
+    start = preference.start_adapter(model, cfg)   # LoRA applied, fresh or from init_adapter; its weights (DPO's reference)
     optimizer = build_optimizer(cfg.optim, cfg.steps)
     state = {"step": 0, "epoch": 0, "batch_index": 0, "seed": cfg.seed}
     if cfg.resume and world.main:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import require
 from .config import DataConfig
-from .data import Batch, Encoder, Example, _resolve_paths, collate, read_jsonl
+from .data import Batch, Encoder, Example, _resolve_paths, collate, hold_out, read_jsonl
 from .preference_config import PreferenceConfig
 
 
@@ -172,11 +172,7 @@ def load_pairs(data: DataConfig, tokenizer, pref: PreferenceConfig, seed: int = 
     if valid_path is not None:
         valid = _load_file(valid_path, enc, data, pref, counts)
     else:
-        require(len(train) >= 2, f"{train_path} has a single pair: add pairs or give data.valid")
-        n_valid = min(max(1, round(len(train) * data.valid_fraction)), len(train) - 1)
-        perm = np.random.default_rng(seed).permutation(len(train))
-        valid = [train[i] for i in sorted(perm[:n_valid])]
-        train = [train[i] for i in sorted(perm[n_valid:])]
+        train, valid = hold_out(train, data.valid_fraction, seed, f"{train_path} has a single pair: add pairs")
     chat = enc.chat is not None
     return PairDataset(train, valid, "preference pairs" + (" (chat template)" if chat else ""), counts["truncated"])
 
