@@ -142,3 +142,22 @@ def test_probe_of_a_type_without_a_crash_compares_logits(tmp_path, monkeypatch):
     got = llama_load.probe(gguf, threads=1)["F32"]
     assert got["correct"] is True and got["speedup"] > 0, got
     assert llama_load.read_probe()["F32"] == got
+
+
+@pytest.mark.llamacpp
+def test_open_llama_follows_a_measurement_of_the_files_type(tmp_path, monkeypatch):
+    """A cached verdict for the file's weight type decides the load, against the CPU's rule either
+    way: the measurement is planted as the opposite of what the rule says on this CPU."""
+    pytest.importorskip("llama_cpp")
+    import json
+
+    monkeypatch.delenv(llama_load.ENV_VAR, raising=False)
+    monkeypatch.setattr(llama_load, "CACHE_DIR", tmp_path / "cache")
+    gguf = tiny.write_gguf(tiny.write_hf_dir(tmp_path / "hf", arch="llama", seed=2), tmp_path / "m.gguf", "F32")
+    rule = choose_extra_bufts(None, probe={}).extra_bufts
+    verdict = {"correct": not rule, "speedup": 2.0 if not rule else 0.0, "verdict": "planted"}
+    llama_load.CACHE_DIR.mkdir(parents=True)
+    llama_load._probe_cache().write_text(json.dumps({"F32": verdict}))
+    llm = llama_load.open_llama(gguf, n_ctx=32, n_threads=1)
+    assert llm.model_params.use_extra_bufts is (not rule)
+    llm.close()

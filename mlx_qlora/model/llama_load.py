@@ -78,7 +78,7 @@ def choose_extra_bufts(gguf_type: str | None = None, cpu: CpuInfo | None = None,
         return BuftChoice(False, f"off ({ENV_VAR}={forced})")
     cpu = cpu or cpu_info()
     probe = read_probe() if probe is None else probe
-    got = probe.get(gguf_type or "") if gguf_type else None
+    got = probe.get(gguf_type) if gguf_type else None
     if got:
         ok = got["correct"] and got["speedup"] > 1.0
         return BuftChoice(ok, f"{'on' if ok else 'off'} (measured by doctor --probe-llama on {gguf_type}: "
@@ -137,7 +137,8 @@ def open_llama(path: str | Path, extra_bufts: bool | None = None, **kwargs):
     from llama_cpp import Llama
 
     if extra_bufts is None:
-        extra_bufts = choose_extra_bufts(gguf_weight_type(path)).extra_bufts
+        probe = read_probe()   # the file's weight type matters only to a measurement: read it only then
+        extra_bufts = choose_extra_bufts(gguf_weight_type(path) if probe else None, probe=probe).extra_bufts
     kwargs.setdefault("verbose", False)
     with model_params(extra_bufts):
         return Llama(model_path=str(path), **kwargs)
