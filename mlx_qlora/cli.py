@@ -357,12 +357,14 @@ def make_pairs(model, adapter, data, out, max_rows, max_tokens, engine, force):
 @click.option("-o", "--out", "out_dir", default="runs/mams", show_default=True, type=click.Path())
 @click.option("--schema", default=None, type=click.Path(), help="JSON schema whose description is the instruction.")
 @click.option("--force", is_flag=True, help="Replace files in OUT.")
-def prepare_reviews(data, out_dir, schema, force):
+@click.option("--answer", default="json", show_default=True, type=click.Choice(["json", "compact"]),
+              help="What the model learns to write: the schema's JSON, or one line per item (compact).")
+def prepare_reviews(data, out_dir, schema, force, answer):
     """MAMS reviews (XML) -> train/valid prompt-completion JSONL and review JSONL for extract."""
     from .apps.reviews import PrepareConfig
     from .apps.reviews import prepare_reviews as run
 
-    for name, n in run(PrepareConfig(data=data, out_dir=out_dir, schema=schema, force=force)).items():
+    for name, n in run(PrepareConfig(data=data, out_dir=out_dir, schema=schema, force=force, answer=answer)).items():
         click.echo(f"{out_dir}/{name}: {n} rows")
 
 

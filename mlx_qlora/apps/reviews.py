@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..atomic import atomic_file
 from ..errors import UserError, require
+from .compact import CompactForm
 from .prompt import instruction_of, load_schema, messages
 
 SPLITS = {"train": ("train.xml", "train.jsonl"), "val": ("val.xml", "valid.jsonl")}
@@ -58,8 +59,10 @@ class PrepareConfig:
     out_dir: str = "runs/mams"
     schema: str | None = None
     force: bool = False
+    answer: str = "json"              # what the model learns to write: json | compact (compact.py)
 
     def __post_init__(self):
+        require(self.answer in ("json", "compact"), f"--answer {self.answer!r}: use json or compact")
         require(Path(self.data).is_dir(), f"--data {self.data!r}: not a folder; give the folder with MAMS train.xml and val.xml")
 
 
@@ -72,14 +75,17 @@ def _write_jsonl(path: Path, rows: list[dict], force: bool) -> None:
 
 def prepare_reviews(cfg: PrepareConfig) -> dict[str, int]:
     """Write the training and extraction files; returns rows per written file."""
-    instruction = instruction_of(load_schema(cfg.schema))
+    schema = load_schema(cfg.schema)
+    instruction, write = instruction_of(schema), completion
+    if cfg.answer == "compact":
+        form = CompactForm.from_schema(schema)
+        instruction, write = form.instruction(schema), form.to_text
     out = Path(cfg.out_dir)
-    counts = {}
+    files = {}  # every row is built (and every problem raised) before the first file is written
     for split, (xml_name, train_name) in SPLITS.items():
         pairs = read_mams(Path(cfg.data) / xml_name)
-        train_rows = [{"messages": messages(instruction, text, completion(t))} for text, t in pairs]
-        review_rows = [{"id": i, "text": text, "reference": t} for i, (text, t) in enumerate(pairs)]
-        _write_jsonl(out / train_name, train_rows, cfg.force)
-        _write_jsonl(out / f"{split}_reviews.jsonl", review_rows, cfg.force)
-        counts[train_name] = counts[f"{split}_reviews.jsonl"] = len(pairs)
-    return counts
+        files[train_name] = [{"messages": messages(instruction, text, write(t))} for text, t in pairs]
+        files[f"{split}_reviews.jsonl"] = [{"id": i, "text": text, "reference": t} for i, (text, t) in enumerate(pairs)]
+    for name, rows in files.items():
+        _write_jsonl(out / name, rows, cfg.force)
+    return {name: len(rows) for name, rows in files.items()}
