@@ -208,3 +208,33 @@ def test_resumed_random_sweep_draws_new_settings(recipe, tmp_path, monkeypatch):
     run_sweep(load_sweep(sw, trials=3))
     assert calls[0] == interrupted and len(calls) == 2 and calls[1] != first
     assert sorted(int(r["lora.rank"]) for r in read_csv(tmp_path / "out")) == sorted([first, interrupted, calls[1]])
+
+
+def test_task_select_ranks_by_the_metric_not_the_loss(recipe, tmp_path, monkeypatch):
+    """task.select: the best trial (table order, best.yaml, Optuna's direction) is the highest metric,
+    here deliberately the trial with the worse valid loss."""
+    task = {"type": "exact-match", "data": str(recipe.parent), "split": "valid", "answer_prefix": "A:",
+            "max_rows": 2, "engine": "mlx", "select": True}
+    sw = write_sweep(tmp_path / "sweep.yaml", recipe, {"rank": [2, 4]}, task=task)
+    fake = {2: (0.5, 0.9), 4: (0.4, 0.1)}            # rank -> (valid loss, metric): rank 2 loses on loss
+
+    def train(cfg, values, tdir):
+        loss, metric = fake[values["lora.rank"]]
+        return {"val_loss": loss, "val_loss_start": 1.0, "task_metric": metric, "tok_per_s": 1.0,
+                "peak_rss_gib": 1.0, "trainable": 1, "adapter_bytes": 1, "wall_s": 1.0}
+
+    monkeypatch.setattr(sweep_mod, "_train_trial", train)
+    res = run_sweep(load_sweep(sw))
+    assert res["best"].values == {"lora.rank": 2}
+    out = tmp_path / "out"
+    assert "exact match 90.0%" in (out / "best.yaml").read_text().splitlines()[1]
+    first = (out / "results.md").read_text().splitlines()[4]
+    assert first.startswith("| best | #") and "| 90.0 |" in first
+    import optuna
+    study = optuna.load_study(study_name=sweep_mod.STUDY, storage=f"sqlite:///{out / 'study.db'}")
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE and study.best_value == 0.9
+    # without select the same trials rank by valid loss
+    task["select"] = False
+    (tmp_path / "b").mkdir()
+    sw = write_sweep(tmp_path / "b" / "sweep.yaml", recipe, {"rank": [2, 4]}, task=task)
+    assert run_sweep(load_sweep(sw))["best"].values == {"lora.rank": 4}

@@ -23,7 +23,7 @@ from ..atomic import atomic_file
 from ..errors import UserError, require
 from ..train.config import load_config
 from .sweep_config import BASE_BITS, SweepConfig
-from .sweep_report import RESULT_KEYS, Row, cell, write_report
+from .sweep_report import RESULT_KEYS, Row, cell, write_report, by_task, ranked, score_text
 
 STUDY = "sweep"
 
@@ -39,7 +39,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     optuna.logging.set_verbosity(optuna.logging.ERROR)   # trials report in our own lines
     out = _open_out_dir(cfg)
     study = optuna.create_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
-                                direction="minimize", sampler=_sampler(cfg, optuna, 0))
+                                direction="maximize" if by_task(cfg) else "minimize", sampler=_sampler(cfg, optuna, 0))
     if study.trials:   # resumed: a fresh seed stream, or random / TPE would redraw trial 0's setting
         study.sampler = _sampler(cfg, optuna, len(study.trials))
     requeued = _requeue_interrupted(study, out)
@@ -70,7 +70,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
             raise
         for k in RESULT_KEYS:
             trial.set_user_attr(k, result.get(k))
-        return result["val_loss"]
+        return result["task_metric"] if by_task(cfg) else result["val_loss"]
 
     def after_trial(study, trial):
         rows = _rows(study, cfg)
@@ -78,9 +78,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
         n = len(_done(study))
         if trial.state.name == "COMPLETE":
             row = next(r for r in rows if r.number == trial.number)
-            best = min((r for r in rows if r.ok), key=lambda r: r.val_loss)
+            best = ranked(cfg, rows)[0]
             print(f"trial {n}/{cfg.trials} (#{trial.number}) done: {row.line()} | best #{best.number} "
-                  f"valid {best.val_loss:.4f}", flush=True)
+                  f"{score_text(cfg, best)}", flush=True)
         elif not trial.user_attrs.get("interrupted"):
             print(f"trial {n}/{cfg.trials} (#{trial.number}) failed: {trial.user_attrs.get('error')} "
                   f"(logs in {out / trial.user_attrs.get('dir', '')})", flush=True)
@@ -99,11 +99,11 @@ def run_sweep(cfg: SweepConfig) -> dict:
     require(ok, f"no trial finished: see the logs under {out / 'trials'} (the first error: "
                 f"{next((r.error for r in rows if r.error), 'none recorded')})")
     paths = write_report(out, cfg, rows)
-    best = min(ok, key=lambda r: r.val_loss)
+    best = ranked(cfg, ok)[0]
     print(f"\nsweep done: {len(ok)} finished, {len(rows) - len(ok)} failed, "
           f"{time.perf_counter() - t0:.0f} s this run", flush=True)
     print(paths["md"].read_text(), flush=True)
-    print(f"best: trial #{best.number} valid loss {best.val_loss:.4f} ({_settings(best.values)})\n"
+    print(f"best: trial #{best.number} {score_text(cfg, best)} ({_settings(best.values)})\n"
           f"table {paths['md']}, {paths['csv']}; plot {paths['png']}; best recipe {paths['best']} "
           f"(run: mlx_qlora train -c {paths['best']})", flush=True)
     return {"best": best, "rows": rows, "out_dir": str(out)}

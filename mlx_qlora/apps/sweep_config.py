@@ -105,6 +105,7 @@ class TaskSpec:
     answer_prefix: str | None = None       # text rows: the answer follows its last occurrence, e.g. "A:"
     max_rows: int = 20                     # rows answered per trial
     engine: str = "auto"                   # generation engine: auto | mlx | llama.cpp
+    select: bool = False                   # choose the best trial by this metric (higher is better), not valid loss
 
     def __post_init__(self):
         require(self.type in TASK_METRICS, f"task.type={self.type!r}: use one of {', '.join(TASK_METRICS)}")
@@ -112,6 +113,7 @@ class TaskSpec:
                 f"task.data={self.data!r}: give an existing JSONL file or a directory holding {self.split}.jsonl")
         require(_is_int(self.max_rows) and self.max_rows >= 1, f"task.max_rows={self.max_rows!r}: use a positive integer")
         require(self.engine in ("auto", "mlx", "llama.cpp"), f"task.engine={self.engine!r}: use auto, mlx or llama.cpp")
+        require(isinstance(self.select, bool), f"task.select={self.select!r}: use true or false")
 
     @property
     def metric(self) -> str:

@@ -58,12 +58,29 @@ def cell(v) -> str:
     return str(v)
 
 
+def by_task(cfg: SweepConfig) -> bool:
+    """Whether trials are ranked by the task metric (``task.select``) rather than valid loss."""
+    return cfg.task is not None and cfg.task.select
+
+
+def ranked(cfg: SweepConfig, rows: list[Row]) -> list[Row]:
+    """Finished trials, best first: highest task metric with ``task.select``, else lowest valid loss."""
+    ok = [r for r in rows if r.ok]
+    return sorted(ok, key=(lambda r: -r.task_metric) if by_task(cfg) else (lambda r: r.val_loss))
+
+
+def score_text(cfg: SweepConfig, r: Row) -> str:
+    if by_task(cfg):
+        return f"{cfg.task.metric.replace('_', ' ')} {100 * r.task_metric:.1f}%"
+    return f"valid loss {r.val_loss:.4f}"
+
+
 def markdown(cfg: SweepConfig, rows: list[Row]) -> str:
     keys = [p.key for p in cfg.params]
     task = [f"{cfg.task.metric.replace('_', ' ')} %"] if cfg.task else []
     head = (["", "trial"] + [_short(k) for k in keys] + ["valid loss"] + task
             + ["tok/s", "peak RSS GiB", "trainable", "adapter MiB", "time s"])
-    ok = sorted((r for r in rows if r.ok), key=lambda r: r.val_loss)
+    ok = ranked(cfg, rows)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for i, r in enumerate(ok):
         lines.append("| " + " | ".join(
@@ -104,7 +121,7 @@ def plot(cfg: SweepConfig, rows: list[Row], path: Path) -> None:
     ok = [r for r in rows if r.ok]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     if ok:
-        best = min(ok, key=lambda r: r.val_loss)
+        best = ranked(cfg, ok)[0]
         a.bar([f"#{r.number}" for r in ok], [r.val_loss for r in ok],
               color=["tab:orange" if r is best else "tab:blue" for r in ok])
         lo, hi = min(r.val_loss for r in ok), max(r.val_loss for r in ok)
@@ -113,7 +130,7 @@ def plot(cfg: SweepConfig, rows: list[Row], path: Path) -> None:
         for r in ok:
             b.annotate(f"#{r.number}", (r.trainable, r.val_loss), textcoords="offset points", xytext=(4, 4), fontsize=8)
         b.set_xscale("log")
-    a.set_xlabel("trial (orange: best)")
+    a.set_xlabel(f"trial (orange: best by {'task metric' if by_task(cfg) else 'valid loss'})")
     a.set_ylabel("valid loss (nats / token)")
     b.set_xlabel("trainable parameters (colour: tok/s)")
     b.set_ylabel("valid loss (nats / token)")
@@ -143,7 +160,7 @@ def best_recipe(cfg: SweepConfig, best: Row, out: Path, model: str | None) -> st
     settings = ", ".join(f"{k}={cell(v)}" for k, v in best.values.items())
     over = ", ".join(f"{k}={cell(v)}" for k, v in cfg.train.items()) or "none"
     header = [f"# mlx_qlora train -c {out / 'best.yaml'}",
-              f"# The best setting of sweep {cfg.path or out} (trial #{best.number}, valid loss {best.val_loss:.4f}):",
+              f"# The best setting of sweep {cfg.path or out} (trial #{best.number}, {score_text(cfg, best)}):",
               f"#   {settings}",
               f"# on the base recipe {cfg.recipe}; its steps and schedule are kept (the trials ran with {over}).",
               "# out_dir is new, so the base recipe's adapters stay as they are."]
@@ -159,9 +176,9 @@ def write_report(out: Path, cfg: SweepConfig, rows: list[Row]) -> dict:
     with atomic_file(paths["csv"], force=True) as tmp:
         tmp.write_text(write_csv(cfg, rows))
     plot(cfg, rows, paths["png"])
-    ok = [r for r in rows if r.ok]
+    ok = ranked(cfg, rows)
     if ok:
-        best = min(ok, key=lambda r: r.val_loss)
+        best = ok[0]
         model = str(cfg.base_path(best.values[BASE_BITS])) if BASE_BITS in best.values else None
         with atomic_file(paths["best"], force=True) as tmp:
             tmp.write_text(best_recipe(cfg, best, out, model))
