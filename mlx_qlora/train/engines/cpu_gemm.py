@@ -116,6 +116,18 @@ class MklBf16:
         numpy_kernels.parallel([lambda lo=lo, hi=hi: rows(lo, hi) for lo, hi in numpy_kernels.row_parts(m, n * k // 64)])
         return c
 
+    def gemm(self, a: np.ndarray, b: np.ndarray, transpose_b: bool, c: np.ndarray, beta: float = 0.0) -> np.ndarray:
+        """``c = a @ b`` (``a @ b.T``) + ``beta * c`` into the C-contiguous fp32 ``c``, on the calling
+        thread (for callers that split the work over threads themselves)."""
+        m, k = a.shape
+        n = b.shape[0] if transpose_b else b.shape[1]
+        assert b.shape[1 if transpose_b else 0] == k and a.dtype == b.dtype == np.uint16
+        assert c.shape == (m, n) and c.dtype == np.float32 and c.flags.c_contiguous
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+        self._gemm(_ROW, _N, _T if transpose_b else _N, m, n, k, 1.0, a.ctypes.data, k, b.ctypes.data, b.shape[1],
+                   beta, c.ctypes.data, n)
+        return c
+
 
 _LIB: list = []     # [MklBf16 | None, reason] once tried
 
@@ -250,6 +262,37 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
     if not finite:
         out[np.isnan(u.view(np.float32))] = 0x7FC0
     return out.reshape(x.shape)
+
+
+def round_bf16_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``to_bf16`` of the fp32 ``x`` into the uint16 ``out`` of its shape, on the calling thread:
+    one C pass through ml_dtypes' bfloat16 cast (round to nearest even, NaN kept NaN) where it is
+    installed, else the NumPy bit passes."""
+    bf16 = _ml_bfloat16()
+    if bf16 is not None:
+        with np.errstate(invalid="ignore"):      # ml_dtypes warns on NaN; they stay NaN (0x7FC0 | sign)
+            np.copyto(out.view(bf16), x, casting="unsafe")
+        return out
+    u = x.reshape(-1, x.shape[-1]).view(np.uint32)
+    _round_rows(u, out.reshape(u.shape))
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(np.sum(x, dtype=np.float32)):
+            out[np.isnan(x)] = 0x7FC0
+    return out
+
+
+_ML: list = []
+
+
+def _ml_bfloat16():
+    """ml_dtypes' bfloat16 NumPy dtype, or None when ml_dtypes is missing (looked up once)."""
+    if not _ML:
+        try:
+            import ml_dtypes
+            _ML.append(np.dtype(ml_dtypes.bfloat16))
+        except ImportError:
+            _ML.append(None)
+    return _ML[0]
 
 
 def from_bf16(b: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from . import numpy_kernels as ops
+from . import bf16_head, numpy_kernels as ops
 from .cpu_gemm import other_blas_serial, to_bf16
 from ..lora import LoRALinear, linear_dims
 from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
@@ -398,6 +398,9 @@ class CpuEngine:
         """Summed cross-entropy of the loss rows, and its gradient w.r.t. all of ``x``."""
         hn, n, r = ops.rms(x[rows], self.norm_w, self.norm_eps)
         w = self.head.weight()                                    # (vocab, dim): one dequantize per step
+        if self.head.bf16 is not None:                            # bf16: vocabulary chunks in cache
+            losses, dhn = bf16_head.head_loss(self.head.bf16, hn, w, targets, grad, self.logit_scale)
+            return self._head_back(x, rows, float(losses.sum()), dhn, n, r, grad)
         total, dhn = 0.0, (np.empty_like(hn) if grad else None)
         for s in range(0, hn.shape[0], CE_CHUNK_ROWS):
             logits = self.head.matmul(hn[s:s + CE_CHUNK_ROWS], w, True)
@@ -408,6 +411,9 @@ class CpuEngine:
                 dhn[s:s + CE_CHUNK_ROWS] = self.head.matmul(logits, w, False)   # (softmax - onehot) @ W
                 if self.logit_scale != 1:
                     dhn[s:s + CE_CHUNK_ROWS] *= self.logit_scale
+        return self._head_back(x, rows, total, dhn, n, r, grad)
+
+    def _head_back(self, x, rows, total, dhn, n, r, grad):
         if not grad:
             return total, None
         dx = np.zeros_like(x)
