@@ -53,6 +53,16 @@ class Checked:
         self.calls += 1
         return got
 
+    def sgemm(self, a, b, c=None, ta=False, tb=False, alpha=1.0, beta=0.0):
+        """The fp32 LoRA products: within fp32 accumulation error of the float64 product."""
+        before = np.array(c, np.float64) if beta else 0.0
+        got = LIB.sgemm(a, b, c, ta, tb, alpha, beta)
+        a, b = (np.asarray(t, np.float64) for t in (a, b))
+        a, b = a.T if ta else a, b.T if tb else b
+        slack = (a.shape[1] + 2) * cpu_gemm.U_FP32 * (abs(alpha) * np.abs(a) @ np.abs(b) + np.abs(beta * before))
+        assert (np.abs(got - (alpha * (a @ b) + beta * before)) <= slack).all()
+        return got
+
     def gemm(self, a, b, transpose_b, c, beta=0.0):
         before = np.array(c, np.float64) if beta else 0.0     # beta 0: c is not read (may hold garbage)
         got = LIB.gemm(a, b, transpose_b, c, beta)

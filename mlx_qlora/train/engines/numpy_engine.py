@@ -131,8 +131,17 @@ class _Proj:
         self.bias = _np(self.base["bias"]) if "bias" in self.base else None
         self.p = 1.0 - getattr(self.lora.dropout, "_p_1", 1.0) if self.lora else 0.0
         self.cached: np.ndarray | None = None
+        self._factors = None
         self.bf16 = bf16
         self.nbytes = (2 if bf16 else 4) * math.prod(linear_dims(self.base))   # of its fp32 / bf16 weight
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(A, scale * B) as fp32 NumPy, converted once per value of the factors (the optimizer
+        replaces the MLX arrays each step; the ones converted are held, so identity is a safe key)."""
+        la, lb = self.lora.lora_a, self.lora.lora_b
+        if self._factors is None or self._factors[0] is not la or self._factors[1] is not lb:
+            self._factors = (la, lb, _np(la), np.ascontiguousarray(_np(lb) * F32(self.lora.scale)))
+        return self._factors[2], self._factors[3]
 
     def weight(self) -> np.ndarray:
         """The (out, in) fp32 weight (bf16 bits with ``bf16``): the cached copy, or dequantized now
@@ -163,15 +172,34 @@ class _Proj:
             if self.p > 0 and rng is not None:       # no rng: evaluation, no dropout
                 keep = rng.random(x.shape, dtype=F32) >= self.p
                 xd = x * keep * F32(1.0 / (1.0 - self.p))
-            xa = xd @ _np(self.lora.lora_a)
-            y += xa @ (_np(self.lora.lora_b) * F32(self.lora.scale))
+            if self.bf16 is not None:            # oneMKL sgemm: the up-product added into y in place
+                a, bs = self.factors()
+                xa = self.bf16.sgemm(xd, a)
+                self.bf16.sgemm(xa, bs, y, beta=1.0)
+            else:
+                xa = xd @ _np(self.lora.lora_a)
+                y += xa @ (_np(self.lora.lora_b) * F32(self.lora.scale))
             if ctx is not None:
                 ctx[self.path] = (xd, xa, keep)
         return y
 
     def backward(self, dy: np.ndarray, ctx: dict, grads: dict, need_dx: bool) -> np.ndarray | None:
         dx = self.matmul(dy, self.weight(), False) if need_dx else None
-        if self.lora is not None:
+        if self.lora is not None and self.bf16 is not None:
+            xd, xa, keep = ctx.pop(self.path)
+            a, bs = self.factors()
+            mkl = self.bf16
+            grads[self.path + ".lora_b"] = mkl.sgemm(xa, dy, ta=True, alpha=float(self.lora.scale))
+            dxa = mkl.sgemm(dy, bs, tb=True)                   # dy @ (s b).T
+            grads[self.path + ".lora_a"] = mkl.sgemm(xd, dxa, ta=True)
+            if need_dx:
+                if keep is None:
+                    mkl.sgemm(dxa, a, dx, tb=True, beta=1.0)   # dx += dxa @ a.T in place
+                else:
+                    dxl = mkl.sgemm(dxa, a, tb=True)
+                    dxl *= keep * F32(1.0 / (1.0 - self.p))
+                    dx += dxl
+        elif self.lora is not None:
             xd, xa, keep = ctx.pop(self.path)
             s = F32(self.lora.scale)
             a, b = _np(self.lora.lora_a), _np(self.lora.lora_b)
