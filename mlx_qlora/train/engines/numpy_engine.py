@@ -34,7 +34,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from . import bf16_head, numpy_kernels as ops
-from .cpu_gemm import other_blas_serial, to_bf16
+from .cpu_gemm import other_blas_serial, round_bf16_into, to_bf16
 from ..lora import LoRALinear, linear_dims
 from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
 
@@ -183,8 +183,9 @@ class _Proj:
                 ctx[self.path] = (xd, xa, keep)
         return y
 
-    def backward(self, dy: np.ndarray, ctx: dict, grads: dict, need_dx: bool) -> np.ndarray | None:
-        dx = self.matmul(dy, self.weight(), False) if need_dx else None
+    def backward(self, dy: np.ndarray, ctx: dict, grads: dict, need_dx: bool,
+                 dy16: np.ndarray | None = None) -> np.ndarray | None:
+        dx = self.matmul(dy, self.weight(), False, dy16) if need_dx else None
         if self.lora is not None and self.bf16 is not None:
             xd, xa, keep = ctx.pop(self.path)
             a, bs = self.factors()
@@ -318,8 +319,10 @@ class _Block:
         else:
             g, u = P["gate_proj"].forward(m_in, rng, ctx, m16), P["up_proj"].forward(m_in, rng, ctx, m16)
         del m16
-        act, sig = ops.swiglu(g, u, keep_sigmoid=ctx is not None)
-        r = P["down_proj"].forward(act, rng, ctx)
+        act16 = np.empty(g.shape, np.uint16) if self.bf16 else None   # rounded while each block is in cache
+        act, sig = ops.swiglu(g, u, ctx is not None, act16, round_bf16_into)
+        r = P["down_proj"].forward(act, rng, ctx, act16)
+        del act16
         if post:
             r, n2, r2 = ops.rms(r, self.w2, self.eps2)
         out = h + r * self.res if self.res != 1 else h + r
@@ -334,13 +337,18 @@ class _Block:
         if post:
             dr = ops.rms_back(dr, self.w2, ctx.pop("n2"), ctx.pop("r2"))
         dact = P["down_proj"].backward(dr, ctx, grads, True)
-        dg, du = ops.swiglu_back(dact, ctx.pop("g"), ctx.pop("u"), ctx.pop("sig"))
+        # bf16: dL/dg and dL/du also rounded while each block is in cache, for gate/up's input gradients
+        d16 = (np.empty(dact.shape, np.uint16), np.empty(dact.shape, np.uint16)) \
+            if self.bf16 and not self.fused_mlp else (None, None)
+        dg, du = ops.swiglu_back(dact, ctx.pop("g"), ctx.pop("u"), ctx.pop("sig"),
+                                 None if d16[0] is None else d16, round_bf16_into)
         del dact
         if self.fused_mlp:
             dm = P["gate_up_proj"].backward(np.concatenate([dg, du], axis=1), ctx, grads, True)
         else:
-            dm = P["gate_proj"].backward(dg, ctx, grads, True)
-            dm += P["up_proj"].backward(du, ctx, grads, True)
+            dm = P["gate_proj"].backward(dg, ctx, grads, True, d16[0])
+            dm += P["up_proj"].backward(du, ctx, grads, True, d16[1])
+        del d16
         dh = dout + (dm if post else ops.rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2")))
         dr = dh * self.res if self.res != 1 else dh
         if post:
