@@ -7,6 +7,7 @@ time spent in that function itself on the calling thread (pool threads it waits 
 
   python bench/cpu_step_profile.py --steps 6            # cpu_gemm auto
   python bench/cpu_step_profile.py --cpu-gemm fp32
+  python bench/cpu_step_profile.py --cpu-time       # one thread, CPU time: steadier on a busy machine
 """
 from __future__ import annotations
 
@@ -22,17 +23,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 _ACC: dict[str, float] = defaultdict(float)
 _STACK: list[float] = []
+CLOCK = [time.perf_counter]
 
 
 def timer(name: str, f):
     """``f`` wrapped: its own time (minus that of timed callees) is added to _ACC[name]."""
     def wrapped(*a, **k):
-        t0 = time.perf_counter()
+        t0 = CLOCK[0]()
         _STACK.append(0.0)
         try:
             return f(*a, **k)
         finally:
-            spent = time.perf_counter() - t0
+            spent = CLOCK[0]() - t0
             _ACC[name] += spent - _STACK.pop()
             if _STACK:
                 _STACK[-1] += spent
@@ -64,7 +66,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cpu-gemm", default="auto")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="run on one thread and time with its CPU clock (waits for the CPU not counted)")
     a = ap.parse_args()
+    if a.cpu_time:
+        import os
+        os.environ.update(MLX_QLORA_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        CLOCK[0] = time.thread_time
     import train_throughput as tt
     from mlx_qlora.lean_imports import hide_torch
     hide_torch()
@@ -95,12 +103,12 @@ def main() -> None:
     for i, r in enumerate(tt.batches(rows)):
         if i == a.warmup:
             _ACC.clear()
-        t0 = time.perf_counter()
+        t0 = CLOCK[0]()
         b = collate([Example(np.array(x, np.int32), np.ones(len(x), bool)) for x in r])
         _, g = grad_fn(b, (0, i, 0))
         step_fn(b, g)
         if i >= a.warmup:
-            total += time.perf_counter() - t0
+            total += CLOCK[0]() - t0
             tokens += sum(len(x) - 1 for x in r)
     n = a.steps
     print(" ".join(said))
