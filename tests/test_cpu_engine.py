@@ -150,7 +150,7 @@ def test_unsupported_models_fall_back(tiny_hf_llama):
 
 
 def test_in_place_kernels_keep_the_bits():
-    """SwiGLU, its backward and RoPE write into preallocated outputs in cache-sized blocks: the
+    """SwiGLU, RMSNorm, their backward and RoPE write into preallocated outputs, in row blocks: the
     fp32 path's numbers must stay the bits of the plain expressions they replaced."""
     from mlx_qlora.train.engines import numpy_kernels as ops
     from mlx_qlora.train.engines.cpu_gemm import to_bf16
@@ -172,6 +172,14 @@ def test_in_place_kernels_keep_the_bits():
         dg, du = ops.swiglu_back(dact, g, u, kept, d16, lambda a, o: np.copyto(o, to_bf16(a)))
         assert np.array_equal(dg, want[0]) and np.array_equal(du, want[1])
         assert np.array_equal(d16[0], to_bf16(dg)) and np.array_equal(d16[1], to_bf16(du))
+    h = (rng.standard_normal((301, 576)) * 3).astype(np.float32)      # big enough to split over threads
+    w, dy = rng.standard_normal(576).astype(np.float32), rng.standard_normal((301, 576)).astype(np.float32)
+    r = 1.0 / np.sqrt(np.mean(np.square(h), axis=-1, keepdims=True) + 1e-5)
+    y16 = np.empty(h.shape, np.uint16)
+    got = ops.rms(h, w, 1e-5, y16, lambda a, o: np.copyto(o, to_bf16(a)))
+    assert all(np.array_equal(a, b) for a, b in zip(got, ((h * r) * w, h * r, r))) and np.array_equal(y16, to_bf16(got[0]))
+    g = dy * w
+    assert np.array_equal(ops.rms_back(dy, w, h * r, r), r * (g - (h * r) * np.mean(g * (h * r), axis=-1, keepdims=True)))
     x = rng.standard_normal((13, 3 * 16)).astype(np.float32)
     cos, sin = (rng.standard_normal((13, 1, 8)).astype(np.float32) for _ in range(2))
     for dims, trad, inv in ((8, False, False), (8, True, True), (16, False, False)):

@@ -297,8 +297,11 @@ class _Block:
     def forward(self, x: np.ndarray, geo: _Geometry, rng, ctx: dict | None) -> np.ndarray:
         P = self.proj
         post = self.post_norms
-        a_in, n1, r1 = (x, None, None) if post else ops.rms(x, self.w1, self.eps1)
-        a16 = to_bf16(a_in) if self.bf16 else None          # q, k, v share one bf16 copy of their input
+        # bf16: q, k, v share one bf16 copy of their input, rounded inside the norm's row blocks
+        a16 = np.empty(x.shape, np.uint16) if self.bf16 else None
+        a_in, n1, r1 = (x, None, None) if post else ops.rms(x, self.w1, self.eps1, a16, round_bf16_into)
+        if post and a16 is not None:
+            a16 = to_bf16(a_in)
         if self.fused_qkv:
             q, k, v = np.split(P["qkv_proj"].forward(a_in, rng, ctx, a16), self._qkv_cuts, axis=1)
         else:
@@ -312,8 +315,10 @@ class _Block:
         if post:
             r, n1, r1 = ops.rms(r, self.w1, self.eps1)
         h = x + r * self.res if self.res != 1 else x + r
-        m_in, n2, r2 = (h, None, None) if post else ops.rms(h, self.w2, self.eps2)
-        m16 = to_bf16(m_in) if self.bf16 else None          # gate and up share theirs
+        m16 = np.empty(h.shape, np.uint16) if self.bf16 else None      # gate and up share theirs
+        m_in, n2, r2 = (h, None, None) if post else ops.rms(h, self.w2, self.eps2, m16, round_bf16_into)
+        if post and m16 is not None:
+            m16 = to_bf16(m_in)
         if self.fused_mlp:
             g, u = np.split(P["gate_up_proj"].forward(m_in, rng, ctx, m16), 2, axis=1)
         else:

@@ -76,17 +76,38 @@ def causal_mask(rep: int, L: int, S: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ RMSNorm
-def rms(x: np.ndarray, w: np.ndarray, eps: float):
-    """(x / rms(x) * w, x / rms(x), 1 / rms(x)) over the last axis."""
-    r = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + eps)
-    n = x * r
-    return n * w, n, r
+def rms(x: np.ndarray, w: np.ndarray, eps: float, out16: np.ndarray | None = None, to16=None):
+    """(x / rms(x) * w, x / rms(x), 1 / rms(x)) over the last axis of the (rows, dim) ``x``, split
+    by rows over the threads (per row the same operations: the same bits). ``out16``/``to16``:
+    also the first result's bf16 bits, rounded while each block is in cache."""
+    y, n, r = np.empty(x.shape, F32), np.empty(x.shape, F32), np.empty((x.shape[0], 1), F32)
+
+    def part(lo, hi):
+        xb = x[lo:hi]
+        r[lo:hi] = 1.0 / np.sqrt(np.mean(np.square(xb), axis=-1, keepdims=True) + eps)
+        np.multiply(xb, r[lo:hi], out=n[lo:hi])
+        np.multiply(n[lo:hi], w, out=y[lo:hi])
+        if out16 is not None:
+            to16(y[lo:hi], out16[lo:hi])
+
+    parallel([lambda lo=lo, hi=hi: part(lo, hi) for lo, hi in row_parts(*x.shape)])
+    return y, n, r
 
 
 def rms_back(dy: np.ndarray, w: np.ndarray, n: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """dL/dx of ``rms`` given dL/dy, the normalized rows ``n`` and ``r``."""
-    g = dy * w
-    return r * (g - n * np.mean(g * n, axis=-1, keepdims=True))
+    """dL/dx of ``rms`` given dL/dy, the normalized rows ``n`` and ``r`` (split by rows as ``rms``)."""
+    out = np.empty(dy.shape, F32)
+
+    def part(lo, hi):
+        g = dy[lo:hi] * w
+        t = g * n[lo:hi]
+        m = np.mean(t, axis=-1, keepdims=True)
+        np.multiply(n[lo:hi], m, out=t)
+        np.subtract(g, t, out=g)
+        np.multiply(r[lo:hi], g, out=out[lo:hi])
+
+    parallel([lambda lo=lo, hi=hi: part(lo, hi) for lo, hi in row_parts(*dy.shape)])
+    return out
 
 
 # ------------------------------------------------------------------ RoPE
@@ -99,14 +120,18 @@ def rope(x: np.ndarray, heads: int, cos: np.ndarray, sin: np.ndarray, dims: int,
     if inverse:
         sin = -sin
     i1, i2 = (slice(0, dims, 2), slice(1, dims, 2)) if traditional else (slice(0, dims // 2), slice(dims // 2, dims))
-    x1, x2 = x3[..., i1], x3[..., i2]
-    o1, o2 = out[..., i1], out[..., i2]
-    t = x2 * sin                      # x1 cos - x2 sin and x2 cos + x1 sin, written in place
-    np.multiply(x1, cos, out=o1)
-    o1 -= t
-    np.multiply(x1, sin, out=t)
-    np.multiply(x2, cos, out=o2)
-    o2 += t
+
+    def part(lo, hi):                 # x1 cos - x2 sin and x2 cos + x1 sin, written in place
+        x1, x2, c, s = x3[lo:hi, :, i1], x3[lo:hi, :, i2], cos[lo:hi], sin[lo:hi]
+        o1, o2 = out[lo:hi, :, i1], out[lo:hi, :, i2]
+        t = x2 * s
+        np.multiply(x1, c, out=o1)
+        o1 -= t
+        np.multiply(x1, s, out=t)
+        np.multiply(x2, c, out=o2)
+        o2 += t
+
+    parallel([lambda lo=lo, hi=hi: part(lo, hi) for lo, hi in row_parts(x.shape[0], x.shape[1])])
     return out.reshape(x.shape)
 
 
