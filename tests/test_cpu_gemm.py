@@ -63,6 +63,12 @@ class Checked:
         assert (np.abs(got - (alpha * (a @ b) + beta * before)) <= slack).all()
         return got
 
+    def sgemm_tn(self, a, b):
+        got = LIB.sgemm_tn(a, b)
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert (np.abs(got - a.T @ b) <= (a.shape[0] + 2) * cpu_gemm.U_FP32 * (np.abs(a.T) @ np.abs(b))).all()
+        return got
+
     def gemm(self, a, b, transpose_b, c, beta=0.0):
         before = np.array(c, np.float64) if beta else 0.0     # beta 0: c is not read (may hold garbage)
         got = LIB.gemm(a, b, transpose_b, c, beta)

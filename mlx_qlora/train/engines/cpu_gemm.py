@@ -134,13 +134,13 @@ class MklBf16:
 
 
     def sgemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None, ta: bool = False, tb: bool = False,
-              alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+              alpha: float = 1.0, beta: float = 0.0, serial: bool = False) -> np.ndarray:
         """fp32 ``c = alpha * op(a) @ op(b) + beta * c`` (op: transpose with ``ta`` / ``tb``) through
         oneMKL's sgemm, ``c`` written in place (a new array when None). For the bf16 path's LoRA
         products: beta = 1 adds ``x_a @ B`` into the projection's output without a temporary and a
         second pass, which NumPy's ``y += xa @ b`` takes. Operands may be row-strided views (unit
         column stride); the output is split over the kernel pool by rows (by columns when ``ta``:
-        then the rows of a product are its inner sum)."""
+        then the rows of a product are its inner sum), or not with ``serial``."""
         m, k = (a.shape[1], a.shape[0]) if ta else a.shape
         n = b.shape[0] if tb else b.shape[1]
         assert (b.shape[1] if tb else b.shape[0]) == k
@@ -160,9 +160,21 @@ class MklBf16:
             else:     # rows lo:hi of c: rows of a
                 self._sgemm(*ops, hi - lo, n, k, alpha, pa + 4 * lo * lda, lda, pb, ldb, beta, pc + 4 * lo * ldc, ldc)
 
-        parts = numpy_kernels.row_parts(n, m * k // 16) if ta else numpy_kernels.row_parts(m, n * k // 16)
+        parts = [(0, n if ta else m)] if serial else \
+            numpy_kernels.row_parts(n, m * k // 16) if ta else numpy_kernels.row_parts(m, n * k // 16)
         numpy_kernels.parallel([lambda lo=lo, hi=hi: block(lo, hi) for lo, hi in parts])
         return c
+
+    def sgemm_tn(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """fp32 ``a.T @ b`` for tall ``a`` (tokens, i) and ``b`` (tokens, r) with a short output (a
+        LoRA factor's gradient): the sum over tokens split over the kernel pool, partial products added
+        (a column split would make every thread read all of ``a``)."""
+        parts = numpy_kernels.row_parts(a.shape[0], a.shape[1] * b.shape[1] // 16)
+        got = numpy_kernels.parallel([lambda lo=lo, hi=hi: self.sgemm(a[lo:hi], b[lo:hi], ta=True, serial=True)
+                                      for lo, hi in parts])
+        for g in got[1:]:
+            got[0] += g
+        return got[0]
 
 
 _LIB: list = []     # [MklBf16 | None, reason] once tried
