@@ -46,7 +46,8 @@ def instrument() -> None:
     ops = ne.ops
     for name in ("rms", "rms_back", "attention", "attention_back", "swiglu", "swiglu_back", "softmax_ce_rows"):
         setattr(ops, name, timer(name, getattr(ops, name)))
-    ne.to_bf16 = timer("to_bf16", ne.to_bf16)
+    from mlx_qlora.train.engines import cpu_proj
+    ne.to_bf16 = cpu_proj.to_bf16 = timer("to_bf16", ne.to_bf16)
     cpu_gemm.MklBf16.matmul = timer("gemm bf16 (oneMKL)", cpu_gemm.MklBf16.matmul)
     for cls, meths in ((ne._Proj, ("forward", "backward", "weight", "matmul")),
                        (ne._Block, ("forward", "backward", "_rope", "_norm_heads", "_norm_heads_back")),

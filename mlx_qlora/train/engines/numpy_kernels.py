@@ -8,7 +8,10 @@ Activations are (tokens, features) fp32 matrices of a packed batch; ``segments``
 (start, length) row ranges of its sequences. BLAS matmuls use every core by themselves; the
 elementwise passes (exp above all) are single-threaded in NumPy, so the large ones are split by
 rows over a small thread pool (NumPy releases the GIL inside its loops): on 2 cores the
-SwiGLU, attention softmax and vocabulary softmax passes take about half the time.
+SwiGLU, attention softmax and vocabulary softmax passes take about half the time. RMSNorm, its
+backward, RoPE and SwiGLU write into preallocated outputs (SwiGLU in L2-sized row blocks) with the
+operations of the plain expressions in the same order, so the fp32 path's bits do not depend on
+the split (tests/test_cpu_engine.py::test_in_place_kernels_keep_the_bits).
 """
 from __future__ import annotations
 
