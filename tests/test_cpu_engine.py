@@ -147,3 +147,46 @@ def test_unsupported_models_fall_back(tiny_hf_llama):
     assert numpy_engine.unsupported(plain) is None
     plain.model.norm.unfreeze()
     assert "other than LoRA" in numpy_engine.unsupported(plain)
+
+
+def test_in_place_kernels_keep_the_bits():
+    """SwiGLU, RMSNorm, their backward and RoPE write into preallocated outputs, in row blocks: the
+    fp32 path's numbers must stay the bits of the plain expressions they replaced."""
+    from mlx_qlora.train.engines import numpy_kernels as ops
+    from mlx_qlora.train.engines.cpu_gemm import to_bf16
+
+    rng = np.random.default_rng(0)
+    gu = (rng.standard_normal((301, 2 * 96)) * 4).astype(np.float32)
+    g, u = np.split(gu, 2, axis=1)                 # strided halves, as a fused gate_up gives them
+    dact = rng.standard_normal(g.shape).astype(np.float32)
+    s = 1.0 / (np.exp(-g) + 1.0)
+    act, sig = ops.swiglu(g, u, keep_sigmoid=True)
+    assert np.array_equal(sig, s) and np.array_equal(act, s * g * u)
+    act16 = np.empty(g.shape, np.uint16)
+    assert np.array_equal(ops.swiglu(g, u, False, act16, lambda a, o: np.copyto(o, to_bf16(a)))[0], act)
+    assert np.array_equal(act16, to_bf16(act))
+    fg = (1.0 - s) * g + 1.0
+    want = ((fg * s) * u * dact, (g * s) * dact)
+    for kept in (sig, None):
+        d16 = (np.empty(g.shape, np.uint16), np.empty(g.shape, np.uint16))
+        dg, du = ops.swiglu_back(dact, g, u, kept, d16, lambda a, o: np.copyto(o, to_bf16(a)))
+        assert np.array_equal(dg, want[0]) and np.array_equal(du, want[1])
+        assert np.array_equal(d16[0], to_bf16(dg)) and np.array_equal(d16[1], to_bf16(du))
+    h = (rng.standard_normal((301, 576)) * 3).astype(np.float32)      # big enough to split over threads
+    w, dy = rng.standard_normal(576).astype(np.float32), rng.standard_normal((301, 576)).astype(np.float32)
+    r = 1.0 / np.sqrt(np.mean(np.square(h), axis=-1, keepdims=True) + 1e-5)
+    y16 = np.empty(h.shape, np.uint16)
+    got = ops.rms(h, w, 1e-5, y16, lambda a, o: np.copyto(o, to_bf16(a)))
+    assert all(np.array_equal(a, b) for a, b in zip(got, ((h * r) * w, h * r, r))) and np.array_equal(y16, to_bf16(got[0]))
+    g = dy * w
+    assert np.array_equal(ops.rms_back(dy, w, h * r, r), r * (g - (h * r) * np.mean(g * (h * r), axis=-1, keepdims=True)))
+    x = rng.standard_normal((13, 3 * 16)).astype(np.float32)
+    cos, sin = (rng.standard_normal((13, 1, 8)).astype(np.float32) for _ in range(2))
+    for dims, trad, inv in ((8, False, False), (8, True, True), (16, False, False)):
+        c, sn = cos[..., :dims // 2], (-sin if inv else sin)[..., :dims // 2]
+        x3, want = x.reshape(13, 3, 16), x.reshape(13, 3, 16).copy()
+        i1, i2 = (slice(0, dims, 2), slice(1, dims, 2)) if trad else (slice(0, dims // 2), slice(dims // 2, dims))
+        want[..., i1] = x3[..., i1] * c - x3[..., i2] * sn
+        want[..., i2] = x3[..., i2] * c + x3[..., i1] * sn
+        assert np.array_equal(ops.rope(x, 3, cos[..., :dims // 2], sin[..., :dims // 2], dims, trad, inv),
+                              want.reshape(13, -1))

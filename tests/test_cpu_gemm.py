@@ -53,6 +53,33 @@ class Checked:
         self.calls += 1
         return got
 
+    def sgemm(self, a, b, c=None, ta=False, tb=False, alpha=1.0, beta=0.0):
+        """The fp32 LoRA products: within fp32 accumulation error of the float64 product."""
+        before = np.array(c, np.float64) if beta else 0.0
+        got = LIB.sgemm(a, b, c, ta, tb, alpha, beta)
+        a, b = (np.asarray(t, np.float64) for t in (a, b))
+        a, b = a.T if ta else a, b.T if tb else b
+        slack = (a.shape[1] + 2) * cpu_gemm.U_FP32 * (abs(alpha) * np.abs(a) @ np.abs(b) + np.abs(beta * before))
+        assert (np.abs(got - (alpha * (a @ b) + beta * before)) <= slack).all()
+        return got
+
+    def sgemm_tn(self, a, b):
+        got = LIB.sgemm_tn(a, b)
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert (np.abs(got - a.T @ b) <= (a.shape[0] + 2) * cpu_gemm.U_FP32 * (np.abs(a.T) @ np.abs(b))).all()
+        return got
+
+    def gemm(self, a, b, transpose_b, c, beta=0.0):
+        before = np.array(c, np.float64) if beta else 0.0     # beta 0: c is not read (may hold garbage)
+        got = LIB.gemm(a, b, transpose_b, c, beta)
+        a, b = from_bf16(a).astype(np.float64), from_bf16(b).astype(np.float64)
+        b = b.T if transpose_b else b
+        # fp32 accumulation of K products, plus one fp32 rounding of the sum with beta * c
+        slack = a.shape[1] * cpu_gemm.U_FP32 * (np.abs(a) @ np.abs(b)) + cpu_gemm.U_FP32 * np.abs(beta * before)
+        assert (np.abs(got - (a @ b + beta * before)) <= slack * (1 + 2 * cpu_gemm.U_FP32)).all()
+        self.calls += 1
+        return got
+
 
 def norm_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -78,6 +105,16 @@ def test_to_bf16_rounds_to_nearest_even():
     assert np.array_equal(from_bf16(to_bf16(x[:10_000])).view(np.uint32) & 0xFFFF, np.zeros(10_000, np.uint32))
 
 
+def test_round_bf16_into_equals_to_bf16():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((300, 577)) * 10.0 ** rng.integers(-30, 30, (300, 577))).astype(np.float32)
+    x[0, :4] = [np.inf, -np.inf, np.nan, 1 + 2 ** -8]
+    out = np.empty(x.shape, np.uint16)
+    assert cpu_gemm.round_bf16_into(x, out) is out
+    assert np.array_equal(out[1:], nearest_even_bf16(x[1:]))
+    assert np.array_equal(out[0, [0, 1, 3]], to_bf16(x[0, [0, 1, 3]])) and np.isnan(from_bf16(out[0, 2:3]))[0]
+
+
 @needs_lib
 @pytest.mark.parametrize("m,k,n,transpose", [(37, 576, 1536, True), (300, 1536, 576, False), (5, 64, 7, True)])
 def test_gemm_within_derived_bound(m, k, n, transpose):
@@ -93,6 +130,41 @@ def test_gemm_within_derived_bound(m, k, n, transpose):
     assert err.max() > k * cpu_gemm.U_FP32 * scale.max()       # bf16 really was used (fp32 would be this close)
     rounded = from_bf16(to_bf16(a)).astype(np.float64) @ from_bf16(to_bf16(wt.copy())).astype(np.float64)
     assert (np.abs(got - rounded) <= k * cpu_gemm.U_FP32 * scale).all()   # only fp32 accumulation left
+
+
+@needs_lib
+@pytest.mark.parametrize("rows,dim,vocab,scale", [(37, 64, 5000, 1.0), (300, 576, 3 * 1024, 0.25)])
+def test_chunked_head_within_derived_bound(rows, dim, vocab, scale):
+    """bf16_head.head_loss against float64 cross-entropy over the same bf16 head weights, within
+    the bound derived in bf16_head's docstring (row by row, element by element)."""
+    from mlx_qlora.train.engines import bf16_head
+
+    rng = np.random.default_rng(rows)
+    h = rng.standard_normal((rows, dim)).astype(np.float32)
+    w16 = to_bf16((rng.standard_normal((vocab, dim)) * 2 / np.sqrt(dim)).astype(np.float32))
+    targets = rng.integers(0, vocab, rows)
+    checked = Checked()
+    loss, dh = bf16_head.head_loss(checked, h, w16, targets, True, np.float32(scale))
+    assert checked.calls >= 2 * (vocab // bf16_head.CHUNK_COLS) and dh.dtype == np.float32
+    assert np.array_equal(bf16_head.head_loss(LIB, h, w16, targets, False, np.float32(scale))[0], loss)
+    w, hf = from_bf16(w16).astype(np.float64), h.astype(np.float64)
+    logits = hf @ w.T * scale
+    m = logits.max(axis=1, keepdims=True)
+    p = np.exp(logits - m)
+    s = p.sum(axis=1, keepdims=True)
+    want_loss = (m + np.log(s))[:, 0] - logits[np.arange(rows), targets]
+    p /= s
+    onehot = np.zeros_like(p)
+    onehot[np.arange(rows), targets] = 1
+    want_dh = (p - onehot) @ w * scale
+    u32 = cpu_gemm.U_FP32
+    delta = (gemm_bound(dim) + 2 * u32) * abs(scale) * (np.abs(hf) @ np.abs(w).T).max(axis=1)   # logit error, per row
+    assert (np.abs(loss - want_loss) <= 2 * delta + 16 * u32 * (1 + np.abs(want_loss) + np.abs(m[:, 0]))).all()
+    mass = p @ np.abs(w) * abs(scale)
+    bound = (np.expm1(2 * delta)[:, None] + gemm_bound(vocab) + 16 * u32) * mass + 2 * u32 * np.abs(w[targets]) * abs(scale)
+    err = np.abs(dh - want_dh)
+    assert (err <= bound).all()
+    assert err.max() > 64 * u32 * np.abs(want_dh).max()      # bf16 really was used
 
 
 # ------------------------------------------------------------------ choosing the path

@@ -91,6 +91,10 @@ class MklBf16:
         p, i = ctypes.c_void_p, ctypes.c_int
         f.argtypes = [i, i, i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
         self._gemm = f
+        sg = lib.cblas_sgemm
+        sg.restype = None
+        sg.argtypes = f.argtypes
+        self._sgemm = sg
         version = ctypes.create_string_buffer(256)
         lib.mkl_get_version_string(version, 256)
         text = version.value.decode(errors="replace")
@@ -115,6 +119,62 @@ class MklBf16:
 
         numpy_kernels.parallel([lambda lo=lo, hi=hi: rows(lo, hi) for lo, hi in numpy_kernels.row_parts(m, n * k // 64)])
         return c
+
+    def gemm(self, a: np.ndarray, b: np.ndarray, transpose_b: bool, c: np.ndarray, beta: float = 0.0) -> np.ndarray:
+        """``c = a @ b`` (``a @ b.T``) + ``beta * c`` into the C-contiguous fp32 ``c``, on the calling
+        thread (for callers that split the work over threads themselves)."""
+        m, k = a.shape
+        n = b.shape[0] if transpose_b else b.shape[1]
+        assert b.shape[1 if transpose_b else 0] == k and a.dtype == b.dtype == np.uint16
+        assert c.shape == (m, n) and c.dtype == np.float32 and c.flags.c_contiguous
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+        self._gemm(_ROW, _N, _T if transpose_b else _N, m, n, k, 1.0, a.ctypes.data, k, b.ctypes.data, b.shape[1],
+                   beta, c.ctypes.data, n)
+        return c
+
+
+    def sgemm(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None, ta: bool = False, tb: bool = False,
+              alpha: float = 1.0, beta: float = 0.0, serial: bool = False) -> np.ndarray:
+        """fp32 ``c = alpha * op(a) @ op(b) + beta * c`` (op: transpose with ``ta`` / ``tb``) through
+        oneMKL's sgemm, ``c`` written in place (a new array when None). For the bf16 path's LoRA
+        products: beta = 1 adds ``x_a @ B`` into the projection's output without a temporary and a
+        second pass, which NumPy's ``y += xa @ b`` takes. Operands may be row-strided views (unit
+        column stride); the output is split over the kernel pool by rows (by columns when ``ta``:
+        then the rows of a product are its inner sum), or not with ``serial``."""
+        m, k = (a.shape[1], a.shape[0]) if ta else a.shape
+        n = b.shape[0] if tb else b.shape[1]
+        assert (b.shape[1] if tb else b.shape[0]) == k
+        if c is None:
+            c = np.empty((m, n), np.float32)
+        for t in (a, b, c):
+            assert t.dtype == np.float32 and t.ndim == 2 and (t.strides[1] == 4 or t.shape[1] == 1)
+        assert c.shape == (m, n)
+        lda, ldb, ldc = (max(t.strides[0] // 4, t.shape[1]) for t in (a, b, c))
+        pa, pb, pc = a.ctypes.data, b.ctypes.data, c.ctypes.data
+        ops = (_ROW, _T if ta else _N, _T if tb else _N)
+
+        def block(lo, hi):
+            if ta:    # columns lo:hi of c: columns of b (rows when tb)
+                self._sgemm(*ops, m, hi - lo, k, alpha, pa, lda, pb + 4 * lo * (ldb if tb else 1), ldb, beta,
+                            pc + 4 * lo, ldc)
+            else:     # rows lo:hi of c: rows of a
+                self._sgemm(*ops, hi - lo, n, k, alpha, pa + 4 * lo * lda, lda, pb, ldb, beta, pc + 4 * lo * ldc, ldc)
+
+        parts = [(0, n if ta else m)] if serial else \
+            numpy_kernels.row_parts(n, m * k // 16) if ta else numpy_kernels.row_parts(m, n * k // 16)
+        numpy_kernels.parallel([lambda lo=lo, hi=hi: block(lo, hi) for lo, hi in parts])
+        return c
+
+    def sgemm_tn(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """fp32 ``a.T @ b`` for tall ``a`` (tokens, i) and ``b`` (tokens, r) with a short output (a
+        LoRA factor's gradient): the sum over tokens split over the kernel pool, partial products added
+        (a column split would make every thread read all of ``a``)."""
+        parts = numpy_kernels.row_parts(a.shape[0], a.shape[1] * b.shape[1] // 16)
+        got = numpy_kernels.parallel([lambda lo=lo, hi=hi: self.sgemm(a[lo:hi], b[lo:hi], ta=True, serial=True)
+                                      for lo, hi in parts])
+        for g in got[1:]:
+            got[0] += g
+        return got[0]
 
 
 _LIB: list = []     # [MklBf16 | None, reason] once tried
@@ -250,6 +310,18 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
     if not finite:
         out[np.isnan(u.view(np.float32))] = 0x7FC0
     return out.reshape(x.shape)
+
+
+def round_bf16_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``to_bf16`` of the fp32 ``x`` (contiguous rows) into the uint16 ``out`` of its shape, on the
+    calling thread: for blocks a caller already holds in cache (NumPy's bit passes measured faster
+    here than ml_dtypes' scalar bfloat16 cast: 0.30 vs 0.36 ms per 356 x 1024)."""
+    u = x.reshape(-1, x.shape[-1]).view(np.uint32)
+    _round_rows(u, out.reshape(u.shape))
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(np.sum(x, dtype=np.float32)):
+            out[np.isnan(x)] = 0x7FC0
+    return out
 
 
 def from_bf16(b: np.ndarray) -> np.ndarray:

@@ -11,7 +11,9 @@ so what is kept between forward and backward is chosen, not inferred:
 - the rows of a batch are packed into one (tokens, dim) matrix: projections never touch padding,
   attention runs per row (block-diagonal), and RoPE positions restart per row;
 - blocks below the lowest adapted block only run forward and keep nothing;
-- the vocabulary projection and loss run only on loss rows, in chunks (``numpy_kernels.softmax_ce``);
+- the vocabulary projection and loss run only on loss rows, in chunks (``numpy_kernels.softmax_ce``;
+  on the bf16 path in cache-sized vocabulary chunks with an online softmax, ``bf16_head``);
+- a projection and its LoRA branch are ``cpu_proj._Proj``;
 - with ``grad_checkpoint`` a block keeps only its input and is recomputed in backward.
 
 Gradients are those of the summed token loss, exactly what ``nn.value_and_grad`` over
@@ -25,7 +27,6 @@ trains through MLX autodiff instead, and training says why in one line.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import mlx.core as mx
@@ -33,10 +34,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from . import numpy_kernels as ops
-from .cpu_gemm import other_blas_serial, to_bf16
+from . import bf16_head, numpy_kernels as ops
+from .cpu_gemm import other_blas_serial, round_bf16_into, to_bf16
+from .cpu_proj import _np, _Proj
 from ..lora import LoRALinear, linear_dims
-from .mlx_cpu_kernels import CE_CHUNK_ROWS, dense_weight
+from .mlx_cpu_kernels import CE_CHUNK_ROWS
 
 ENGINE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "granite"}
 HEAD_NORMS = ("q_norm", "k_norm")   # qwen3: RMSNorm over each head of q and k, before RoPE
@@ -110,80 +112,6 @@ def _layout(a, m) -> tuple[tuple | None, tuple | None]:
     attn = next((t for t in (ATTN, FUSED_ATTN) if a is not None and all(hasattr(a, n) for n in t)), None)
     mlp = next((t for t in (MLP, FUSED_MLP) if m is not None and all(hasattr(m, n) for n in t)), None)
     return attn, mlp
-
-
-def _np(a: mx.array) -> np.ndarray:
-    """fp32 NumPy view of an MLX array (a copy only when a cast is needed)."""
-    a = a if a.dtype == mx.float32 else a.astype(mx.float32)
-    mx.eval(a)
-    return np.asarray(a)
-
-
-class _Proj:
-    """One frozen projection (4-bit or dense) with an optional LoRA branch. With ``bf16`` (a
-    ``cpu_gemm.MklBf16``) its base products take bf16 operands (the weight kept or made as bf16
-    bits), accumulated in fp32; the LoRA branch stays fp32."""
-
-    def __init__(self, module: nn.Module, path: str, bf16=None):
-        self.lora = module if isinstance(module, LoRALinear) else None
-        self.base = self.lora.linear if self.lora else module
-        self.path = path
-        self.bias = _np(self.base["bias"]) if "bias" in self.base else None
-        self.p = 1.0 - getattr(self.lora.dropout, "_p_1", 1.0) if self.lora else 0.0
-        self.cached: np.ndarray | None = None
-        self.bf16 = bf16
-        self.nbytes = (2 if bf16 else 4) * math.prod(linear_dims(self.base))   # of its fp32 / bf16 weight
-
-    def weight(self) -> np.ndarray:
-        """The (out, in) fp32 weight (bf16 bits with ``bf16``): the cached copy, or dequantized now
-        and dropped after use."""
-        if self.cached is not None:
-            return self.cached
-        if self.bf16 is None:
-            return _np(dense_weight(self.base))
-        # rounded in the same MLX evaluation as the dequantize (round to nearest even, as to_bf16)
-        w16 = dense_weight(self.base).astype(mx.bfloat16).view(mx.uint16)
-        mx.eval(w16)
-        return np.asarray(w16)
-
-    def matmul(self, x: np.ndarray, w: np.ndarray, transpose: bool, x16: np.ndarray | None = None) -> np.ndarray:
-        """``x @ w.T`` (``transpose``: the forward) or ``x @ w`` (the input gradient), ``w`` from
-        ``weight()``: fp32 BLAS, or bf16 operands accumulated in fp32 (``x16``: ``x`` already
-        converted, when projections share their input)."""
-        if self.bf16 is None:
-            return x @ w.T if transpose else x @ w
-        return self.bf16.matmul(to_bf16(x) if x16 is None else x16, w, transpose)
-
-    def forward(self, x: np.ndarray, rng, ctx: dict | None, x16: np.ndarray | None = None) -> np.ndarray:
-        y = self.matmul(x, self.weight(), True, x16)
-        if self.bias is not None:
-            y += self.bias
-        if self.lora is not None:
-            xd, keep = x, None
-            if self.p > 0 and rng is not None:       # no rng: evaluation, no dropout
-                keep = rng.random(x.shape, dtype=F32) >= self.p
-                xd = x * keep * F32(1.0 / (1.0 - self.p))
-            xa = xd @ _np(self.lora.lora_a)
-            y += xa @ (_np(self.lora.lora_b) * F32(self.lora.scale))
-            if ctx is not None:
-                ctx[self.path] = (xd, xa, keep)
-        return y
-
-    def backward(self, dy: np.ndarray, ctx: dict, grads: dict, need_dx: bool) -> np.ndarray | None:
-        dx = self.matmul(dy, self.weight(), False) if need_dx else None
-        if self.lora is not None:
-            xd, xa, keep = ctx.pop(self.path)
-            s = F32(self.lora.scale)
-            a, b = _np(self.lora.lora_a), _np(self.lora.lora_b)
-            grads[self.path + ".lora_b"] = (xa.T @ dy) * s
-            dxa = (dy @ b.T) * s
-            grads[self.path + ".lora_a"] = xd.T @ dxa
-            if need_dx:
-                dxl = dxa @ a.T
-                if keep is not None:
-                    dxl *= keep * F32(1.0 / (1.0 - self.p))
-                dx += dxl
-        return dx
 
 
 class _Geometry:
@@ -268,8 +196,11 @@ class _Block:
     def forward(self, x: np.ndarray, geo: _Geometry, rng, ctx: dict | None) -> np.ndarray:
         P = self.proj
         post = self.post_norms
-        a_in, n1, r1 = (x, None, None) if post else ops.rms(x, self.w1, self.eps1)
-        a16 = to_bf16(a_in) if self.bf16 else None          # q, k, v share one bf16 copy of their input
+        # bf16: q, k, v share one bf16 copy of their input, rounded inside the norm's row blocks
+        a16 = np.empty(x.shape, np.uint16) if self.bf16 else None
+        a_in, n1, r1 = (x, None, None) if post else ops.rms(x, self.w1, self.eps1, a16, round_bf16_into)
+        if post and a16 is not None:
+            a16 = to_bf16(a_in)
         if self.fused_qkv:
             q, k, v = np.split(P["qkv_proj"].forward(a_in, rng, ctx, a16), self._qkv_cuts, axis=1)
         else:
@@ -283,15 +214,19 @@ class _Block:
         if post:
             r, n1, r1 = ops.rms(r, self.w1, self.eps1)
         h = x + r * self.res if self.res != 1 else x + r
-        m_in, n2, r2 = (h, None, None) if post else ops.rms(h, self.w2, self.eps2)
-        m16 = to_bf16(m_in) if self.bf16 else None          # gate and up share theirs
+        m16 = np.empty(h.shape, np.uint16) if self.bf16 else None      # gate and up share theirs
+        m_in, n2, r2 = (h, None, None) if post else ops.rms(h, self.w2, self.eps2, m16, round_bf16_into)
+        if post and m16 is not None:
+            m16 = to_bf16(m_in)
         if self.fused_mlp:
             g, u = np.split(P["gate_up_proj"].forward(m_in, rng, ctx, m16), 2, axis=1)
         else:
             g, u = P["gate_proj"].forward(m_in, rng, ctx, m16), P["up_proj"].forward(m_in, rng, ctx, m16)
         del m16
-        act, sig = ops.swiglu(g, u, keep_sigmoid=ctx is not None)
-        r = P["down_proj"].forward(act, rng, ctx)
+        act16 = np.empty(g.shape, np.uint16) if self.bf16 else None   # rounded while each block is in cache
+        act, sig = ops.swiglu(g, u, ctx is not None, act16, round_bf16_into)
+        r = P["down_proj"].forward(act, rng, ctx, act16)
+        del act16
         if post:
             r, n2, r2 = ops.rms(r, self.w2, self.eps2)
         out = h + r * self.res if self.res != 1 else h + r
@@ -306,13 +241,18 @@ class _Block:
         if post:
             dr = ops.rms_back(dr, self.w2, ctx.pop("n2"), ctx.pop("r2"))
         dact = P["down_proj"].backward(dr, ctx, grads, True)
-        dg, du = ops.swiglu_back(dact, ctx.pop("g"), ctx.pop("u"), ctx.pop("sig"))
+        # bf16: dL/dg and dL/du also rounded while each block is in cache, for gate/up's input gradients
+        d16 = (np.empty(dact.shape, np.uint16), np.empty(dact.shape, np.uint16)) \
+            if self.bf16 and not self.fused_mlp else (None, None)
+        dg, du = ops.swiglu_back(dact, ctx.pop("g"), ctx.pop("u"), ctx.pop("sig"),
+                                 None if d16[0] is None else d16, round_bf16_into)
         del dact
         if self.fused_mlp:
             dm = P["gate_up_proj"].backward(np.concatenate([dg, du], axis=1), ctx, grads, True)
         else:
-            dm = P["gate_proj"].backward(dg, ctx, grads, True)
-            dm += P["up_proj"].backward(du, ctx, grads, True)
+            dm = P["gate_proj"].backward(dg, ctx, grads, True, d16[0])
+            dm += P["up_proj"].backward(du, ctx, grads, True, d16[1])
+        del d16
         dh = dout + (dm if post else ops.rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2")))
         dr = dh * self.res if self.res != 1 else dh
         if post:
@@ -398,6 +338,9 @@ class CpuEngine:
         """Summed cross-entropy of the loss rows, and its gradient w.r.t. all of ``x``."""
         hn, n, r = ops.rms(x[rows], self.norm_w, self.norm_eps)
         w = self.head.weight()                                    # (vocab, dim): one dequantize per step
+        if self.head.bf16 is not None:                            # bf16: vocabulary chunks in cache
+            losses, dhn = bf16_head.head_loss(self.head.bf16, hn, w, targets, grad, self.logit_scale)
+            return self._head_back(x, rows, float(losses.sum()), dhn, n, r, grad)
         total, dhn = 0.0, (np.empty_like(hn) if grad else None)
         for s in range(0, hn.shape[0], CE_CHUNK_ROWS):
             logits = self.head.matmul(hn[s:s + CE_CHUNK_ROWS], w, True)
@@ -408,6 +351,9 @@ class CpuEngine:
                 dhn[s:s + CE_CHUNK_ROWS] = self.head.matmul(logits, w, False)   # (softmax - onehot) @ W
                 if self.logit_scale != 1:
                     dhn[s:s + CE_CHUNK_ROWS] *= self.logit_scale
+        return self._head_back(x, rows, total, dhn, n, r, grad)
+
+    def _head_back(self, x, rows, total, dhn, n, r, grad):
         if not grad:
             return total, None
         dx = np.zeros_like(x)

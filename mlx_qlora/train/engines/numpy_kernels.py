@@ -8,7 +8,10 @@ Activations are (tokens, features) fp32 matrices of a packed batch; ``segments``
 (start, length) row ranges of its sequences. BLAS matmuls use every core by themselves; the
 elementwise passes (exp above all) are single-threaded in NumPy, so the large ones are split by
 rows over a small thread pool (NumPy releases the GIL inside its loops): on 2 cores the
-SwiGLU, attention softmax and vocabulary softmax passes take about half the time.
+SwiGLU, attention softmax and vocabulary softmax passes take about half the time. RMSNorm, its
+backward, RoPE and SwiGLU write into preallocated outputs (SwiGLU in L2-sized row blocks) with the
+operations of the plain expressions in the same order, so the fp32 path's bits do not depend on
+the split (tests/test_cpu_engine.py::test_in_place_kernels_keep_the_bits).
 """
 from __future__ import annotations
 
@@ -76,17 +79,38 @@ def causal_mask(rep: int, L: int, S: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ RMSNorm
-def rms(x: np.ndarray, w: np.ndarray, eps: float):
-    """(x / rms(x) * w, x / rms(x), 1 / rms(x)) over the last axis."""
-    r = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + eps)
-    n = x * r
-    return n * w, n, r
+def rms(x: np.ndarray, w: np.ndarray, eps: float, out16: np.ndarray | None = None, to16=None):
+    """(x / rms(x) * w, x / rms(x), 1 / rms(x)) over the last axis of the (rows, dim) ``x``, split
+    by rows over the threads (per row the same operations: the same bits). ``out16``/``to16``:
+    also the first result's bf16 bits, rounded while each block is in cache."""
+    y, n, r = np.empty(x.shape, F32), np.empty(x.shape, F32), np.empty((x.shape[0], 1), F32)
+
+    def part(lo, hi):
+        xb = x[lo:hi]
+        r[lo:hi] = 1.0 / np.sqrt(np.mean(np.square(xb), axis=-1, keepdims=True) + eps)
+        np.multiply(xb, r[lo:hi], out=n[lo:hi])
+        np.multiply(n[lo:hi], w, out=y[lo:hi])
+        if out16 is not None:
+            to16(y[lo:hi], out16[lo:hi])
+
+    parallel([lambda lo=lo, hi=hi: part(lo, hi) for lo, hi in row_parts(*x.shape)])
+    return y, n, r
 
 
 def rms_back(dy: np.ndarray, w: np.ndarray, n: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """dL/dx of ``rms`` given dL/dy, the normalized rows ``n`` and ``r``."""
-    g = dy * w
-    return r * (g - n * np.mean(g * n, axis=-1, keepdims=True))
+    """dL/dx of ``rms`` given dL/dy, the normalized rows ``n`` and ``r`` (split by rows as ``rms``)."""
+    out = np.empty(dy.shape, F32)
+
+    def part(lo, hi):
+        g = dy[lo:hi] * w
+        t = g * n[lo:hi]
+        m = np.mean(t, axis=-1, keepdims=True)
+        np.multiply(n[lo:hi], m, out=t)
+        np.subtract(g, t, out=g)
+        np.multiply(r[lo:hi], g, out=out[lo:hi])
+
+    parallel([lambda lo=lo, hi=hi: part(lo, hi) for lo, hi in row_parts(*dy.shape)])
+    return out
 
 
 # ------------------------------------------------------------------ RoPE
@@ -95,29 +119,55 @@ def rope(x: np.ndarray, heads: int, cos: np.ndarray, sin: np.ndarray, dims: int,
     """Rotate the first ``dims`` features of each head by +theta (or -theta: the transpose, for
     gradients). ``x`` is (tokens, heads * d); ``cos``/``sin`` are (tokens, 1, dims / 2)."""
     x3 = x.reshape(x.shape[0], heads, -1)
-    out = x3.copy()
+    out = np.empty(x3.shape, F32) if dims == x3.shape[-1] else x3.copy()   # unrotated features kept
     if inverse:
         sin = -sin
     i1, i2 = (slice(0, dims, 2), slice(1, dims, 2)) if traditional else (slice(0, dims // 2), slice(dims // 2, dims))
-    x1, x2 = x3[..., i1], x3[..., i2]
-    out[..., i1] = x1 * cos - x2 * sin
-    out[..., i2] = x2 * cos + x1 * sin
+
+    def part(lo, hi):                 # x1 cos - x2 sin and x2 cos + x1 sin, written in place
+        x1, x2, c, s = x3[lo:hi, :, i1], x3[lo:hi, :, i2], cos[lo:hi], sin[lo:hi]
+        o1, o2 = out[lo:hi, :, i1], out[lo:hi, :, i2]
+        t = x2 * s
+        np.multiply(x1, c, out=o1)
+        o1 -= t
+        np.multiply(x1, s, out=t)
+        np.multiply(x2, c, out=o2)
+        o2 += t
+
+    parallel([lambda lo=lo, hi=hi: part(lo, hi) for lo, hi in row_parts(x.shape[0], x.shape[1])])
     return out.reshape(x.shape)
 
 
 # ------------------------------------------------------------------ SwiGLU
-def swiglu(g: np.ndarray, u: np.ndarray, keep_sigmoid: bool):
-    """(silu(g) * u, sigmoid(g) or None)."""
-    out = np.empty_like(g)
-    sig = np.empty_like(g) if keep_sigmoid else None
+SUB_ROWS = 32     # rows per sub-block of the SwiGLU passes: 32 x 1536 x 4 B = 192 KiB per array, L2-resident
+
+
+def _sub_blocks(lo: int, hi: int):
+    return ((a, min(a + SUB_ROWS, hi)) for a in range(lo, hi, SUB_ROWS))
+
+
+def swiglu(g: np.ndarray, u: np.ndarray, keep_sigmoid: bool, out16: np.ndarray | None = None, to16=None):
+    """(silu(g) * u, sigmoid(g) or None). Written into preallocated outputs pass by pass in
+    sub-blocks of rows that stay in cache (the same operations, in the same order, as
+    ``sigmoid_np(g) * g * u``: the same bits). ``out16``/``to16``: also the result's bf16 bits,
+    rounded by ``to16(fp32, uint16 out)`` while the block is in cache."""
+    out = np.empty(g.shape, F32)
+    sig = np.empty(g.shape, F32) if keep_sigmoid else None
 
     def part(lo, hi):
-        s = sigmoid_np(g[lo:hi])
-        if sig is not None:
-            sig[lo:hi] = s
-        s *= g[lo:hi]
-        s *= u[lo:hi]
-        out[lo:hi] = s
+        tmp = None if sig is not None else np.empty((min(SUB_ROWS, hi - lo), g.shape[1]), F32)
+        for a, b in _sub_blocks(lo, hi):
+            s = sig[a:b] if sig is not None else tmp[:b - a]
+            np.negative(g[a:b], out=s)
+            with np.errstate(over="ignore"):          # exp(88+) = inf gives sigmoid 0, as it should
+                np.exp(s, out=s)
+            s += 1.0
+            np.reciprocal(s, out=s)
+            o = out[a:b]
+            np.multiply(s, g[a:b], out=o)
+            o *= u[a:b]
+            if out16 is not None:
+                to16(o, out16[a:b])
 
     parallel([lambda lo=lo, hi=hi: part(lo, hi) for lo, hi in row_parts(*g.shape)])
     return out, sig
@@ -136,14 +186,28 @@ def swiglu_factors(g: np.ndarray, u: np.ndarray, sig: np.ndarray | None = None):
     return fg, fu
 
 
-def swiglu_back(dact: np.ndarray, g: np.ndarray, u: np.ndarray, sig: np.ndarray | None):
-    """(dL/dg, dL/du) of silu(g) * u; ``sig`` is sigmoid(g) when kept by the forward."""
-    dg, du = np.empty_like(g), np.empty_like(u)
+def swiglu_back(dact: np.ndarray, g: np.ndarray, u: np.ndarray, sig: np.ndarray | None,
+                out16: np.ndarray | None = None, to16=None):
+    """(dL/dg, dL/du) of silu(g) * u; ``sig`` is sigmoid(g) when kept by the forward. The passes of
+    ``swiglu_factors`` times ``dact``, in the same order (the same bits), into the outputs, in
+    cache-sized row blocks. ``out16``/``to16``: also (dL/dg, dL/du) as bf16 bits."""
+    dg, du = np.empty(g.shape, F32), np.empty(u.shape, F32)
 
     def part(lo, hi):
-        fg, fu = swiglu_factors(g[lo:hi], u[lo:hi], None if sig is None else sig[lo:hi])
-        np.multiply(fg, dact[lo:hi], out=dg[lo:hi])
-        np.multiply(fu, dact[lo:hi], out=du[lo:hi])
+        for a, b in _sub_blocks(lo, hi):
+            s = sigmoid_np(g[a:b]) if sig is None else sig[a:b]
+            d, e = dg[a:b], du[a:b]
+            np.subtract(1.0, s, out=d)
+            d *= g[a:b]
+            d += 1.0
+            d *= s
+            d *= u[a:b]
+            d *= dact[a:b]
+            np.multiply(g[a:b], s, out=e)
+            e *= dact[a:b]
+            if out16 is not None:
+                to16(d, out16[0][a:b])
+                to16(e, out16[1][a:b])
 
     parallel([lambda lo=lo, hi=hi: part(lo, hi) for lo, hi in row_parts(*g.shape)])
     return dg, du
