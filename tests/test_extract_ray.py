@@ -140,7 +140,7 @@ def test_killed_worker_and_killed_run_lose_and_repeat_no_row(job, tmp_path):
 
 @pytest.mark.llamacpp
 def test_bad_ray_input_is_one_line_exit_2_and_writes_nothing(job, tmp_path):
-    cases = [(["--ray", "127.0.0.1:1"], "--ray 127.0.0.1:1: no Ray head answers at 127.0.0.1:1"),
+    cases = [(["--ray", "127.0.0.1:1"], "--ray 127.0.0.1:1: no Ray head answers there"),
              (["--ray", "127.0.0.1:1"], "ray start --head"),
              (["--ray", "headnode"], "--ray 'headnode': use local, a head's HOST:6379"),
              (["--ray", "local", "--ray-workers", "0"], "--ray-workers 0: use 1 or more"),

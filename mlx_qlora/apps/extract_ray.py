@@ -48,12 +48,17 @@ def parse_address(value: str) -> tuple[str, int] | None:
 
 
 def check_reachable(value: str, host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """One line, before Ray is started, when nothing listens at the head's address."""
+    """One line, before Ray is started, when nothing listens at the head's address. Ray itself
+    would wait, then end the process with exit 1 from its C++ core."""
+    from ray.util import get_node_ip_address
+
+    if host in ("localhost", "127.0.0.1", "::1"):   # Ray dials this node's IP for those, not loopback
+        host = get_node_ip_address()
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        raise UserError(f"--ray {value}: no Ray head answers at {host}:{port} ({e.strerror or e}); start one "
-                        f"there with `ray start --head`, fix the address, or use --ray local") from None
+        raise UserError(f"--ray {value}: no Ray head answers there ({host}:{port}: {e.strerror or e}); start one "
+                        f"with `ray start --head`, fix the address, or use --ray local") from None
 
 
 def plan_shards(done: int, total: int, size: int) -> list[tuple[int, int]]:
@@ -108,17 +113,20 @@ def _test_hook(shard: int) -> None:
 
 
 def _init_ray(value: str, target):
+    import importlib.util
+
     import ray
 
     quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
-    if target is None:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
+    if target is None:   # one Ray CPU per core this process may run on
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        ray.init(num_cpus=cores, include_dashboard=False, **quiet)
         return ray
+    require(not value.startswith("ray://") or importlib.util.find_spec("grpc") is not None,
+            f"--ray {value}: Ray Client is not installed; pip install 'ray[client]', or run extract on a "
+            f"cluster node with --ray HEAD:6379")
     try:
         ray.init(address=value, **quiet)
-    except ModuleNotFoundError as e:   # ray:// needs Ray Client's grpcio
-        raise UserError(f"--ray {value}: Ray Client is not installed ({e.name}); pip install 'ray[client]', "
-                        f"or run extract on a cluster node with --ray HEAD:6379") from None
     except (ConnectionError, TimeoutError, RuntimeError) as e:
         raise UserError(f"--ray {value}: could not join the Ray cluster there ({str(e).splitlines()[0]}); "
                         f"check the head's address and port (ray status on the head prints it)") from None
@@ -154,15 +162,15 @@ def run_extract_ray(cfg: ex.ExtractConfig, address: str, workers: int | None = N
     done = ex.resume_point(out, len(rows))
     price = ex.default_price_per_hour() if cfg.price_per_hour is None else cfg.price_per_hour
     gbnf = ex.schema_grammar(cfg, schema)
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("--ray needs Ray: pip install 'mlx_qlora[ray]' (or 'ray[data]')") from None
     if target is None:   # the workers run here: a missing model is one line before Ray starts
         from ..infer.engines import EngineConfig, resolve
         resolve(EngineConfig(model=cfg.model, engine=cfg.engine, gguf=cfg.gguf))
     else:
         check_reachable(address, *target)
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise UserError("--ray needs Ray: pip install 'mlx_qlora[ray]' (or 'ray[data]')") from None
     ray = _init_ray(address, target)
     try:
         return _run(ray, cfg, address, workers, shard_rows, schema, gbnf, rows, out, done, price)
