@@ -129,7 +129,8 @@ def _init_ray(value: str, target):
         ray.init(address=value, **quiet)
     except (ConnectionError, TimeoutError, RuntimeError) as e:
         raise UserError(f"--ray {value}: could not join the Ray cluster there ({str(e).splitlines()[0]}); "
-                        f"check the head's address and port (ray status on the head prints it)") from None
+                        f"check the head's address and port (ray status on the head prints it); a head with "
+                        f"token auth also needs RAY_AUTH_MODE=token and its token (ray get-auth-token) here") from None
     return ray
 
 
