@@ -30,8 +30,8 @@ from . import extract as ex
 
 DEFAULT_SHARD_ROWS = 64
 CONNECT_TIMEOUT_S = 5.0               # a head that does not accept TCP by then is not there
-# tests only: "kill:SHARD:FLAG" = the actor that takes shard SHARD kills itself with SIGKILL, once
-# (FLAG, a file, marks that it happened; Ray restarts the actor and redoes the shard);
+# tests only, comma-separated: "kill:SHARD:FLAG" = the actor that takes shard SHARD kills itself with
+# SIGKILL, once (FLAG, a file, marks that it happened; Ray restarts the actor and redoes the shard);
 # "stall:SHARD:FLAG" = it sleeps there instead (the test then kills the whole run)
 TEST_HOOK = "MLX_QLORA_RAY_TEST_HOOK"
 ADDRESS = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
@@ -102,8 +102,7 @@ class ShardWorker:
 
 
 def _test_hook(shard: int) -> None:
-    hook = os.environ.get(TEST_HOOK)
-    if hook:
+    for hook in filter(None, os.environ.get(TEST_HOOK, "").split(",")):
         what, at, flag = hook.split(":", 2)
         if int(at) == shard and not Path(flag).exists():
             Path(flag).write_text(str(os.getpid()))
@@ -202,7 +201,10 @@ def _run(ray, cfg, address, workers, shard_rows, schema, gbnf, rows, out, done, 
         with bar:
             if items:
                 ds = ray.data.from_items(items, override_num_blocks=len(items))
-                mapped = ds.map_batches(ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n),
+                # one shard per actor at a time: none waits behind a slow (or restarting) actor while
+                # another is idle; a shard takes seconds, handing over the next one milliseconds
+                pool = ray.data.ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1)
+                mapped = ds.map_batches(ShardWorker, batch_size=1, compute=pool,
                                         num_cpus=threads, fn_constructor_kwargs={"cfg": cfg, "schema": schema,
                                                                                  "gbnf": gbnf})
                 for got in mapped.iter_rows():
