@@ -171,6 +171,8 @@ def run_extract_ray(cfg: ex.ExtractConfig, address: str, workers: int | None = N
         resolve(EngineConfig(model=cfg.model, engine=cfg.engine, gguf=cfg.gguf))
     else:
         check_reachable(address, *target)
+    if done == len(rows):   # nothing left: no cluster to start
+        return ex.summarize(cfg, out, len(rows), done, ex.Tally(), 0.0, price, 0, "llama.cpp", None)
     ray = _init_ray(address, target)
     try:
         return _run(ray, cfg, address, workers, shard_rows, schema, gbnf, rows, out, done, price)
@@ -193,7 +195,7 @@ def _run(ray, cfg, address, workers, shard_rows, schema, gbnf, rows, out, done, 
     ctx.enable_auto_log_stats = False
     items = [{"shard": k, "rows": json.dumps([[r.index, r.data, r.text, r.error] for r in rows[a:b]])}
              for k, (a, b) in enumerate(shards)]
-    tally, evaluated, counts, pids, engine = ex.Tally(), 0, None, set(), "llama.cpp"
+    tally, evaluated, counts, pids, engine, busy = ex.Tally(), 0, None, set(), "llama.cpp", 0.0
     writer = None   # opened with the first result: a job that fails before then writes nothing
     bar, task = ex._progress(cfg.progress, len(rows), done)
     t0 = time.perf_counter()
@@ -218,6 +220,7 @@ def _run(ray, cfg, address, workers, shard_rows, schema, gbnf, rows, out, done, 
                     if st["counts"] is not None:
                         counts = {k: (counts or {}).get(k, 0) + v for k, v in st["counts"].items()}
                     pids.add(st["pid"])
+                    busy += st["decode_s"]
                     engine = st["engine"]
                     rate = tally.rows / max(time.perf_counter() - t0, 1e-9)
                     bar.update(task, completed=done + writer.written, rate=f"{rate:.2f} rows/s")
@@ -235,7 +238,11 @@ def _run(ray, cfg, address, workers, shard_rows, schema, gbnf, rows, out, done, 
             writer.close()
     elapsed = time.perf_counter() - t0
     summary = ex.summarize(cfg, out, len(rows), done, tally, elapsed, price, evaluated, engine, counts)
+    # busy: seconds the workers spent in decode_rows, summed; the rest of workers x wall clock is
+    # actor start-up and model loads, hand-overs, and idle workers at the tail
     print(f"ray: {n} workers x {threads} threads ({address}, {cpus} CPUs), {len(shards)} shards of up to "
-          f"{shard_rows} rows; {len(pids)} worker processes answered")
-    summary["ray"] = {"workers": n, "threads": threads, "shards": len(shards), "cpus": cpus, "pids": len(pids)}
+          f"{shard_rows} rows; {len(pids)} worker processes answered; decoding {busy:.1f} of "
+          f"{n * elapsed:.1f} worker-seconds")
+    summary["ray"] = {"workers": n, "threads": threads, "shards": len(shards), "cpus": cpus, "pids": len(pids),
+                      "decode_s": busy}
     return summary
