@@ -100,6 +100,9 @@ def test_local_cluster_is_byte_identical_to_one_process(job, tmp_path):
         assert line(p.stdout, start).split(";")[0] == line(job["one"], start).split(";")[0]
     assert f"rows: {N} of {N} in {out} ({N} this run, 0 from an earlier run)" in p.stdout
     assert "ray: 2 workers x 1 threads (local" in p.stdout and "5 shards of up to 5 rows" in p.stdout
+    again = ray_cli(job, out)                             # all done: nothing decoded, nothing added
+    assert f"({0} this run, {N} from an earlier run)" in again.stdout
+    assert out.read_bytes() == job["ref"].read_bytes()
 
 
 @pytest.mark.llamacpp
