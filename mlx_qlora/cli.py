@@ -383,20 +383,24 @@ def prepare_reviews(data, out_dir, schema, force, answer):
 @click.option("--gguf", default=None, type=click.Path(), help="GGUF of MODEL for the llama.cpp engine.")
 @click.option("--threads", default=None, type=int, help="llama.cpp threads (default: idle cores, at least 1).")
 @click.option("--span-field", default=None, help="String fields of this name must be spans of the row's text "
-              "(e.g. term: aspect terms copied exactly).")
+              "(e.g. term: aspect terms copied exactly); none: no field [default: the schema's fields marked "
+              '"x-span-of-text": true, aspects.json\'s term].')
+@click.option("--answer", default="json", show_default=True, type=click.Choice(["json", "compact"]),
+              help="What the model writes: the schema's JSON, or one line per item (compact; a model trained by "
+              "prepare-reviews --answer compact), expanded into the JSON.")
 @click.option("--drafts", default="off", show_default=True, type=click.Choice(["off", "schema", "all"]),
               help="llama.cpp: tokens drafted and checked in one step, same answers: off = one token per row "
               "per step (fastest on a CPU); schema = the schema's forced tokens; all = also copies from the text.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extract(model, adapter, input_, output, schema, text_field, parallel, price_per_hour, max_tokens, engine, gguf,
-            threads, span_field, drafts, no_progress):
+            threads, span_field, answer, drafts, no_progress):
     """Run MODEL over every row of --input; each output line gets a schema-valid "result" or an "error"."""
     from .apps.extract import ExtractConfig, run_extract
 
     run_extract(ExtractConfig(model=model, input=input_, output=output, adapter=adapter, schema=schema,
                               text_field=text_field, parallel=parallel, price_per_hour=price_per_hour,
                               max_tokens=max_tokens, engine=engine, gguf=gguf, threads=threads,
-                              span_field=span_field, drafts=drafts, progress=not no_progress))
+                              span_field=span_field, answer=answer, drafts=drafts, progress=not no_progress))
 
 
 # Commands that compute with MLX and NumPy only: their process keeps torch out (lean_imports).
