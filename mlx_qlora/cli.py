@@ -304,6 +304,8 @@ def import_peft(peft_dir, out_dir, force):
 @click.option("-c", "--config", "recipe", default=None, type=click.Path(), help="Recipe: its data settings and task: block.")
 @click.option("--task", default=None, help="exact-match or json-fields: generate (greedy) and score the answers.")
 @click.option("--answer-prefix", default=None, help="Text rows: the reference follows the last occurrence, e.g. 'A:'.")
+@click.option("--answer", default=None, type=click.Choice(["json", "compact"]),
+              help="json-fields: the rows' answers are JSON or compact lines (prepare-reviews --answer compact).")
 @click.option("--max-rows", type=int, default=None, help="Score the first N rows (default: all).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--max-seq-len", type=int, default=None, help="Tokens per row (default: the recipe's, else 2048).")
@@ -316,7 +318,7 @@ def import_peft(peft_dir, out_dir, force):
 @click.option("-o", "--out", default=None, type=click.Path(), help="--quant-sweep: output directory.")
 @click.option("--force", is_flag=True, help="--quant-sweep: replace OUT's table and models.")
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the results as JSON.")
-def eval_(model, adapter, data, split, recipe, task, answer_prefix, max_rows, batch_size, max_seq_len, engine,
+def eval_(model, adapter, data, split, recipe, task, answer_prefix, answer, max_rows, batch_size, max_seq_len, engine,
           quant_sweep, bits, group_size, gguf_types, out, force, json_out):
     """Loss and perplexity of MODEL (+ --adapter) on --data, a task metric (--task), or the
     quantization table (--quant-sweep). MODEL: an MLX model directory or a .gguf (llama.cpp)."""
@@ -324,7 +326,7 @@ def eval_(model, adapter, data, split, recipe, task, answer_prefix, max_rows, ba
     from .eval.run import run_eval
 
     run_eval(EvalConfig(model=model, adapter=adapter, data=data, split=split, recipe=recipe, task=task,
-                        answer_prefix=answer_prefix, max_rows=max_rows, batch_size=batch_size,
+                        answer_prefix=answer_prefix, answer=answer, max_rows=max_rows, batch_size=batch_size,
                         max_seq_len=max_seq_len, engine=engine, quant_sweep=quant_sweep,
                         bits=parse_list(bits, int, "--bits"), group_size=group_size,
                         gguf_types=parse_list(gguf_types, str.lower, "--gguf-types"), out=out, force=force,

@@ -257,3 +257,34 @@ def test_bad_answer_and_span_field_options_are_one_line(tiny_q8, tmp_path):
         lines = [x for x in p.stderr.strip().splitlines() if x.startswith(("error", "Error"))]
         assert p.returncode == 2 and "Traceback" not in p.stderr and message in p.stderr, p.stderr
         assert len(lines) == 1 and not out.exists()
+
+
+# ---- eval --task json-fields on compact rows ------------------------------------------------------
+@pytest.mark.llamacpp
+def test_eval_json_fields_expands_compact_answers(tiny_q8, tmp_path):
+    from mlx_qlora.apps.compact import CompactForm
+    from mlx_qlora.apps.extract import unmarked
+    from mlx_qlora.eval.config import EvalConfig, TaskConfig
+    from mlx_qlora.eval.json_fields import score_json_fields
+    from mlx_qlora.eval.run import run_eval
+    from mlx_qlora.eval.tasks import _compact_form, _expand
+    from mlx_qlora.errors import UserError
+
+    form = _compact_form(TaskConfig(type="json-fields", answer="compact"))
+    assert form == CompactForm.from_schema(unmarked(ASPECTS))
+    ref = {"aspects": [{"sentiment": "positive", "term": "lobster roll"}, {"sentiment": "negative", "term": "decor"}]}
+    lines = form.to_text(ref)
+    assert _expand(form, lines.strip()) == ref and _expand(form, "") == {"aspects": []}
+    assert _expand(form, "great decor") is None
+    s = score_json_fields([_expand(form, lines), _expand(form, "positive decor\ngreat")], [ref, ref])
+    assert s["json_validity"] == 0.5 and s["term_recall"] == 0.5 and s["pair_f1"] == pytest.approx(2 / 3)
+    with pytest.raises(UserError, match="task.answer='compact' is for --task json-fields"):
+        TaskConfig(type="exact-match", answer="compact")
+
+    rows = [{"messages": [{"role": "system", "content": form.instruction(ASPECTS)}, {"role": "user", "content": r},
+                          {"role": "assistant", "content": lines}]} for r in REVIEWS[:2]]
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    res = run_eval(EvalConfig(model=str(tiny_q8), data=str(tmp_path), task="json-fields", answer="compact",
+                              engine="llama.cpp", max_rows=2), say=lambda *_: None)
+    valid = [_expand(form, e["answer"]) is not None for e in res["examples"]]
+    assert res["n"] == 2 and res["json_validity"] == sum(valid) / 2 and res["field_accuracy"].keys() == {"aspects"}
