@@ -43,7 +43,7 @@ def tiny_q8(tmp_path_factory) -> Path:
 
 
 def spans_of(text):
-    from mlx_qlora.apps.extract import text_spans
+    from mlx_qlora.apps.answer import text_spans
 
     return set(text_spans(text))
 
@@ -120,7 +120,7 @@ def test_edge_and_inner_characters_are_what_python_strips_and_splits_at():
 def test_grammar_accepts_every_mams_val_answer_and_rejects_malformed_lines(grammars):
     from mlx_qlora.apps import compact_grammar as cg
     from mlx_qlora.apps.compact import CompactForm
-    from mlx_qlora.apps.extract import text_spans, unmarked
+    from mlx_qlora.apps.answer import text_spans, unmarked
     from mlx_qlora.apps.reviews import read_mams
 
     form = CompactForm.from_schema(unmarked(ASPECTS))
@@ -165,7 +165,7 @@ def test_grammar_accepts_every_mams_val_answer_and_rejects_malformed_lines(gramm
 # ---- (b, c) extract on tiny models ----------------------------------------------------------------
 @pytest.mark.llamacpp
 def test_compact_rows_valid_grounded_and_parallel_1_equals_4_byte_for_byte(tiny_q8, tmp_path):
-    from mlx_qlora.apps.extract import text_spans
+    from mlx_qlora.apps.answer import text_spans
 
     inp = write_jsonl(tmp_path / "in.jsonl", [{"n": i, "text": r} for i, r in enumerate(REVIEWS)])
     schema = write_jsonl(tmp_path / "s.json", [aspects(min_items=2)])
@@ -227,7 +227,7 @@ def test_smollm2_grounded_terms_in_both_forms_and_scoring(smollm2_gguf, tmp_path
 
     rows = [{"text": t, "reference": r} for t, r in list(read_mams(MAMS / "val.xml"))[:16]]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
-    schema = write_jsonl(tmp_path / "s.json", [aspects(2)])   # 2 items: a base model fills all it may
+    schema = write_jsonl(tmp_path / "s.json", [aspects(2, 30)])   # a base model fills all it may: bound it
     for answer in ("json", "compact"):
         out = tmp_path / f"{answer}.jsonl"
         run(smollm2_gguf, inp, out, parallel=4, schema=str(schema), answer=answer, max_tokens=200)
@@ -263,7 +263,7 @@ def test_bad_answer_and_span_field_options_are_one_line(tiny_q8, tmp_path):
 @pytest.mark.llamacpp
 def test_eval_json_fields_expands_compact_answers(tiny_q8, tmp_path):
     from mlx_qlora.apps.compact import CompactForm
-    from mlx_qlora.apps.extract import unmarked
+    from mlx_qlora.apps.answer import unmarked
     from mlx_qlora.eval.config import EvalConfig, TaskConfig
     from mlx_qlora.eval.json_fields import score_json_fields
     from mlx_qlora.eval.run import run_eval

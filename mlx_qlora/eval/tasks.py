@@ -100,7 +100,7 @@ def _compact_form(task):
     if task.type != "json-fields" or task.answer != "compact":
         return None
     from ..apps.compact import CompactForm
-    from ..apps.extract import unmarked
+    from ..apps.answer import unmarked
     from ..apps.prompt import load_schema
 
     return CompactForm.from_schema(unmarked(load_schema(task.schema)))
@@ -160,7 +160,8 @@ def evaluate_task(cfg, say=print) -> dict:
     say(f"{what}, {task.type} on {len(items)} rows of {cfg.data_cfg.train} (greedy, {engine_name}, "
         f"{seconds:.0f} s, {result['gen_tokens_per_s']:.0f} generated tok/s):")
     if task.type == "json-fields":
-        scored = (answers, refs) if form is None else ([_expand(form, a) for a in answers], [_expand(form, r) for r in refs])
+        scored = (answers, refs) if form is None else \
+            ([_expand(form, a) for a in answers], [_expand(form, r) for r in refs])
         scores = score_json_fields(*scored, list_field=task.list_field, key=task.key, label=task.label)
         result.update(scores)
         fields = ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores["field_accuracy"].items())
