@@ -1,11 +1,7 @@
 """``mlx_qlora extract``: a model over a file of texts -> one schema-valid JSON result per row.
 
-Answers: ``--answer json`` (the model writes the schema's JSON) or ``compact`` (one line per item,
-``compact.py``; its grammar in ``compact_grammar.py``; the program expands the lines into the JSON,
-which is then validated the same way). Grounded fields: a string property marked
-``"x-span-of-text"`` in the schema (aspects.json's ``term``), or the one ``--span-field`` names, may
-only take spans of the row's text (``text_spans``), in either answer form; ``--span-field none``
-lifts that.
+What the model writes (``--answer json | compact``) and which fields are copied from the text
+(grounded: ``--span-field``, by default the schema's marked ones): ``answer.py``.
 
 Input: JSONL (the text in ``--text-field``) or plain text (one text per line); blank lines are
 skipped and rows are numbered by the lines that remain. Output: JSONL, line i = input row i plus
