@@ -116,6 +116,19 @@ def test_edge_and_inner_characters_are_what_python_strips_and_splits_at():
     assert cg.writable("crème brûlée") and cg.writable("a b")
 
 
+def test_compact_prompt_is_the_training_rows_and_grounding_comes_from_the_schema():
+    from mlx_qlora.apps.answer import Answer
+    from mlx_qlora.apps.compact import CompactForm
+    from mlx_qlora.apps.prompt import load_schema
+
+    schema = load_schema()         # aspects.json: what prepare-reviews --answer compact writes rows from
+    answer = Answer.of(schema, "compact")
+    assert answer.instruction() == CompactForm.from_schema(schema).instruction(schema) == \
+        "Review aspects: one line per item: sentiment term"
+    assert answer.grounded == {"term"} and "x-span-of-text" not in json.dumps(answer.schema)
+    assert Answer.of(schema, "json", "none").grounded == set() and Answer.of(schema, "json").grounded == {"term"}
+
+
 @pytest.mark.real
 def test_grammar_accepts_every_mams_val_answer_and_rejects_malformed_lines(grammars):
     from mlx_qlora.apps import compact_grammar as cg
