@@ -16,6 +16,7 @@ exactly what ``CompactForm.to_text`` writes and ``to_json`` reads back:
 from __future__ import annotations
 
 import json
+import re
 
 from .compact import CompactForm
 
@@ -27,14 +28,17 @@ EDGE_BANNED = INNER_BANNED + ((0x20, 0x20), (0xA0, 0xA0), (0x1680, 0x1680), (0x2
                               (0x202F, 0x202F), (0x205F, 0x205F), (0x3000, 0x3000))
 
 
-def _banned(ch: str, ranges) -> bool:
-    return any(lo <= ord(ch) <= hi for lo, hi in ranges)
+def _class(ranges) -> "re.Pattern":
+    return re.compile("[" + "".join(f"\\U{lo:08X}-\\U{hi:08X}" for lo, hi in ranges) + "]")
+
+
+# one regex search per span (a per-character loop in Python cost ~2 ms per review of ~160 spans)
+_INNER, _EDGE = _class(INNER_BANNED), _class(EDGE_BANNED)
 
 
 def writable(text: str, field=None) -> bool:
     """Whether ``text`` can be the free text of a line (and fits ``field``'s length bounds)."""
-    ok = bool(text) and not _banned(text[0], EDGE_BANNED) and not _banned(text[-1], EDGE_BANNED) \
-        and not any(_banned(c, INNER_BANNED) for c in text)
+    ok = bool(text) and not _EDGE.match(text[0]) and not _EDGE.match(text[-1]) and not _INNER.search(text)
     if ok and field is not None:
         ok = len(text) >= field.min_len and (field.max_len is None or len(text) <= field.max_len)
     return ok
