@@ -304,6 +304,8 @@ def import_peft(peft_dir, out_dir, force):
 @click.option("-c", "--config", "recipe", default=None, type=click.Path(), help="Recipe: its data settings and task: block.")
 @click.option("--task", default=None, help="exact-match or json-fields: generate (greedy) and score the answers.")
 @click.option("--answer-prefix", default=None, help="Text rows: the reference follows the last occurrence, e.g. 'A:'.")
+@click.option("--answer", default=None, type=click.Choice(["json", "compact"]),
+              help="json-fields: the rows' answers are JSON or compact lines (prepare-reviews --answer compact).")
 @click.option("--max-rows", type=int, default=None, help="Score the first N rows (default: all).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--max-seq-len", type=int, default=None, help="Tokens per row (default: the recipe's, else 2048).")
@@ -316,7 +318,7 @@ def import_peft(peft_dir, out_dir, force):
 @click.option("-o", "--out", default=None, type=click.Path(), help="--quant-sweep: output directory.")
 @click.option("--force", is_flag=True, help="--quant-sweep: replace OUT's table and models.")
 @click.option("--json", "json_out", default=None, type=click.Path(), help="Also write the results as JSON.")
-def eval_(model, adapter, data, split, recipe, task, answer_prefix, max_rows, batch_size, max_seq_len, engine,
+def eval_(model, adapter, data, split, recipe, task, answer_prefix, answer, max_rows, batch_size, max_seq_len, engine,
           quant_sweep, bits, group_size, gguf_types, out, force, json_out):
     """Loss and perplexity of MODEL (+ --adapter) on --data, a task metric (--task), or the
     quantization table (--quant-sweep). MODEL: an MLX model directory or a .gguf (llama.cpp)."""
@@ -324,7 +326,7 @@ def eval_(model, adapter, data, split, recipe, task, answer_prefix, max_rows, ba
     from .eval.run import run_eval
 
     run_eval(EvalConfig(model=model, adapter=adapter, data=data, split=split, recipe=recipe, task=task,
-                        answer_prefix=answer_prefix, max_rows=max_rows, batch_size=batch_size,
+                        answer_prefix=answer_prefix, answer=answer, max_rows=max_rows, batch_size=batch_size,
                         max_seq_len=max_seq_len, engine=engine, quant_sweep=quant_sweep,
                         bits=parse_list(bits, int, "--bits"), group_size=group_size,
                         gguf_types=parse_list(gguf_types, str.lower, "--gguf-types"), out=out, force=force,
@@ -383,7 +385,11 @@ def prepare_reviews(data, out_dir, schema, force, answer):
 @click.option("--gguf", default=None, type=click.Path(), help="GGUF of MODEL for the llama.cpp engine.")
 @click.option("--threads", default=None, type=int, help="llama.cpp threads (default: idle cores, at least 1).")
 @click.option("--span-field", default=None, help="String fields of this name must be spans of the row's text "
-              "(e.g. term: aspect terms copied exactly).")
+              "(e.g. term: aspect terms copied exactly); none: no field [default: the schema's fields marked "
+              '"x-span-of-text": true, aspects.json\'s term].')
+@click.option("--answer", default="json", show_default=True, type=click.Choice(["json", "compact"]),
+              help="What the model writes: the schema's JSON, or one line per item (compact; a model trained by "
+              "prepare-reviews --answer compact), expanded into the JSON.")
 @click.option("--drafts", default="off", show_default=True, type=click.Choice(["off", "schema", "all"]),
               help="llama.cpp: tokens drafted and checked in one step, same answers: off = one token per row "
               "per step (fastest on a CPU); schema = the schema's forced tokens; all = also copies from the text.")
@@ -394,7 +400,7 @@ def prepare_reviews(data, out_dir, schema, force, answer):
               help="With --ray: model copies (actors) [default: the cluster's CPUs / --threads].")
 @click.option("--shard-rows", type=int, default=None, help="With --ray: rows per shard [default: 64].")
 def extract(model, adapter, input_, output, schema, text_field, parallel, price_per_hour, max_tokens, engine, gguf,
-            threads, span_field, drafts, no_progress, ray_address, ray_workers, shard_rows):
+            threads, span_field, answer, drafts, no_progress, ray_address, ray_workers, shard_rows):
     """Run MODEL over every row of --input; each output line gets a schema-valid "result" or an "error"."""
     from .apps.extract import ExtractConfig, run_extract
     from .errors import require
@@ -404,7 +410,7 @@ def extract(model, adapter, input_, output, schema, text_field, parallel, price_
     cfg = ExtractConfig(model=model, input=input_, output=output, adapter=adapter, schema=schema,
                         text_field=text_field, parallel=parallel, price_per_hour=price_per_hour,
                         max_tokens=max_tokens, engine=engine, gguf=gguf, threads=threads,
-                        span_field=span_field, drafts=drafts, progress=not no_progress)
+                        span_field=span_field, answer=answer, drafts=drafts, progress=not no_progress)
     if ray_address is None:
         run_extract(cfg)
         return

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError, require
+from .prompt import SPAN_KEY
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class CompactForm:
                         f"--answer compact: enum values of {name!r} must be non-empty strings without spaces{fix}")
                 enums.append(Field(name, tuple(vals)))
             elif isinstance(spec, dict) and spec.get("type") == "string" and set(spec) <= {
-                    "type", "minLength", "maxLength", "description", "title"}:
+                    "type", "minLength", "maxLength", "description", "title", SPAN_KEY}:
                 free.append(Field(name, None, int(spec.get("minLength", 0)), spec.get("maxLength")))
             else:
                 raise UserError(f"--answer compact: property {name!r} of {key!r}'s items must be a string "

@@ -1,5 +1,8 @@
 """``mlx_qlora extract``: a model over a file of texts -> one schema-valid JSON result per row.
 
+What the model writes (``--answer json | compact``) and which fields are copied from the text
+(grounded: ``--span-field``, by default the schema's marked ones): ``answer.py``.
+
 Input: JSONL (the text in ``--text-field``) or plain text (one text per line); blank lines are
 skipped and rows are numbered by the lines that remain. Output: JSONL, line i = input row i plus
 ``"result"`` (valid against the schema, by construction) or ``"error"`` (for that row only: a
@@ -16,15 +19,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import require
 from ..infer.generate import common_prefix
+from .answer import Answer, text_spans, with_spans  # noqa: F401  (their old home: callers import them here)
 from .costs import cost_rows, default_price_per_hour, load_prices
-from .prompt import instruction_of, load_schema, messages
+from .prompt import load_schema, messages
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # --drafts: what the batched llama.cpp decoder drafts (infer/engines/drafts.py); every choice gives
@@ -35,6 +38,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # (10 -> 4.7 per row): 0.90x with drafts (bench/extract.py, README); drafts pay where a step costs
 # more than its tokens (memory-bound decoding: GPUs, Metal)
 DRAFTS = {"off": None, "schema": {"lookup": False}, "all": {}}
+ANSWERS = ("json", "compact")
 
 
 @dataclass
@@ -52,8 +56,10 @@ class ExtractConfig:
     gguf: str | None = None
     threads: int | None = None
     progress: bool = True
-    span_field: str | None = None     # string fields of this name must be spans of the row's text
+    span_field: str | None = None     # string fields of this name must be spans of the row's text;
+    #                                   None: the schema's marked fields (answer.py); "none": none
     drafts: str = "off"               # llama.cpp drafts checked in one step: off | schema | all (DRAFTS)
+    answer: str = "json"              # what the model writes: json | compact (compact.py)
 
     def __post_init__(self):
         require(Path(self.input).is_file(), f"--input {self.input!r}: file not found")
@@ -66,6 +72,7 @@ class ExtractConfig:
                 f"--price-per-hour {self.price_per_hour}: use a price >= 0 in USD per hour")
         require(bool(self.text_field), "--text-field: give the JSON key that holds the text, e.g. text")
         require(self.drafts in DRAFTS, f"--drafts {self.drafts!r}: use one of {', '.join(DRAFTS)}")
+        require(self.answer in ANSWERS, f"--answer {self.answer!r}: use one of {', '.join(ANSWERS)}")
 
 
 @dataclass
@@ -139,32 +146,6 @@ class OrderedWriter:
         self.f.close()
 
 
-WORD = re.compile(r"\w+(?:['&]\w+)*")
-MAX_SPAN_WORDS = 6
-
-
-def text_spans(text: str, max_len: int | None = None) -> list[str]:
-    """Every run of 1..6 consecutive words of ``text``, as written (punctuation inside kept)."""
-    words = [(m.start(), m.end()) for m in WORD.finditer(text)]
-    out = dict.fromkeys(text[words[i][0]:words[j][1]] for i in range(len(words))
-                        for j in range(i, min(i + MAX_SPAN_WORDS, len(words))))
-    return [s for s in out if max_len is None or len(s) <= max_len] or [text[:max_len or None]]
-
-
-def with_spans(node, field: str, text: str):
-    """A copy of the schema whose string properties named ``field`` are an enum of text spans."""
-    if isinstance(node, list):
-        return [with_spans(v, field, text) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: with_spans(v, field, text) for k, v in node.items()}
-    props = out.get("properties")
-    if isinstance(props, dict) and isinstance(props.get(field), dict) and props[field].get("type") == "string":
-        spec = props[field]
-        props[field] = {"enum": text_spans(text, spec.get("maxLength"))}
-    return out
-
-
 @dataclass
 class Tally:
     rows: int = 0
@@ -175,17 +156,24 @@ class Tally:
     extra: dict = field(default_factory=dict)
 
 
-def judge(text: str, finish: str, validator, max_tokens: int) -> tuple[str, object]:
-    """("result", obj) for schema-valid output, else ("error", message)."""
+def judge(text: str, finish: str, validator, max_tokens: int, form=None) -> tuple[str, object]:
+    """("result", obj) for schema-valid output, else ("error", message); with ``form`` (a
+    ``CompactForm``) the output is its lines, expanded into the JSON first."""
     if finish == "length":
-        return "error", f"output cut at --max-tokens {max_tokens} before the JSON was complete; raise --max-tokens"
+        return "error", f"output cut at --max-tokens {max_tokens} before the answer was complete; raise --max-tokens"
     # bytes that are not UTF-8 (an untrained model emits some) decode to U+FFFD, one per byte,
     # while the grammar counted them as fewer characters (maxLength): drop them
     text = text.replace("\ufffd", "")
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return "error", f"model output is not JSON ({e.msg})"
+    if form is not None:
+        try:
+            obj = form.to_json(text)
+        except ValueError as e:
+            return "error", f"model output is not in the compact form ({e})"
+    else:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            return "error", f"model output is not JSON ({e.msg})"
     problems = sorted(validator.iter_errors(obj), key=str)
     if problems:
         return "error", f"model output does not match the schema: {problems[0].message}"
@@ -201,26 +189,35 @@ def _progress(enabled: bool, total: int, done: int):
     return bar, task
 
 
-def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row, schema):
+def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row, answer: Answer):
     from ..infer.engines.drafts import Drafter
     from ..infer.engines.llamacpp import default_threads
-    from ..infer.engines.llamacpp_batch import BatchDecoder, Job, schema_to_gbnf
+    from ..infer.engines.llamacpp_batch import BatchDecoder, Job
 
-    drafter = Drafter(engine.llm, schema, **DRAFTS[cfg.drafts]) if DRAFTS[cfg.drafts] is not None else None
+    # compact answers: the drafts are the model's habits (and lookup), no schema-forced tokens
+    # (those come from the JSON schema's layouts, drafts.py)
+    drafter = Drafter(engine.llm, None if answer.form else answer.schema, **DRAFTS[cfg.drafts]) \
+        if DRAFTS[cfg.drafts] is not None else None
     dec = BatchDecoder(engine.llm, gbnf, prefix, parallel=cfg.parallel, max_tokens=cfg.max_tokens,
                        slot_tokens=512, n_threads=cfg.threads or default_threads(), drafter=drafter)
     try:
         if engine.active_adapter:
             dec.set_lora(engine._loras[engine.active_adapter])
 
-        def jobs():  # lazily: a row's own grammar (--span-field) is built when a slot takes it
+        def jobs():  # lazily: a row's own grammar (grounded fields) is built when a slot takes it
             for row in rows:
                 why = row.error or dec.check(prompts[row.index])
+                own = None
+                if not why and answer.grounded:
+                    try:
+                        own = answer.gbnf(row.text)
+                    except ValueError as e:   # compact: no span of this text fits the field
+                        why = str(e)
                 if why:
                     on_row(row, None, None, why)
                     continue
-                own = with_spans(schema, cfg.span_field, row.text) if cfg.span_field else None
-                yield Job(row.index, prompts[row.index], gbnf=schema_to_gbnf(own) if own else None, schema=own)
+                yield Job(row.index, prompts[row.index], gbnf=own,
+                          schema=answer.row_schema(row.text) if own and not answer.form else None)
 
         by_index = {r.index: r for r in rows}
         for job in dec.run(jobs()):
@@ -230,17 +227,21 @@ def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row, schema):
         dec.close()
 
 
-def _decode_mlx(engine, rows, prompts, cfg, schema, on_row):
+def _decode_mlx(engine, rows, prompts, cfg, answer: Answer, on_row):
     from ..infer.generate import SamplingConfig
 
-    sampling = SamplingConfig(temperature=0.0, max_tokens=cfg.max_tokens, json_schema=schema)
+    sampling = answer.sampling(SamplingConfig(temperature=0.0, max_tokens=cfg.max_tokens))
     evaluated = 0
     for row in rows:
         if row.error:
             on_row(row, None, None, row.error)
             continue
-        if cfg.span_field:
-            sampling.json_schema = with_spans(schema, cfg.span_field, row.text)
+        if answer.grounded:
+            try:
+                answer.sampling(sampling, row.text)
+            except ValueError as e:
+                on_row(row, None, None, str(e))
+                continue
         text = engine.generate(prompts[row.index], sampling)
         st = engine.stats
         evaluated += st.prompt_tokens - st.reused_tokens
@@ -262,7 +263,7 @@ class _MlxJob:
 class Session:
     """What decoding rows needs, loaded once per process: one run, or one Ray worker (extract_ray)."""
     cfg: ExtractConfig
-    schema: dict
+    answer: Answer                    # the schema, its answer form (json | compact) and grounded fields
     validator: object
     instruction: str
     gbnf: str | None                  # the schema's grammar (llama.cpp), None on MLX
@@ -270,15 +271,16 @@ class Session:
     prefix: list                      # the tokens every row's prompt starts with
 
 
-def schema_grammar(cfg: ExtractConfig, schema: dict) -> str | None:
-    """The schema's GBNF for llama.cpp (a bad schema: one line, before any model loads)."""
+def prepare_answer(cfg: ExtractConfig) -> tuple[Answer, str | None]:
+    """The job's answer form and its GBNF for llama.cpp (a bad schema or option: one line, before
+    any model loads)."""
+    answer = Answer.of(load_schema(cfg.schema), cfg.answer, cfg.span_field)
     if cfg.engine != "mlx" and importlib.util.find_spec("llama_cpp") is not None:
-        from ..infer.engines.llamacpp_batch import schema_to_gbnf
-        return schema_to_gbnf(schema)
-    return None
+        return answer, answer.gbnf()
+    return answer, None
 
 
-def open_session(cfg: ExtractConfig, schema: dict, gbnf: str | None) -> Session:
+def open_session(cfg: ExtractConfig, answer: Answer, gbnf: str | None) -> Session:
     """Load the model (and adapter) and find the shared prompt prefix."""
     import jsonschema
 
@@ -287,15 +289,17 @@ def open_session(cfg: ExtractConfig, schema: dict, gbnf: str | None) -> Session:
     engine = load_engine(EngineConfig(model=cfg.model, adapters=[f"adapter={cfg.adapter}"] if cfg.adapter else [],
                                       engine=cfg.engine, gguf=cfg.gguf, n_ctx=256, threads=cfg.threads))
     if engine.name != "llama.cpp":  # compile llguidance's grammar before any row runs
+        from ..infer.generate import SamplingConfig
         from ..infer.structured import GuidanceConstraint
-        GuidanceConstraint(engine._hf, schema, len(engine._hf), engine.stop_ids)
+        GuidanceConstraint(engine._hf, answer.schema, len(engine._hf), engine.stop_ids, lark=answer.sampling(
+            SamplingConfig()).grammar)
     if cfg.adapter:
         engine.set_adapter("adapter")
-    instruction = instruction_of(schema)
+    instruction = answer.instruction()
     # the tokens every row's prompt starts with: what two different reviews' prompts share
     probe_a, probe_b = (engine.encode(engine.chat_text(messages(instruction, t))) for t in ("a", "b"))
     prefix = probe_a[:common_prefix(probe_a, probe_b)]
-    return Session(cfg, schema, jsonschema.Draft202012Validator(schema), instruction, gbnf, engine, prefix)
+    return Session(cfg, answer, jsonschema.Draft202012Validator(answer.schema), instruction, gbnf, engine, prefix)
 
 
 def decode_rows(s: Session, rows: list[Row], tally: Tally, put) -> tuple[int, dict | None]:
@@ -308,7 +312,7 @@ def decode_rows(s: Session, rows: list[Row], tally: Tally, put) -> tuple[int, di
         line = dict(row.data)
         tally.rows += 1
         if error is None:
-            kind, value = judge(text, job.finish, s.validator, cfg.max_tokens)
+            kind, value = judge(text, job.finish, s.validator, cfg.max_tokens, s.answer.form)
             line[kind] = value
             tally.valid += kind == "result"
             tally.decoded += 1
@@ -319,19 +323,19 @@ def decode_rows(s: Session, rows: list[Row], tally: Tally, put) -> tuple[int, di
         put(row.index, line)
 
     if s.engine.name == "llama.cpp":
-        return _decode_llamacpp(s.engine, rows, prompts, cfg, s.gbnf, s.prefix, on_row, s.schema)
-    return _decode_mlx(s.engine, rows, prompts, cfg, s.schema, on_row)
+        return _decode_llamacpp(s.engine, rows, prompts, cfg, s.gbnf, s.prefix, on_row, s.answer)
+    return _decode_mlx(s.engine, rows, prompts, cfg, s.answer, on_row)
 
 
 def run_extract(cfg: ExtractConfig) -> dict:
     """Run the job, print the summary; returns its numbers (rows, valid, rows_per_s, costs...)."""
-    schema = load_schema(cfg.schema)
+    answer, gbnf = prepare_answer(cfg)
     rows = read_rows(cfg.input, cfg.text_field)
     out = Path(cfg.output)
     done = resume_point(out, len(rows))
     price = default_price_per_hour() if cfg.price_per_hour is None else cfg.price_per_hour
     todo = rows[done:]
-    session = open_session(cfg, schema, schema_grammar(cfg, schema))
+    session = open_session(cfg, answer, gbnf)
     engine = session.engine
     tally = Tally()
     writer = OrderedWriter(out, done)

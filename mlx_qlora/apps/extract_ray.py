@@ -70,14 +70,14 @@ def plan_shards(done: int, total: int, size: int) -> list[tuple[int, int]]:
 class ShardWorker:
     """A Ray Data actor: loads the model once, then decodes the shards it is given."""
 
-    def __init__(self, cfg: ex.ExtractConfig, schema: dict, gbnf: str | None):
+    def __init__(self, cfg: ex.ExtractConfig, answer: ex.Answer, gbnf: str | None):
         import ray
 
         cfg = copy.copy(cfg)  # not dataclasses.replace: __post_init__ would look for --input on this node
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
         cfg.threads = max(1, int(cpus or cfg.threads or 1))   # llama.cpp threads = the CPUs Ray gave us
         cfg.progress = False
-        self.session = ex.open_session(cfg, schema, gbnf)
+        self.session = ex.open_session(cfg, answer, gbnf)
 
     def __call__(self, batch: dict) -> dict:
         shards, lines, stats = [], [], []
@@ -156,12 +156,11 @@ def run_extract_ray(cfg: ex.ExtractConfig, address: str, workers: int | None = N
     require(shard_rows >= 1, f"--shard-rows {shard_rows}: use 1 or more rows per shard")
     require(cfg.threads is None or cfg.threads >= 1, f"--threads {cfg.threads}: use 1 or more")
     target = parse_address(address)
-    schema = ex.load_schema(cfg.schema)
+    answer, gbnf = ex.prepare_answer(cfg)
     rows = ex.read_rows(cfg.input, cfg.text_field)
     out = Path(cfg.output)
     done = ex.resume_point(out, len(rows))
     price = ex.default_price_per_hour() if cfg.price_per_hour is None else cfg.price_per_hour
-    gbnf = ex.schema_grammar(cfg, schema)
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -175,12 +174,12 @@ def run_extract_ray(cfg: ex.ExtractConfig, address: str, workers: int | None = N
         return ex.summarize(cfg, out, len(rows), done, ex.Tally(), 0.0, price, 0, "llama.cpp", None)
     ray = _init_ray(address, target)
     try:
-        return _run(ray, cfg, address, workers, shard_rows, schema, gbnf, rows, out, done, price)
+        return _run(ray, cfg, address, workers, shard_rows, answer, gbnf, rows, out, done, price)
     finally:
         ray.shutdown()
 
 
-def _run(ray, cfg, address, workers, shard_rows, schema, gbnf, rows, out, done, price) -> dict:
+def _run(ray, cfg, address, workers, shard_rows, answer, gbnf, rows, out, done, price) -> dict:
     cpus = int(ray.cluster_resources().get("CPU", 0))
     threads = cfg.threads or 1
     n = workers or max(1, cpus // threads)
@@ -207,7 +206,7 @@ def _run(ray, cfg, address, workers, shard_rows, schema, gbnf, rows, out, done, 
                 # another is idle; a shard takes seconds, handing over the next one milliseconds
                 pool = ray.data.ActorPoolStrategy(size=n, max_tasks_in_flight_per_actor=1)
                 mapped = ds.map_batches(ShardWorker, batch_size=1, compute=pool,
-                                        num_cpus=threads, fn_constructor_kwargs={"cfg": cfg, "schema": schema,
+                                        num_cpus=threads, fn_constructor_kwargs={"cfg": cfg, "answer": answer,
                                                                                  "gbnf": gbnf})
                 for got in mapped.iter_rows():
                     writer = writer or ex.OrderedWriter(out, done)

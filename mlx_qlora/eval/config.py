@@ -33,6 +33,8 @@ class TaskConfig:
     list_field: str = "aspects"        # json-fields: the list of items, its key and label
     key: str = "term"
     label: str = "sentiment"
+    answer: str = "json"               # json-fields: the rows' answer form, json | compact (apps/compact.py)
+    schema: str | None = None          # answer compact: the schema the lines expand into (default aspects.json)
 
     def __post_init__(self):
         require(self.type in TASKS, f"--task {self.type!r} is unknown; use one of {', '.join(TASKS)}")
@@ -42,6 +44,9 @@ class TaskConfig:
                     f"task.{name}={v!r}: use a non-negative integer")
         require(self.answer_prefix is None or (isinstance(self.answer_prefix, str) and self.answer_prefix),
                 f"task.answer_prefix={self.answer_prefix!r}: use the text that precedes each answer, e.g. 'A:'")
+        require(self.answer in ("json", "compact"), f"task.answer={self.answer!r}: use json or compact")
+        require(self.answer == "json" or self.type == "json-fields",
+                f"task.answer={self.answer!r} is for --task json-fields; drop it or use json-fields")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         require(self.stop is None or all(isinstance(s, str) and s for s in self.stop),
@@ -64,6 +69,7 @@ class EvalConfig:
     recipe: str | None = None          # -c: data settings and task: block
     task: str | None = None            # exact-match | json-fields (None: the recipe's, if any)
     answer_prefix: str | None = None
+    answer: str | None = None          # json-fields: json | compact answers (None: the recipe's, else json)
     max_rows: int | None = None        # rows scored (loss and task); None: the task's / all
     batch_size: int = 4
     max_seq_len: int | None = None     # None: the recipe's, else 2048
@@ -101,6 +107,8 @@ class EvalConfig:
             block["answer_prefix"] = self.answer_prefix
         if self.max_rows is not None and block:
             block["max_rows"] = self.max_rows
+        if self.answer is not None and block:
+            block["answer"] = self.answer
         self.task_cfg = TaskConfig.from_block(block, f"recipe {self.recipe} task") if block else None
         data_cfg = recipe.data if recipe else DataConfig()
         if self.max_seq_len is not None:

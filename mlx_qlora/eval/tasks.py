@@ -8,7 +8,9 @@ llama.cpp (a GGUF is exported to a temporary file when the model directory has n
 is turned into a LoRA GGUF by the engine), MLX elsewhere or with ``--engine mlx``.
 
 ``exact-match``: the answer equals the reference after collapsing whitespace.
-``json-fields``: ``json_fields.score_json_fields`` (validity, per-field accuracy, item P/R/F1).
+``json-fields``: ``json_fields.score_json_fields`` (validity, per-field accuracy, item P/R/F1); with
+``answer: compact`` (rows from ``prepare-reviews --answer compact``) answers and references are
+the compact lines, expanded into the schema's JSON before scoring (a malformed answer: invalid).
 Both print the worst examples (least similar to their reference) at the end.
 """
 from __future__ import annotations
@@ -93,6 +95,25 @@ def _engine(cfg, tmp: Path, say):
     return engine
 
 
+def _compact_form(task):
+    """The CompactForm of a json-fields task whose rows answer in the compact form, else None."""
+    if task.type != "json-fields" or task.answer != "compact":
+        return None
+    from ..apps.compact import CompactForm
+    from ..apps.answer import unmarked
+    from ..apps.prompt import load_schema
+
+    return CompactForm.from_schema(unmarked(load_schema(task.schema)))
+
+
+def _expand(form, text: str) -> dict | None:
+    """Compact lines -> the schema's JSON object (None when malformed: counted as invalid)."""
+    try:
+        return form.to_json(text.strip() + "\n" if text.strip() else "")
+    except ValueError:
+        return None
+
+
 def exact(answer: str, reference: str) -> bool:
     return " ".join(answer.split()) == " ".join(reference.split())
 
@@ -107,6 +128,7 @@ def evaluate_task(cfg, say=print) -> dict:
     from .json_fields import parse_prediction, score_json_fields
 
     task = cfg.task_cfg
+    form = _compact_form(task)
     items = task_items(Path(cfg.data_cfg.train), cfg.data_cfg, task, say)
     answers: list[str] = []
     n_gen = 0
@@ -116,7 +138,8 @@ def evaluate_task(cfg, say=print) -> dict:
             t0 = time.perf_counter()
             step = max(1, len(items) // 10)
             for k, it in enumerate(items):
-                stop = task.stop if task.stop is not None else (["\n"] if "\n" not in it.reference else [])
+                # compact answers are lines: only the end of generation ends one
+                stop = task.stop if task.stop is not None else (["\n"] if "\n" not in it.reference and not form else [])
                 prompt = engine.encode(it.text) if it.text is not None else engine.chat_prompt(it.messages)
                 sampling = SamplingConfig(temperature=0.0, max_tokens=task.max_tokens, seed=0)
                 answers.append(engine.generate(prompt, sampling, tuple(stop)).strip())
@@ -137,14 +160,17 @@ def evaluate_task(cfg, say=print) -> dict:
     say(f"{what}, {task.type} on {len(items)} rows of {cfg.data_cfg.train} (greedy, {engine_name}, "
         f"{seconds:.0f} s, {result['gen_tokens_per_s']:.0f} generated tok/s):")
     if task.type == "json-fields":
-        scores = score_json_fields(answers, refs, list_field=task.list_field, key=task.key, label=task.label)
+        scored = (answers, refs) if form is None else \
+            ([_expand(form, a) for a in answers], [_expand(form, r) for r in refs])
+        scores = score_json_fields(*scored, list_field=task.list_field, key=task.key, label=task.label)
         result.update(scores)
         fields = ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores["field_accuracy"].items())
         say(f"  JSON valid {100 * scores['json_validity']:.1f}%   {task.key} P/R/F1 "
             f"{scores['term_precision']:.3f}/{scores['term_recall']:.3f}/{scores['term_f1']:.3f}   "
             f"({task.key}, {task.label}) F1 {scores['pair_f1']:.3f}   exact {100 * result['exact_match']:.1f}%")
         say(f"  per-field accuracy: {fields or 'no fields'}")
-        badness = [0.0 if parse_prediction(a) is None else similarity(a, r) for a, r in zip(answers, refs)]
+        badness = [0.0 if (parse_prediction(a) if form is None else _expand(form, a)) is None else similarity(a, r)
+                   for a, r in zip(answers, refs)]
     else:
         say(f"  exact match {100 * result['exact_match']:.1f}% ({sum(hits)}/{len(items)})")
         badness = [similarity(a, r) for a, r in zip(answers, refs)]

@@ -30,6 +30,7 @@ class SamplingConfig:
     max_tokens: int = 256
     ignore_eos: bool = False          # generate exactly max_tokens (benchmarks)
     json_schema: dict | None = None   # constrain the output to JSON valid against it (infer/structured.py)
+    grammar: str | None = None        # or to this llguidance (lark) grammar (MLX engine; apps/compact_grammar.py)
 
     def validate(self) -> "SamplingConfig":
         require(self.temperature >= 0, f"--temperature {self.temperature}: must be >= 0")

@@ -90,7 +90,10 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 class GuidanceConstraint:
     """llguidance's matcher for one generation: ``mask`` the logits, then ``accept`` the token."""
 
-    def __init__(self, hf_tokenizer, schema: dict, n_vocab: int, eos_ids: set[int]):
+    def __init__(self, hf_tokenizer, schema: dict | None, n_vocab: int, eos_ids: set[int],
+                 lark: str | None = None):
+        """Constrained to ``schema`` (JSON in json.dumps' layout) or, when given, to ``lark`` (an
+        llguidance lark grammar, e.g. the compact answer form's, ``apps/compact_grammar.py``)."""
         import llguidance
         import llguidance.hf
 
@@ -98,13 +101,15 @@ class GuidanceConstraint:
         if key not in _TOKENIZERS:  # ~1 s to build; once per tokenizer
             _TOKENIZERS[key] = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=n_vocab,
                                                             eos_token=sorted(eos_ids) or None)
+        what = "the grammar" if lark is not None else "the JSON schema"
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
+            grammar = llguidance.LLMatcher.grammar_from_lark(lark) if lark is not None else \
+                llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
         except ValueError as e:
-            raise UserError(f"llguidance cannot compile the JSON schema: {e}") from None
+            raise UserError(f"llguidance cannot compile {what}: {e}") from None
         self.matcher = llguidance.LLMatcher(_TOKENIZERS[key], grammar, log_level=0)
         if self.matcher.is_error():
-            raise UserError(f"llguidance cannot compile the JSON schema: {self.matcher.get_error()}")
+            raise UserError(f"llguidance cannot compile {what}: {self.matcher.get_error()}")
         self.n_vocab = n_vocab
 
     def allowed(self):

@@ -64,11 +64,11 @@ class MLXEngine(Engine):
 
     def _tokens(self, prompt: list[int], cfg: SamplingConfig, info: dict) -> Iterator[int]:
         constraint = None
-        if cfg.json_schema is not None:  # llguidance masks the logits (infer/structured.py)
+        if cfg.json_schema is not None or cfg.grammar is not None:  # llguidance masks the logits
             from ..structured import GuidanceConstraint
 
             n_vocab = getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self._hf)
-            constraint = GuidanceConstraint(self._hf, cfg.json_schema, n_vocab, self.stop_ids)
+            constraint = GuidanceConstraint(self._hf, cfg.json_schema, n_vocab, self.stop_ids, lark=cfg.grammar)
         return generate_tokens(self.session, prompt, cfg, self.stop_ids, info, constraint)
 
     def _detokenizer(self):
