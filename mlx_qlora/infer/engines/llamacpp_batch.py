@@ -38,6 +38,17 @@ from ...errors import require
 from ..generate import common_prefix
 
 
+# Prompt tokens of one row per llama_decode call, at most: under ggml's 64-query flash-attention
+# tile (GGML_FA_TILE_Q, ops.cpp), so every prompt token runs the per-query CPU kernel whatever else
+# shares its call, and a row's logits do not depend on how its prompt was cut into calls.
+PROMPT_CHUNK = 63
+# Where rows' prompts run: "own" = each in calls of its own before the step; "mixed" = in the
+# step's call, beside the generating rows' tokens (up to PROMPT_CHUNK each, n_batch in all); "even"
+# = mixed, every row that fills its prompt feeding the same count (llama.cpp splits a call into
+# micro-batches of equal tokens per sequence: one length, two micro-batches per call)
+PREFILL = ("own", "mixed", "even")
+
+
 def schema_to_gbnf(schema: dict) -> str:
     """GBNF for a JSON schema, by llama-cpp-python's converter (``LlamaGrammar.from_json_schema``)."""
     from ..structured import llamacpp_grammar
@@ -59,6 +70,8 @@ class _Slot:
     def __init__(self, seq: int, grammar):
         self.seq, self.grammar, self.job = seq, grammar, None
         self.pos = 0                  # KV position of the row's last token (not evaluated yet)
+        self.todo: list[int] = []     # prompt tokens not evaluated yet, from KV position ``next``
+        self.next = 0
         self.drafts = None            # RowDrafts of the row, when the decoder drafts
 
 
@@ -66,11 +79,14 @@ class BatchDecoder:
     """Greedy, grammar-constrained decoding of many prompts over one llama.cpp model."""
 
     def __init__(self, llm, gbnf: str, prefix: list[int], parallel: int = 4, max_tokens: int = 512,
-                 slot_tokens: int = 1024, n_threads: int = 1, n_batch: int = 512, drafter=None):
+                 slot_tokens: int = 1024, n_threads: int = 1, n_batch: int = 512, drafter=None,
+                 prefill: str = "mixed"):
         import llama_cpp as lc
 
         self.lc, self.llm = lc, llm
         self.parallel, self.max_tokens, self.n_batch = parallel, max_tokens, n_batch
+        require(prefill in PREFILL, f"prefill {prefill!r}: use one of {', '.join(PREFILL)}")
+        self.prefill = prefill
         self.vocab = lc.llama_model_get_vocab(llm.model)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.prefix = list(prefix)
@@ -154,7 +170,8 @@ class BatchDecoder:
         lc.llama_sampler_accept(slot.grammar, tok)
         return tok
 
-    def _start(self, slot: _Slot, job: Job) -> list[tuple[int, int, int, bool]]:
+    def _start(self, slot: _Slot, job: Job) -> None:
+        """Give ``job`` to ``slot``: the shared prefix copied in, the rest of its prompt queued."""
         lc = self.lc
         lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
         # the whole prefix stream or nothing (cross-stream copies are whole-buffer copies)
@@ -169,11 +186,35 @@ class BatchDecoder:
         else:
             lc.llama_sampler_reset(slot.grammar)
         slot.job, slot.pos = job, len(job.prompt)
-        rest = job.prompt[keep:]
+        slot.todo, slot.next = job.prompt[keep:], keep
         if self.drafter is not None:   # lookup copies from the row's own text, not the shared prefix
             slot.drafts = self.drafter.row(job.prompt[len(self.prefix) if keep else 0:], job.schema)
-        self.tokens_evaluated += len(rest)
-        return [(t, keep + i, slot.seq, i == len(rest) - 1) for i, t in enumerate(rest)]
+        self.tokens_evaluated += len(slot.todo)
+
+    def _prompt_items(self, slots: list[_Slot], budget: int) -> list[tuple[_Slot, int]]:
+        """(slot, prompt tokens it feeds this step) for rows whose prompt is not evaluated yet:
+        at most ``PROMPT_CHUNK`` each, ``budget`` tokens in all (the rest wait for a later step)."""
+        filling = [s for s in slots if s.job is not None and s.todo]
+        if not filling:
+            return []
+        cap = PROMPT_CHUNK
+        if self.prefill == "even":   # one length for all: the step is 2 micro-batches, not one per length
+            cap = max(1, min(cap, min(len(s.todo) for s in filling), budget // len(filling)))
+        out = []
+        for s in filling:
+            n = min(len(s.todo), cap, budget)
+            if n <= 0:
+                break
+            out.append((s, n))
+            budget -= n
+        return out
+
+    def _feed(self, slot: _Slot, n: int) -> list[tuple[int, int, int, bool]]:
+        """The next ``n`` prompt tokens of ``slot`` as items (logits at the prompt's last token)."""
+        chunk, done = slot.todo[:n], n == len(slot.todo)
+        items = [(t, slot.next + i, slot.seq, done and i == n - 1) for i, t in enumerate(chunk)]
+        slot.todo, slot.next = slot.todo[n:], slot.next + n
+        return items
 
     # --- the loop -----------------------------------------------------------------------------
     def check(self, prompt: list[int]) -> str | None:
@@ -195,30 +236,44 @@ class BatchDecoder:
         todo = iter(jobs)
         exhausted = False
         while True:
-            items: list[tuple[int, int, int, bool]] = []
-            pending = []  # (slot, index of its last token in items, its draft, which are forced)
-            fresh = []    # (slot, logits) of rows just started: each prompt runs in a call of its own,
-            #               so its tokens meet the same kernels at any --parallel (with the generating
-            #               rows, llama.cpp would split them unevenly across its micro-batches)
             for slot in self.slots:
                 if slot.job is None and not exhausted:
                     job = next(todo, None)
                     if job is None:
                         exhausted = True
-                        continue
-                    new = self._start(slot, job)
-                    fresh.append((slot, self._run(new)[len(new) - 1]))
-                elif slot.job is not None and slot.job.tokens:
+                    else:
+                        self._start(slot, job)
+            items: list[tuple[int, int, int, bool]] = []
+            pending = []  # (slot, index of its last token in items, its draft, which are forced)
+            for slot in self.slots:
+                if slot.job is not None and not slot.todo:
                     draft, forced = slot.drafts.propose() if slot.drafts is not None else ([], [])
                     # a draft past --max-tokens could never be kept
                     draft = draft[:max(0, self.max_tokens - len(slot.job.tokens) - 1)]
                     pending.append((slot, len(items), draft, forced))
                     items += [(t, slot.pos + i, slot.seq, True)
                               for i, t in enumerate([slot.job.tokens[-1], *draft])]
+            generating = bool(items)
+            fresh = []    # (slot, logits) of rows whose prompt was completed this step
+            if self.prefill == "own":   # each prompt in calls of its own, before the step
+                for slot in [s for s in self.slots if s.job is not None and s.todo]:
+                    while slot.todo:
+                        part = self._feed(slot, min(len(slot.todo), PROMPT_CHUNK))
+                        got = self._run(part)
+                    fresh.append((slot, got[len(part) - 1]))
+            else:                       # the prompts in the step's own call
+                ends = []
+                for slot, n in self._prompt_items(self.slots, self.n_batch - len(items)):
+                    done = n == len(slot.todo)
+                    items += self._feed(slot, n)
+                    if done:
+                        ends.append((slot, len(items) - 1))
             if not items and not fresh:
                 return
             logits = self._run(items) if items else {}
-            self.counts.steps += bool(items)
+            if self.prefill != "own":
+                fresh = [(slot, logits[i]) for slot, i in ends]
+            self.counts.steps += generating
             # (slot, logits per position, draft, forced, 1 when the row's last token was fed this step)
             steps = [(slot, [logits[at + j] for j in range(len(draft) + 1)], draft, forced, 1)
                      for slot, at, draft, forced in pending] + [(slot, [lg], [], [], 0) for slot, lg in fresh]
