@@ -35,6 +35,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # (10 -> 4.7 per row): 0.90x with drafts (bench/extract.py, README); drafts pay where a step costs
 # more than its tokens (memory-bound decoding: GPUs, Metal)
 DRAFTS = {"off": None, "schema": {"lookup": False}, "all": {}}
+PREFILL = ("own", "mixed", "even")  # = llamacpp_batch.PREFILL (that module imports llama_cpp)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ExtractConfig:
     progress: bool = True
     span_field: str | None = None     # string fields of this name must be spans of the row's text
     drafts: str = "off"               # llama.cpp drafts checked in one step: off | schema | all (DRAFTS)
+    prefill: str = "even"             # where rows' prompts run in llama.cpp's steps (llamacpp_batch.PREFILL)
 
     def __post_init__(self):
         require(Path(self.input).is_file(), f"--input {self.input!r}: file not found")
@@ -66,6 +68,7 @@ class ExtractConfig:
                 f"--price-per-hour {self.price_per_hour}: use a price >= 0 in USD per hour")
         require(bool(self.text_field), "--text-field: give the JSON key that holds the text, e.g. text")
         require(self.drafts in DRAFTS, f"--drafts {self.drafts!r}: use one of {', '.join(DRAFTS)}")
+        require(self.prefill in PREFILL, f"prefill {self.prefill!r}: use one of {', '.join(PREFILL)}")
 
 
 @dataclass
@@ -208,7 +211,8 @@ def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row, schema):
 
     drafter = Drafter(engine.llm, schema, **DRAFTS[cfg.drafts]) if DRAFTS[cfg.drafts] is not None else None
     dec = BatchDecoder(engine.llm, gbnf, prefix, parallel=cfg.parallel, max_tokens=cfg.max_tokens,
-                       slot_tokens=512, n_threads=cfg.threads or default_threads(), drafter=drafter)
+                       slot_tokens=512, n_threads=cfg.threads or default_threads(), drafter=drafter,
+                       prefill=cfg.prefill)
     try:
         if engine.active_adapter:
             dec.set_lora(engine._loras[engine.active_adapter])
