@@ -17,7 +17,7 @@ pytestmark = pytest.mark.llamacpp
 LONG = " ".join(REVIEWS) + " The bread came late and cold, and nobody asked whether we wanted more water."
 
 
-def decode(llm, prompts, prefix, parallel, prefill, max_tokens=24, schema=SMALL):
+def decode(llm, prompts, prefix, parallel, prefill, max_tokens=24, schema=SMALL, slot_tokens=200):
     """({row: tokens}, {row: logits at each pick}, [the (token, pos, seq, logits) items of each call])."""
     from mlx_qlora.infer.engines.llamacpp_batch import BatchDecoder, Job, schema_to_gbnf
 
@@ -32,7 +32,7 @@ def decode(llm, prompts, prefix, parallel, prefill, max_tokens=24, schema=SMALL)
             calls.append(list(items))
             return super()._run(items)
 
-    dec = Recording(llm, schema_to_gbnf(schema), prefix, parallel=parallel, max_tokens=max_tokens, slot_tokens=200,
+    dec = Recording(llm, schema_to_gbnf(schema), prefix, parallel=parallel, max_tokens=max_tokens, slot_tokens=slot_tokens,
                     prefill=prefill)
     try:
         done = {j.key: j.tokens for j in dec.run([Job(i, p) for i, p in enumerate(prompts)])}
@@ -111,4 +111,25 @@ def test_unknown_prefill_is_one_clear_error(tmp_path):
     llm = open_llama(gguf, n_ctx=64, n_threads=1)
     with pytest.raises(UserError, match=r"prefill 'later': use one of own, mixed, even"):
         BatchDecoder(llm, 'root ::= "a"', [], parallel=2, prefill="later")
+    llm.close()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_rows_past_256_cells_give_every_logit_of_one_row_at_a_time(qtype, tmp_path):
+    """Past 256 positions llama.cpp's KV window is 512 cells, where one token of one row alone would
+    take ggml's split-KV attention (every output token of --parallel 1 differed from --parallel 4)."""
+    from mlx_qlora.infer.engines.llamacpp_batch import SPLIT_KV_POS
+    from mlx_qlora.model.llama_load import open_llama
+
+    gguf = tiny.write_gguf(tiny.write_hf_dir(tmp_path / "hf", arch="llama", seed=3), tmp_path / "m.gguf", qtype)
+    llm = open_llama(gguf, n_ctx=64, n_threads=2)
+    prefix = llm.tokenize(b"Reviews follow. Extract the aspects of each one.", add_bos=True)
+    text = " ".join(REVIEWS) * 4
+    prompts = [prefix + llm.tokenize(text[:290 + 23 * i].encode(), add_bos=False) for i in range(5)]
+    assert min(map(len, prompts)) > SPLIT_KV_POS and len(set(map(len, prompts))) == 5
+    tok1, log1, _ = decode(llm, prompts, prefix, 1, "own", slot_tokens=480)
+    for parallel, prefill in [(2, "even"), (4, "mixed"), (3, "own")]:
+        tok, logits, _ = decode(llm, prompts, prefix, parallel, prefill, slot_tokens=480)
+        assert tok == tok1
+        same_logits(log1, logits)
     llm.close()

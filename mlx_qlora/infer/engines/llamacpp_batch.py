@@ -42,6 +42,8 @@ from ..generate import common_prefix
 # tile (GGML_FA_TILE_Q, ops.cpp), so every prompt token runs the per-query CPU kernel whatever else
 # shares its call, and a row's logits do not depend on how its prompt was cut into calls.
 PROMPT_CHUNK = 63
+# A row's position from which llama.cpp's KV window (used cells padded to 256) reaches 512 cells
+SPLIT_KV_POS = 256
 # Where rows' prompts run: "own" = each in calls of its own before the step; "mixed" = in the
 # step's call, beside the generating rows' tokens (up to PROMPT_CHUNK each, n_batch in all); "even"
 # = mixed, every row that fills its prompt feeding the same count (llama.cpp splits a call into
@@ -93,9 +95,11 @@ class BatchDecoder:
         self.slot_tokens = slot_tokens
         p = lc.llama_context_default_params()
         per_seq = -(-(len(self.prefix) + slot_tokens + max_tokens + 16) // 256) * 256   # cells per stream
-        p.n_ctx = per_seq * (parallel + 1)      # sequence 0 (the prefix) + one stream per slot
+        # sequence 0 (the prefix) + one stream per slot + the companion's (see _run)
+        p.n_ctx = per_seq * (parallel + 2)
         p.n_batch = p.n_ubatch = n_batch
-        p.n_seq_max = parallel + 1
+        p.n_seq_max = parallel + 2
+        self.companion = parallel + 1
         p.n_threads = p.n_threads_batch = n_threads
         p.kv_unified = False
         p.no_perf = True
@@ -106,7 +110,7 @@ class BatchDecoder:
         require(bool(self.ctx), f"llama.cpp could not create a context of {p.n_ctx} tokens for "
                                 f"{parallel} sequences; lower --parallel or --max-tokens")
         self.mem = lc.llama_get_memory(self.ctx)
-        self.batch = lc.llama_batch_init(n_batch, 0, 1)
+        self.batch = lc.llama_batch_init(n_batch + 1, 0, 1)
         self.eog = lambda t: lc.llama_vocab_is_eog(self.vocab, t)
         self.slots = []
         for s in range(1, parallel + 1):
@@ -141,11 +145,18 @@ class BatchDecoder:
         lc, b, out = self.lc, self.batch, {}
         for start in range(0, len(items), self.n_batch):
             chunk = items[start:start + self.n_batch]
-            for i, (tok, pos, seq, want) in enumerate(chunk):
+            # one token of one row past 256 cells (llama.cpp's KV window: 512 cells then) would take
+            # ggml's split-KV flash attention (one query of one stream, >= 512 cells: sums split by
+            # thread), which no batch of several rows takes: a companion token on a stream of its own
+            # (position 0, dropped after) keeps the row on the kernel it meets beside other rows
+            lone = len(chunk) == 1 and chunk[0][1] >= SPLIT_KV_POS
+            for i, (tok, pos, seq, want) in enumerate(chunk + [(chunk[0][0], 0, self.companion, False)] * lone):
                 b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
                 b.seq_id[i][0] = seq
-            b.n_tokens = len(chunk)
+            b.n_tokens = len(chunk) + lone
             rc = lc.llama_decode(self.ctx, b)
+            if lone:
+                lc.llama_memory_seq_rm(self.mem, self.companion, -1, -1)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc} (context full?)")
             for i, (_, _, _, want) in enumerate(chunk):
@@ -191,9 +202,10 @@ class BatchDecoder:
             slot.drafts = self.drafter.row(job.prompt[len(self.prefix) if keep else 0:], job.schema)
         self.tokens_evaluated += len(slot.todo)
 
-    def _prompt_items(self, slots: list[_Slot], budget: int) -> list[tuple[_Slot, int]]:
+    def _prompt_items(self, slots: list[_Slot], budget: int, others: list[int]) -> list[tuple[_Slot, int]]:
         """(slot, prompt tokens it feeds this step) for rows whose prompt is not evaluated yet:
-        at most ``PROMPT_CHUNK`` each, ``budget`` tokens in all (the rest wait for a later step)."""
+        at most ``PROMPT_CHUNK`` each, ``budget`` tokens in all (the rest wait for a later step).
+        ``others``: the tokens each generating row feeds in the same call."""
         filling = [s for s in slots if s.job is not None and s.todo]
         if not filling:
             return []
@@ -207,6 +219,12 @@ class BatchDecoder:
                 break
             out.append((s, n))
             budget -= n
+        # llama.cpp cuts a call into micro-batches of equal tokens per row: the row feeding the most
+        # runs its last (top - second) tokens alone; one token alone is the split-KV case of _run
+        counts = sorted([n for _, n in out] + others, reverse=True)
+        top = [i for i, (_, n) in enumerate(out) if n == counts[0]]
+        if len(counts) > 1 and counts[0] - counts[1] == 1 and top:
+            out[top[0]] = (out[top[0]][0], counts[0] - 1)
         return out
 
     def _feed(self, slot: _Slot, n: int) -> list[tuple[int, int, int, bool]]:
@@ -263,7 +281,8 @@ class BatchDecoder:
                     fresh.append((slot, got[len(part) - 1]))
             else:                       # the prompts in the step's own call
                 ends = []
-                for slot, n in self._prompt_items(self.slots, self.n_batch - len(items)):
+                others = [len(draft) + 1 for _, _, draft, _ in pending]
+                for slot, n in self._prompt_items(self.slots, self.n_batch - len(items), others):
                     done = n == len(slot.todo)
                     items += self._feed(slot, n)
                     if done:
