@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--input", default=str(ROOT / "runs" / "mams" / "val_reviews.jsonl"))
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--parallel", type=int, default=None, help="(now) rows decoded together (default: extract's)")
-    ap.add_argument("--prefill", default=None, help="(now) own | mixed | even (default: extract's)")
+    ap.add_argument("--prefill", default=None, help="(now) own | even | wave (default: extract's)")
     ap.add_argument("--threads", type=int, default=0, help="both sides (default: each side's own default)")
     ap.add_argument("--anchor-all-cores", action="store_true", help="also run (a) with every core")
     ap.add_argument("--max-tokens", type=int, default=512)

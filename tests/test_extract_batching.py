@@ -17,7 +17,7 @@ pytestmark = pytest.mark.llamacpp
 LONG = " ".join(REVIEWS) + " The bread came late and cold, and nobody asked whether we wanted more water."
 
 
-def decode(llm, prompts, prefix, parallel, prefill, max_tokens=24, schema=SMALL, slot_tokens=200):
+def decode(llm, prompts, prefix, parallel, prefill, max_tokens=24, schema=SMALL, slot_tokens=200, threads=1):
     """({row: tokens}, {row: logits at each pick}, [the (token, pos, seq, logits) items of each call])."""
     from mlx_qlora.infer.engines.llamacpp_batch import BatchDecoder, Job, schema_to_gbnf
 
@@ -32,7 +32,7 @@ def decode(llm, prompts, prefix, parallel, prefill, max_tokens=24, schema=SMALL,
             calls.append(list(items))
             return super()._run(items)
 
-    dec = Recording(llm, schema_to_gbnf(schema), prefix, parallel=parallel, max_tokens=max_tokens, slot_tokens=slot_tokens,
+    dec = Recording(llm, schema_to_gbnf(schema), prefix, parallel=parallel, max_tokens=max_tokens, slot_tokens=slot_tokens, n_threads=threads,
                     prefill=prefill)
     try:
         done = {j.key: j.tokens for j in dec.run([Job(i, p) for i, p in enumerate(prompts)])}
@@ -81,7 +81,7 @@ def test_prompts_batched_into_steps_give_every_logit_of_one_row_at_a_time(qtype,
 
     gguf = tiny.write_gguf(tiny.write_hf_dir(tmp_path / "hf", arch="llama", seed=3), tmp_path / "m.gguf", qtype)
     llm = open_llama(gguf, n_ctx=64, n_threads=1)
-    check_batching(llm, [LONG] + REVIEWS, [(4, "mixed"), (3, "even"), (8, "mixed"), (8, "even"), (1, "mixed")])
+    check_batching(llm, [LONG] + REVIEWS, [(4, "even"), (3, "wave"), (8, "even"), (8, "wave"), (1, "even")])
     llm.close()
 
 
@@ -98,7 +98,7 @@ def test_smollm2_prompts_batched_into_steps_give_every_logit(kind, smollm2_gguf,
 
     path = str(smollm2_gguf) if kind.startswith("as") else requantize(str(smollm2_gguf), kind, tmp_path)
     llm = open_llama(path, n_ctx=64, n_threads=2)
-    check_batching(llm, [LONG] + REVIEWS, [(8, "mixed"), (5, "even")], max_tokens=16)
+    check_batching(llm, [LONG] + REVIEWS, [(8, "even"), (5, "wave")], max_tokens=16)
     llm.close()
 
 
@@ -109,7 +109,7 @@ def test_unknown_prefill_is_one_clear_error(tmp_path):
 
     gguf = tiny.write_gguf(tiny.write_hf_dir(tmp_path / "hf", arch="llama", seed=3), tmp_path / "m.gguf", "Q8_0")
     llm = open_llama(gguf, n_ctx=64, n_threads=1)
-    with pytest.raises(UserError, match=r"prefill 'later': use one of own, mixed, even"):
+    with pytest.raises(UserError, match=r"prefill 'later': use one of own, even, wave"):
         BatchDecoder(llm, 'root ::= "a"', [], parallel=2, prefill="later")
     llm.close()
 
@@ -127,9 +127,9 @@ def test_rows_past_256_cells_give_every_logit_of_one_row_at_a_time(qtype, tmp_pa
     text = " ".join(REVIEWS) * 4
     prompts = [prefix + llm.tokenize(text[:290 + 23 * i].encode(), add_bos=False) for i in range(5)]
     assert min(map(len, prompts)) > SPLIT_KV_POS and len(set(map(len, prompts))) == 5
-    tok1, log1, _ = decode(llm, prompts, prefix, 1, "own", slot_tokens=480)
-    for parallel, prefill in [(2, "even"), (4, "mixed"), (3, "own")]:
-        tok, logits, _ = decode(llm, prompts, prefix, parallel, prefill, slot_tokens=480)
+    tok1, log1, _ = decode(llm, prompts, prefix, 1, "own", slot_tokens=480, threads=2)
+    for parallel, prefill in [(2, "even"), (4, "wave"), (3, "own")]:
+        tok, logits, _ = decode(llm, prompts, prefix, parallel, prefill, slot_tokens=480, threads=2)
         assert tok == tok1
         same_logits(log1, logits)
     llm.close()

@@ -35,7 +35,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # (10 -> 4.7 per row): 0.90x with drafts (bench/extract.py, README); drafts pay where a step costs
 # more than its tokens (memory-bound decoding: GPUs, Metal)
 DRAFTS = {"off": None, "schema": {"lookup": False}, "all": {}}
-PREFILL = ("own", "mixed", "even")  # = llamacpp_batch.PREFILL (that module imports llama_cpp)
+PREFILL = ("own", "even", "wave")  # = llamacpp_batch.PREFILL (that module imports llama_cpp)
 
 
 @dataclass

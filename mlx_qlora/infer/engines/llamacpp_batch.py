@@ -42,13 +42,15 @@ from ..generate import common_prefix
 # tile (GGML_FA_TILE_Q, ops.cpp), so every prompt token runs the per-query CPU kernel whatever else
 # shares its call, and a row's logits do not depend on how its prompt was cut into calls.
 PROMPT_CHUNK = 63
-# A row's position from which llama.cpp's KV window (used cells padded to 256) reaches 512 cells
+# A row's position from which llama.cpp's KV window (used cells padded to 256) reaches 512 cells,
+# where one query of one stream alone takes ggml's split-KV attention (sums split by thread)
 SPLIT_KV_POS = 256
-# Where rows' prompts run: "own" = each in calls of its own before the step; "mixed" = in the
-# step's call, beside the generating rows' tokens (up to PROMPT_CHUNK each, n_batch in all); "even"
-# = mixed, every row that fills its prompt feeding the same count (llama.cpp splits a call into
-# micro-batches of equal tokens per sequence: one length, two micro-batches per call)
-PREFILL = ("own", "mixed", "even")
+# Where rows' prompts run: "own" = each in calls of its own before the step; "even" = in the step's
+# call, beside the generating rows' tokens, every row that fills its prompt feeding the same count
+# (llama.cpp cuts a call into micro-batches of equal tokens per sequence: one count, two micro-
+# batches); "wave" = even, and new rows start only when every slot is free, so their prompts sit on
+# consecutive sequence ids (a micro-batch takes a run of consecutive ids: one micro-batch for all)
+PREFILL = ("own", "even", "wave")
 
 
 def schema_to_gbnf(schema: dict) -> str:
@@ -82,7 +84,7 @@ class BatchDecoder:
 
     def __init__(self, llm, gbnf: str, prefix: list[int], parallel: int = 4, max_tokens: int = 512,
                  slot_tokens: int = 1024, n_threads: int = 1, n_batch: int = 512, drafter=None,
-                 prefill: str = "mixed"):
+                 prefill: str = "even"):
         import llama_cpp as lc
 
         self.lc, self.llm = lc, llm
@@ -110,7 +112,7 @@ class BatchDecoder:
         require(bool(self.ctx), f"llama.cpp could not create a context of {p.n_ctx} tokens for "
                                 f"{parallel} sequences; lower --parallel or --max-tokens")
         self.mem = lc.llama_get_memory(self.ctx)
-        self.batch = lc.llama_batch_init(n_batch + 1, 0, 1)
+        self.batch = lc.llama_batch_init(n_batch + parallel + 1, 0, 1)   # + fillers (_fillers)
         self.eog = lambda t: lc.llama_vocab_is_eog(self.vocab, t)
         self.slots = []
         for s in range(1, parallel + 1):
@@ -145,25 +147,37 @@ class BatchDecoder:
         lc, b, out = self.lc, self.batch, {}
         for start in range(0, len(items), self.n_batch):
             chunk = items[start:start + self.n_batch]
-            # one token of one row past 256 cells (llama.cpp's KV window: 512 cells then) would take
-            # ggml's split-KV flash attention (one query of one stream, >= 512 cells: sums split by
-            # thread), which no batch of several rows takes: a companion token on a stream of its own
-            # (position 0, dropped after) keeps the row on the kernel it meets beside other rows
-            lone = len(chunk) == 1 and chunk[0][1] >= SPLIT_KV_POS
-            for i, (tok, pos, seq, want) in enumerate(chunk + [(chunk[0][0], 0, self.companion, False)] * lone):
+            fill = self._fillers(chunk)
+            batch = sorted(chunk + fill, key=lambda it: it[2])   # stable: a row's tokens stay in order
+            for i, (tok, pos, seq, want) in enumerate(batch):
                 b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, want
                 b.seq_id[i][0] = seq
-            b.n_tokens = len(chunk) + lone
+            b.n_tokens = len(batch)
             rc = lc.llama_decode(self.ctx, b)
-            if lone:
-                lc.llama_memory_seq_rm(self.mem, self.companion, -1, -1)
+            for _, _, seq, _ in fill:
+                lc.llama_memory_seq_rm(self.mem, seq, -1, -1)
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc} (context full?)")
-            for i, (_, _, _, want) in enumerate(chunk):
-                if want:
-                    ptr = lc.llama_get_logits_ith(self.ctx, i)
+            where = {id(it): i for i, it in enumerate(batch)}
+            for i, it in enumerate(chunk):
+                if it[3]:
+                    ptr = lc.llama_get_logits_ith(self.ctx, where[id(it)])
                     out[start + i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         return out
+
+    def _fillers(self, chunk) -> list[tuple[int, int, int, bool]]:
+        """Tokens on free streams (position 0, dropped after the call) that keep every row of a call
+        in one first micro-batch. llama.cpp's micro-batches of a multi-stream call take runs of
+        consecutive sequence ids, so a free slot between two rows splits the call; a row left alone
+        with one token past SPLIT_KV_POS would then take ggml's split-KV attention, which it never
+        meets beside other rows (and does at --parallel 1: there the spare stream keeps it company)."""
+        seqs = {seq for _, _, seq, _ in chunk}
+        free = lambda s: s == self.companion or (1 <= s <= self.parallel and self.slots[s - 1].job is None)
+        lo, hi = min(seqs), max(seqs)
+        gaps = [s for s in range(lo, hi + 1) if s not in seqs and free(s)]
+        if len(chunk) == 1 and chunk[0][1] >= SPLIT_KV_POS:
+            gaps += [s for s in (hi + 1, lo - 1) if free(s)][:1]
+        return [(chunk[0][0], 0, s, False) for s in gaps]
 
     def _pick(self, slot: _Slot, logits: np.ndarray) -> int:
         lc = self.lc
@@ -202,30 +216,16 @@ class BatchDecoder:
             slot.drafts = self.drafter.row(job.prompt[len(self.prefix) if keep else 0:], job.schema)
         self.tokens_evaluated += len(slot.todo)
 
-    def _prompt_items(self, slots: list[_Slot], budget: int, others: list[int]) -> list[tuple[_Slot, int]]:
-        """(slot, prompt tokens it feeds this step) for rows whose prompt is not evaluated yet:
-        at most ``PROMPT_CHUNK`` each, ``budget`` tokens in all (the rest wait for a later step).
-        ``others``: the tokens each generating row feeds in the same call."""
-        filling = [s for s in slots if s.job is not None and s.todo]
+    def _prompt_counts(self, budget: int) -> dict[int, int]:
+        """{slot seq: prompt tokens it feeds this step} for rows whose prompt is not all evaluated:
+        the same count for all (at most PROMPT_CHUNK, ``budget`` tokens in all)."""
+        filling = [s for s in self.slots if s.job is not None and s.todo]
         if not filling:
-            return []
-        cap = PROMPT_CHUNK
-        if self.prefill == "even":   # one length for all: the step is 2 micro-batches, not one per length
-            cap = max(1, min(cap, min(len(s.todo) for s in filling), budget // len(filling)))
-        out = []
-        for s in filling:
-            n = min(len(s.todo), cap, budget)
-            if n <= 0:
-                break
-            out.append((s, n))
-            budget -= n
-        # llama.cpp cuts a call into micro-batches of equal tokens per row: the row feeding the most
-        # runs its last (top - second) tokens alone; one token alone is the split-KV case of _run
-        counts = sorted([n for _, n in out] + others, reverse=True)
-        top = [i for i, (_, n) in enumerate(out) if n == counts[0]]
-        if len(counts) > 1 and counts[0] - counts[1] == 1 and top:
-            out[top[0]] = (out[top[0]][0], counts[0] - 1)
-        return out
+            return {}
+        n = max(1, min(PROMPT_CHUNK, min(len(s.todo) for s in filling), budget // len(filling)))
+        if n == 2:   # the 2nd token would be a micro-batch of one token per row: alone where rows are apart
+            n = 1
+        return {s.seq: n for s in filling[:max(1, budget // n)]}
 
     def _feed(self, slot: _Slot, n: int) -> list[tuple[int, int, int, bool]]:
         """The next ``n`` prompt tokens of ``slot`` as items (logits at the prompt's last token)."""
@@ -254,44 +254,49 @@ class BatchDecoder:
         todo = iter(jobs)
         exhausted = False
         while True:
+            wait = self.prefill == "wave" and any(s.job is not None for s in self.slots)
             for slot in self.slots:
-                if slot.job is None and not exhausted:
+                if slot.job is None and not exhausted and not wait:
                     job = next(todo, None)
                     if job is None:
                         exhausted = True
                     else:
                         self._start(slot, job)
-            items: list[tuple[int, int, int, bool]] = []
-            pending = []  # (slot, index of its last token in items, its draft, which are forced)
-            for slot in self.slots:
-                if slot.job is not None and not slot.todo:
-                    draft, forced = slot.drafts.propose() if slot.drafts is not None else ([], [])
-                    # a draft past --max-tokens could never be kept
-                    draft = draft[:max(0, self.max_tokens - len(slot.job.tokens) - 1)]
-                    pending.append((slot, len(items), draft, forced))
-                    items += [(t, slot.pos + i, slot.seq, True)
-                              for i, t in enumerate([slot.job.tokens[-1], *draft])]
-            generating = bool(items)
             fresh = []    # (slot, logits) of rows whose prompt was completed this step
             if self.prefill == "own":   # each prompt in calls of its own, before the step
                 for slot in [s for s in self.slots if s.job is not None and s.todo]:
-                    while slot.todo:
-                        part = self._feed(slot, min(len(slot.todo), PROMPT_CHUNK))
+                    while slot.todo:   # pieces of at most PROMPT_CHUNK, the last one at least 2
+                        n = min(len(slot.todo), PROMPT_CHUNK)
+                        n -= len(slot.todo) - n == 1
+                        part = self._feed(slot, n)
                         got = self._run(part)
                     fresh.append((slot, got[len(part) - 1]))
-            else:                       # the prompts in the step's own call
-                ends = []
-                others = [len(draft) + 1 for _, _, draft, _ in pending]
-                for slot, n in self._prompt_items(self.slots, self.n_batch - len(items), others):
-                    done = n == len(slot.todo)
-                    items += self._feed(slot, n)
+            drafts = {}
+            for slot in self.slots:   # (a row whose prompt ran just now takes its first token below)
+                if slot.job is not None and not slot.todo and slot.job.tokens:
+                    draft, forced = slot.drafts.propose() if slot.drafts is not None else ([], [])
+                    # a draft past --max-tokens could never be kept
+                    drafts[slot.seq] = draft[:max(0, self.max_tokens - len(slot.job.tokens) - 1)], forced
+            feeds = self._prompt_counts(self.n_batch - sum(len(d) + 1 for d, _ in drafts.values()))
+            items: list[tuple[int, int, int, bool]] = []
+            pending = []  # (slot, index of its last token in items, its draft, which are forced)
+            ends = []     # (slot, index of its prompt's last token in items)
+            for slot in self.slots:   # in sequence order: a micro-batch takes consecutive ids
+                if slot.seq in drafts:
+                    draft, forced = drafts[slot.seq]
+                    pending.append((slot, len(items), draft, forced))
+                    items += [(t, slot.pos + i, slot.seq, True)
+                              for i, t in enumerate([slot.job.tokens[-1], *draft])]
+                elif slot.seq in feeds:
+                    done = feeds[slot.seq] == len(slot.todo)
+                    items += self._feed(slot, feeds[slot.seq])
                     if done:
                         ends.append((slot, len(items) - 1))
+            generating = bool(pending)
             if not items and not fresh:
                 return
             logits = self._run(items) if items else {}
-            if self.prefill != "own":
-                fresh = [(slot, logits[i]) for slot, i in ends]
+            fresh += [(slot, logits[i]) for slot, i in ends]
             self.counts.steps += generating
             # (slot, logits per position, draft, forced, 1 when the row's last token was fed this step)
             steps = [(slot, [logits[at + j] for j in range(len(draft) + 1)], draft, forced, 1)
