@@ -2,19 +2,29 @@
 
 ``BatchDecoder`` keeps ``parallel`` slots busy (continuous batching): every ``llama_decode`` step
 carries one new token for each slot that is generating, so the weights are read once per step for
-all of them; a slot that just took a new row runs that row's prompt in a call of its own. The
-prompt prefix every row shares (chat template + instruction) is evaluated once on sequence 0 and
-copied to each slot with ``llama_memory_seq_cp``; when a row finishes its sequence is dropped.
+all of them. A new row's prompt (after the shared prefix: chat template + instruction, evaluated
+once on sequence 0 and copied to each slot with ``llama_memory_seq_cp``) runs in pieces of at most
+PROMPT_CHUNK tokens: with ``prefill="even"`` (default) in the step's own call, every row filling its
+prompt feeding the same count, "own" in calls of its own, "wave" as even with new rows started
+only when every slot is free. When a row finishes its sequence is dropped.
 
-Same answers at any ``parallel``: each sequence has its own KV stream (``kv_unified = false``), so a
-row's keys and values sit in the same cells whatever else runs beside it, and its attention sums
-run over the same cells in the same order as when it runs alone (in one unified cache the cells of
-other rows interleave with its own and the SIMD sums group them differently: near-ties broke the
-other way on ~1 row in 4). With quantized weights (Q4_x, Q8_0: ggml's dot product per output,
-one token or many) a row's logits are then bit-identical at any ``parallel``
-(tests/test_extract.py); F32 weights take another matmul path for several tokens than for one, so
-there they agree to rounding only. The prefix copy is a copy of the stream (llama.cpp copies whole
-streams only), a few MB per row.
+Same answers at any ``parallel`` and any prefill: a row's logits are the floats it gets alone
+(tests/test_extract.py, test_extract_batching.py). What that rests on, in ggml's CPU code paths:
+- each sequence has its own KV stream (``kv_unified = false``): a row's keys and values sit in the
+  same cells whatever runs beside it (in one unified cache the rows' cells interleave and the SIMD
+  sums group them differently: near-ties broke the other way on ~1 row in 4);
+- matmuls give each token's column the same floats in a batch of any size for Q4_x and Q8_0 weights
+  (ggml's dot product per output; llamafile's tinyBLAS, taken from 2 tokens on, sums Q8_0/Q4_0
+  blocks the same way). F16 and F32 weights do not: tinyBLAS (>= 2 tokens) and ggml's dot product
+  (1 token) sum in other orders, so there --parallel N agrees with --parallel 1 to rounding only;
+- flash attention runs one query at a time (one_chunk) below 64 queries per stream: hence prompt
+  pieces of at most 63 tokens (from 64 it takes a tiled kernel with other sums);
+- a single query of a single stream over >= 512 KV cells (a row past SPLIT_KV_POS) takes a split-KV
+  kernel: a row must never be alone in a micro-batch with one token. llama.cpp cuts a multi-stream
+  call into micro-batches of equal tokens per stream over runs of consecutive sequence ids, so the
+  items go in sequence order, free streams between rows get a throwaway token (``_fillers``), and a
+  lone row gets one beside it (at --parallel 1 the spare stream, sequence ``parallel + 1``).
+The prefix copy is a copy of the stream (llama.cpp copies whole streams only), a few MB per row.
 
 Output is constrained by llama.cpp's own grammar sampler (``llama_sampler_init_grammar``) fed the
 GBNF that ``LlamaGrammar.from_json_schema`` writes. Decoding is greedy; as llama.cpp's common
