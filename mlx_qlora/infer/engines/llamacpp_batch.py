@@ -180,11 +180,16 @@ class BatchDecoder:
         in one first micro-batch. llama.cpp's micro-batches of a multi-stream call take runs of
         consecutive sequence ids, so a free slot between two rows splits the call; a row left alone
         with one token past SPLIT_KV_POS would then take ggml's split-KV attention, which it never
-        meets beside other rows (and does at --parallel 1: there the spare stream keeps it company)."""
-        seqs = {seq for _, _, seq, _ in chunk}
+        meets beside other rows (and does at --parallel 1: there the spare stream keeps it company).
+        Gaps are filled when short (1-2 slots) or when a row of the call is past SPLIT_KV_POS."""
+        seqs = sorted({seq for _, _, seq, _ in chunk})
         free = lambda s: s == self.companion or (1 <= s <= self.parallel and self.slots[s - 1].job is None)
-        lo, hi = min(seqs), max(seqs)
-        gaps = [s for s in range(lo, hi + 1) if s not in seqs and free(s)]
+        long = any(pos >= SPLIT_KV_POS for _, pos, _, _ in chunk)
+        gaps = []
+        for a, b in zip(seqs, seqs[1:]):   # a gap of 1-2 free slots costs less than a micro-batch more
+            if 1 < b - a <= 3 or (b - a > 1 and long):
+                gaps += [s for s in range(a + 1, b) if free(s)]
+        lo, hi = seqs[0], seqs[-1]
         if len(chunk) == 1 and chunk[0][1] >= SPLIT_KV_POS:
             gaps += [s for s in (hi + 1, lo - 1) if free(s)][:1]
         return [(chunk[0][0], 0, s, False) for s in gaps]
@@ -226,13 +231,29 @@ class BatchDecoder:
             slot.drafts = self.drafter.row(job.prompt[len(self.prefix) if keep else 0:], job.schema)
         self.tokens_evaluated += len(slot.todo)
 
-    def _prompt_counts(self, budget: int) -> dict[int, int]:
-        """{slot seq: prompt tokens it feeds this step} for rows whose prompt is not all evaluated:
-        the same count for all (at most PROMPT_CHUNK, ``budget`` tokens in all)."""
+    def _prompt_counts(self, budget: int, others: list[int]) -> dict[int, int]:
+        """{slot seq: prompt tokens it feeds this step} for rows whose prompt is not all evaluated,
+        at most PROMPT_CHUNK each and ``budget`` in all: "even" the same count for all, "wave" each
+        its next piece. ``others``: the tokens each generating row feeds in the same call."""
         filling = [s for s in self.slots if s.job is not None and s.todo]
         if not filling:
             return {}
-        n = max(1, min(PROMPT_CHUNK, min(len(s.todo) for s in filling), budget // len(filling)))
+        n = max(1, min(PROMPT_CHUNK, budget // len(filling)))
+        if self.prefill == "wave":   # each its whole piece: llama.cpp's micro-batches then go by length
+            counts, left = {}, budget
+            for s in filling:
+                k = min(len(s.todo), n)
+                k -= len(s.todo) - k == 1           # no one-token last piece
+                if k > left:
+                    break
+                counts[s.seq], left = k, left - k
+            # the row feeding the most runs its last (top - second) tokens alone: never one token
+            top = sorted([*counts.values(), *others], reverse=True)
+            if len(top) > 1 and top[0] - top[1] == 1:
+                seq = next(q for q, k in counts.items() if k == top[0])
+                counts[seq] -= 1
+            return counts
+        n = min(n, min(len(s.todo) for s in filling))
         if n == 2:   # the 2nd token would be a micro-batch of one token per row: alone where rows are apart
             n = 1
         return {s.seq: n for s in filling[:max(1, budget // n)]}
@@ -264,14 +285,21 @@ class BatchDecoder:
         todo = iter(jobs)
         exhausted = False
         while True:
-            wait = self.prefill == "wave" and any(s.job is not None for s in self.slots)
-            for slot in self.slots:
-                if slot.job is None and not exhausted and not wait:
-                    job = next(todo, None)
-                    if job is None:
-                        exhausted = True
-                    else:
-                        self._start(slot, job)
+            if self.prefill != "wave":
+                for slot in self.slots:
+                    if slot.job is None and not exhausted:
+                        job = next(todo, None)
+                        if job is None:
+                            exhausted = True
+                        else:
+                            self._start(slot, job)
+            elif not exhausted and all(s.job is None for s in self.slots):
+                # a wave: the next `parallel` rows, longest prompt on the lowest sequence id, so the
+                # rows still feeding prompt tokens are always a run of consecutive ids (one micro-batch)
+                wave = [j for j in (next(todo, None) for _ in self.slots) if j is not None]
+                exhausted = len(wave) < len(self.slots)
+                for slot, job in zip(self.slots, sorted(wave, key=lambda j: -len(j.prompt))):
+                    self._start(slot, job)
             fresh = []    # (slot, logits) of rows whose prompt was completed this step
             if self.prefill == "own":   # each prompt in calls of its own, before the step
                 for slot in [s for s in self.slots if s.job is not None and s.todo]:
@@ -287,7 +315,8 @@ class BatchDecoder:
                     draft, forced = slot.drafts.propose() if slot.drafts is not None else ([], [])
                     # a draft past --max-tokens could never be kept
                     drafts[slot.seq] = draft[:max(0, self.max_tokens - len(slot.job.tokens) - 1)], forced
-            feeds = self._prompt_counts(self.n_batch - sum(len(d) + 1 for d, _ in drafts.values()))
+            others = [len(d) + 1 for d, _ in drafts.values()]
+            feeds = self._prompt_counts(self.n_batch - sum(others), others)
             items: list[tuple[int, int, int, bool]] = []
             pending = []  # (slot, index of its last token in items, its draft, which are forced)
             ends = []     # (slot, index of its prompt's last token in items)
