@@ -387,16 +387,19 @@ def prepare_reviews(data, out_dir, schema, force, answer):
 @click.option("--drafts", default="off", show_default=True, type=click.Choice(["off", "schema", "all"]),
               help="llama.cpp: tokens drafted and checked in one step, same answers: off = one token per row "
               "per step (fastest on a CPU); schema = the schema's forced tokens; all = also copies from the text.")
+@click.option("--prefill", default="own", show_default=True, type=click.Choice(["own", "even", "wave"]),
+              help="llama.cpp: where new rows' prompts run, same answers: own = calls of their own; even = in the "
+              "decode step's call; wave = even, rows started `--parallel` at a time.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extract(model, adapter, input_, output, schema, text_field, parallel, price_per_hour, max_tokens, engine, gguf,
-            threads, span_field, drafts, no_progress):
+            threads, span_field, drafts, prefill, no_progress):
     """Run MODEL over every row of --input; each output line gets a schema-valid "result" or an "error"."""
     from .apps.extract import ExtractConfig, run_extract
 
     run_extract(ExtractConfig(model=model, input=input_, output=output, adapter=adapter, schema=schema,
                               text_field=text_field, parallel=parallel, price_per_hour=price_per_hour,
                               max_tokens=max_tokens, engine=engine, gguf=gguf, threads=threads,
-                              span_field=span_field, drafts=drafts, progress=not no_progress))
+                              span_field=span_field, drafts=drafts, prefill=prefill, progress=not no_progress))
 
 
 # Commands that compute with MLX and NumPy only: their process keeps torch out (lean_imports).

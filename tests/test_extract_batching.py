@@ -133,3 +133,22 @@ def test_rows_past_256_cells_give_every_logit_of_one_row_at_a_time(qtype, tmp_pa
         assert tok == tok1
         same_logits(log1, logits)
     llm.close()
+
+
+def test_extract_rows_are_the_same_with_every_prefill_and_a_bad_one_is_refused(tmp_path):
+    from mlx_qlora.apps.extract import ExtractConfig
+    from mlx_qlora.errors import UserError
+    from test_extract import read, run, write_jsonl
+
+    gguf = tiny.write_gguf(tiny.write_hf_dir(tmp_path / "hf", arch="llama", seed=3), tmp_path / "m.gguf", "Q4_1")
+    schema = write_jsonl(tmp_path / "s.json", [SMALL])
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in [LONG] + REVIEWS])
+    got = {}
+    for prefill, parallel in (("own", 1), ("even", 3), ("wave", 4)):
+        out = tmp_path / f"{prefill}.jsonl"
+        summary = run(gguf, inp, out, parallel=parallel, schema=str(schema), prefill=prefill)
+        got[prefill] = read(out)
+        assert summary["rows"] == len(REVIEWS) + 1
+    assert got["even"] == got["own"] == got["wave"] and all("result" in r for r in got["own"])
+    with pytest.raises(UserError, match=r"prefill 'all': use one of own, even, wave"):
+        ExtractConfig(model=None, input=str(inp), output=str(tmp_path / "o.jsonl"), prefill="all")

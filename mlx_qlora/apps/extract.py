@@ -55,7 +55,7 @@ class ExtractConfig:
     progress: bool = True
     span_field: str | None = None     # string fields of this name must be spans of the row's text
     drafts: str = "off"               # llama.cpp drafts checked in one step: off | schema | all (DRAFTS)
-    prefill: str = "even"             # where rows' prompts run in llama.cpp's steps (llamacpp_batch.PREFILL)
+    prefill: str = "own"              # where rows' prompts run in llama.cpp's steps (llamacpp_batch.PREFILL)
 
     def __post_init__(self):
         require(Path(self.input).is_file(), f"--input {self.input!r}: file not found")

@@ -4,9 +4,9 @@
 carries one new token for each slot that is generating, so the weights are read once per step for
 all of them. A new row's prompt (after the shared prefix: chat template + instruction, evaluated
 once on sequence 0 and copied to each slot with ``llama_memory_seq_cp``) runs in pieces of at most
-PROMPT_CHUNK tokens: with ``prefill="even"`` (default) in the step's own call, every row filling its
-prompt feeding the same count, "own" in calls of its own, "wave" as even with new rows started
-only when every slot is free. When a row finishes its sequence is dropped.
+PROMPT_CHUNK tokens: with ``prefill="own"`` (default) in calls of its own; "even" in the step's
+call, every row filling its prompt feeding the same count; "wave" as even, with the next
+``parallel`` rows started together once every slot is free. A finished row's sequence is dropped.
 
 Same answers at any ``parallel`` and any prefill: a row's logits are the floats it gets alone
 (tests/test_extract.py, test_extract_batching.py). What that rests on, in ggml's CPU code paths:
@@ -58,8 +58,9 @@ SPLIT_KV_POS = 256
 # Where rows' prompts run: "own" = each in calls of its own before the step; "even" = in the step's
 # call, beside the generating rows' tokens, every row that fills its prompt feeding the same count
 # (llama.cpp cuts a call into micro-batches of equal tokens per sequence: one count, two micro-
-# batches); "wave" = even, and new rows start only when every slot is free, so their prompts sit on
-# consecutive sequence ids (a micro-batch takes a run of consecutive ids: one micro-batch for all)
+# batches); "wave" = even, and new rows start only when every slot is free, longest prompt first, so
+# the rows still feeding their prompt are one run of consecutive sequence ids (a micro-batch takes
+# one such run: bench/batch_shapes.py counts the micro-batches of each)
 PREFILL = ("own", "even", "wave")
 
 
@@ -94,7 +95,7 @@ class BatchDecoder:
 
     def __init__(self, llm, gbnf: str, prefix: list[int], parallel: int = 4, max_tokens: int = 512,
                  slot_tokens: int = 1024, n_threads: int = 1, n_batch: int = 512, drafter=None,
-                 prefill: str = "even"):
+                 prefill: str = "own"):
         import llama_cpp as lc
 
         self.lc, self.llm = lc, llm
@@ -239,20 +240,6 @@ class BatchDecoder:
         if not filling:
             return {}
         n = max(1, min(PROMPT_CHUNK, budget // len(filling)))
-        if self.prefill == "wave":   # each its whole piece: llama.cpp's micro-batches then go by length
-            counts, left = {}, budget
-            for s in filling:
-                k = min(len(s.todo), n)
-                k -= len(s.todo) - k == 1           # no one-token last piece
-                if k > left:
-                    break
-                counts[s.seq], left = k, left - k
-            # the row feeding the most runs its last (top - second) tokens alone: never one token
-            top = sorted([*counts.values(), *others], reverse=True)
-            if len(top) > 1 and top[0] - top[1] == 1:
-                seq = next(q for q, k in counts.items() if k == top[0])
-                counts[seq] -= 1
-            return counts
         n = min(n, min(len(s.todo) for s in filling))
         if n == 2:   # the 2nd token would be a micro-batch of one token per row: alone where rows are apart
             n = 1
