@@ -152,3 +152,22 @@ def test_extract_rows_are_the_same_with_every_prefill_and_a_bad_one_is_refused(t
     assert got["even"] == got["own"] == got["wave"] and all("result" in r for r in got["own"])
     with pytest.raises(UserError, match=r"prefill 'all': use one of own, even, wave"):
         ExtractConfig(model=None, input=str(inp), output=str(tmp_path / "o.jsonl"), prefill="all")
+
+
+def test_f16_weights_give_every_logit_of_one_row_at_a_time(tmp_path):
+    """F16 matmuls sum one token another way than several (llamafile's tinyBLAS from 2 on): no
+    micro-batch of one token or one output of several, so every logit matches (it did not before)."""
+    from mlx_qlora.infer.engines.llamacpp_batch import BatchDecoder
+    from mlx_qlora.model.llama_load import open_llama
+
+    gguf = tiny.write_gguf(tiny.write_hf_dir(tmp_path / "hf", arch="llama", seed=3), tmp_path / "m.gguf", "F16")
+    llm = open_llama(gguf, n_ctx=64, n_threads=1)
+    prefix = llm.tokenize(b"Reviews follow. Extract the aspects of each one.", add_bos=True)
+    prompts = [prefix + llm.tokenize(t.encode(), add_bos=False) for t in [LONG] + REVIEWS]
+    tok1, log1, _ = decode(llm, prompts, prefix, 1, "own")
+    for parallel in (2, 4, 8):
+        tok, logits, _ = decode(llm, prompts, prefix, parallel, "own")
+        assert tok == tok1
+        same_logits(log1, logits)
+    assert BatchDecoder(llm, 'root ::= "a"', [], parallel=2, prefill="wave").prefill == "own"   # F16: own only
+    llm.close()

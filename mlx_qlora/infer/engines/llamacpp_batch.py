@@ -113,6 +113,16 @@ class BatchDecoder:
         p.n_batch = p.n_ubatch = n_batch
         p.n_seq_max = parallel + 2
         self.companion = parallel + 1
+        # F16/BF16/F32 matmuls take llamafile's tinyBLAS from 2 tokens (or outputs) on and ggml's dot
+        # product for 1, which sum in other orders: with such weights no micro-batch may hold one
+        # token or one output of several (a companion keeps a lone row company, every free slot
+        # between rows is filled), and prompts run in calls of their own (whose last piece has one
+        # output at any --parallel), so --parallel N stays bit-identical to --parallel 1
+        desc = ctypes.create_string_buffer(256)
+        lc.llama_model_desc(llm.model, desc, 256)
+        self.float_weights = desc.value.decode(errors="replace").split()[-1:] in (["F16"], ["BF16"], ["F32"])
+        if self.float_weights:
+            self.prefill = "own"
         p.n_threads = p.n_threads_batch = n_threads
         p.kv_unified = False
         p.no_perf = True
@@ -185,15 +195,17 @@ class BatchDecoder:
         Gaps are filled when short (1-2 slots) or when a row of the call is past SPLIT_KV_POS."""
         seqs = sorted({seq for _, _, seq, _ in chunk})
         free = lambda s: s == self.companion or (1 <= s <= self.parallel and self.slots[s - 1].job is None)
-        long = any(pos >= SPLIT_KV_POS for _, pos, _, _ in chunk)
+        long = self.float_weights or any(pos >= SPLIT_KV_POS for _, pos, _, _ in chunk)
         gaps = []
         for a, b in zip(seqs, seqs[1:]):   # a gap of 1-2 free slots costs less than a micro-batch more
             if 1 < b - a <= 3 or (b - a > 1 and long):
                 gaps += [s for s in range(a + 1, b) if free(s)]
         lo, hi = seqs[0], seqs[-1]
-        if len(chunk) == 1 and chunk[0][1] >= SPLIT_KV_POS:
+        want = False
+        if len(chunk) == 1 and (chunk[0][1] >= SPLIT_KV_POS or self.float_weights):
             gaps += [s for s in (hi + 1, lo - 1) if free(s)][:1]
-        return [(chunk[0][0], 0, s, False) for s in gaps]
+            want = chunk[0][3]   # float weights: two outputs, as in any step of several rows
+        return [(chunk[0][0], 0, s, want) for s in gaps]
 
     def _pick(self, slot: _Slot, logits: np.ndarray) -> int:
         lc = self.lc
