@@ -15,8 +15,9 @@ Same answers at any ``parallel`` and any prefill: a row's logits are the floats 
   sums group them differently: near-ties broke the other way on ~1 row in 4);
 - matmuls give each token's column the same floats in a batch of any size for Q4_x and Q8_0 weights
   (ggml's dot product per output; llamafile's tinyBLAS, taken from 2 tokens on, sums Q8_0/Q4_0
-  blocks the same way). F16 and F32 weights do not: tinyBLAS (>= 2 tokens) and ggml's dot product
-  (1 token) sum in other orders, so there --parallel N agrees with --parallel 1 to rounding only;
+  blocks the same way). F16/BF16/F32 weights do not: tinyBLAS (>= 2 tokens) and ggml's dot product
+  (1 token) sum in other orders, so with them no micro-batch holds one token or one output of
+  several, and prompts run in calls of their own (``float_weights``; drafts are not covered there);
 - flash attention runs one query at a time (one_chunk) below 64 queries per stream: hence prompt
   pieces of at most 63 tokens (from 64 it takes a tiled kernel with other sums);
 - a single query of a single stream over >= 512 KV cells (a row past SPLIT_KV_POS) takes a split-KV
