@@ -245,10 +245,9 @@ class BatchDecoder:
             slot.drafts = self.drafter.row(job.prompt[len(self.prefix) if keep else 0:], job.schema)
         self.tokens_evaluated += len(slot.todo)
 
-    def _prompt_counts(self, budget: int, others: list[int]) -> dict[int, int]:
-        """{slot seq: prompt tokens it feeds this step} for rows whose prompt is not all evaluated,
-        at most PROMPT_CHUNK each and ``budget`` in all: "even" the same count for all, "wave" each
-        its next piece. ``others``: the tokens each generating row feeds in the same call."""
+    def _prompt_counts(self, budget: int) -> dict[int, int]:
+        """{slot seq: prompt tokens it feeds this step} for rows whose prompt is not all evaluated:
+        the same count for all (even, wave), at most PROMPT_CHUNK each and ``budget`` in all."""
         filling = [s for s in self.slots if s.job is not None and s.todo]
         if not filling:
             return {}
@@ -315,8 +314,7 @@ class BatchDecoder:
                     draft, forced = slot.drafts.propose() if slot.drafts is not None else ([], [])
                     # a draft past --max-tokens could never be kept
                     drafts[slot.seq] = draft[:max(0, self.max_tokens - len(slot.job.tokens) - 1)], forced
-            others = [len(d) + 1 for d, _ in drafts.values()]
-            feeds = self._prompt_counts(self.n_batch - sum(others), others)
+            feeds = self._prompt_counts(self.n_batch - sum(len(d) + 1 for d, _ in drafts.values()))
             items: list[tuple[int, int, int, bool]] = []
             pending = []  # (slot, index of its last token in items, its draft, which are forced)
             ends = []     # (slot, index of its prompt's last token in items)
