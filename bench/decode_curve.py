@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=0, help="also run BatchDecoder over this many reviews per config")
     ap.add_argument("--input", default=str(ROOT / "runs" / "mams" / "val_reviews.jsonl"))
     ap.add_argument("--max-tokens", type=int, default=10)
-    ap.add_argument("--configs", default="8:own,8:even,16:own,16:even,16:wave,32:even,32:wave,64:even,64:wave")
+    ap.add_argument("--configs", default="8:own,16:own,32:own,64:own,32:even,32:wave,64:wave")
     args = ap.parse_args()
 
     from bench.extract import requantize

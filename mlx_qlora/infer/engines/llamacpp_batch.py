@@ -299,7 +299,7 @@ class BatchDecoder:
                 exhausted = len(wave) < len(self.slots)
                 for slot, job in zip(self.slots, sorted(wave, key=lambda j: -len(j.prompt))):
                     self._start(slot, job)
-            fresh = []    # (slot, logits) of rows whose prompt was completed this step
+            started = 0   # rows whose prompt ran in calls of their own this step
             if self.prefill == "own":   # each prompt in calls of its own, before the step
                 for slot in [s for s in self.slots if s.job is not None and s.todo]:
                     while slot.todo:   # pieces of at most PROMPT_CHUNK, the last one at least 2
@@ -307,10 +307,14 @@ class BatchDecoder:
                         n -= len(slot.todo) - n == 1
                         part = self._feed(slot, n)
                         got = self._run(part)
-                    fresh.append((slot, got[len(part) - 1]))
+                    started += 1
+                    # its first token now, so it joins this step: no gap in the step's sequence ids
+                    done = self._advance(slot, [got[len(part) - 1]], [], [], 0)
+                    if done is not None:
+                        yield done
             drafts = {}
-            for slot in self.slots:   # (a row whose prompt ran just now takes its first token below)
-                if slot.job is not None and not slot.todo and slot.job.tokens:
+            for slot in self.slots:
+                if slot.job is not None and not slot.todo:
                     draft, forced = slot.drafts.propose() if slot.drafts is not None else ([], [])
                     # a draft past --max-tokens could never be kept
                     drafts[slot.seq] = draft[:max(0, self.max_tokens - len(slot.job.tokens) - 1)], forced
@@ -329,36 +333,43 @@ class BatchDecoder:
                     items += self._feed(slot, feeds[slot.seq])
                     if done:
                         ends.append((slot, len(items) - 1))
-            generating = bool(pending)
-            if not items and not fresh:
+            if not items:
+                if started or any(sl.job is not None for sl in self.slots) or not exhausted:
+                    continue
                 return
-            logits = self._run(items) if items else {}
-            fresh += [(slot, logits[i]) for slot, i in ends]
-            self.counts.steps += generating
+            logits = self._run(items)
+            self.counts.steps += bool(pending)
             # (slot, logits per position, draft, forced, 1 when the row's last token was fed this step)
             steps = [(slot, [logits[at + j] for j in range(len(draft) + 1)], draft, forced, 1)
-                     for slot, at, draft, forced in pending] + [(slot, [lg], [], [], 0) for slot, lg in fresh]
-            for slot, row_logits, draft, forced, fed in steps:
-                job, start = slot.job, slot.pos
-                kept, finished = 0, False
-                for j, lg in enumerate(row_logits):
-                    tok = self._pick(slot, lg)
-                    finished = self._take(slot, tok)
-                    if finished or j == len(draft) or tok != draft[j]:
-                        self.counts.sampled += not finished or job.finish == "length"
-                        break
-                    kept += 1
-                    self.counts.forced += forced[j]
-                    self.counts.lookup += not forced[j]
-                self.counts.rejected += len(draft) - kept
-                if finished:
-                    slot.job = slot.drafts = None
-                    self.lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-                    yield job
-                    continue
-                slot.pos = start + fed + kept        # where the row's new last token goes
-                if kept < len(draft):   # the cells of the drafts thrown away
-                    self.lc.llama_memory_seq_rm(self.mem, slot.seq, slot.pos, -1)
+                     for slot, at, draft, forced in pending] + [(slot, [logits[i]], [], [], 0) for slot, i in ends]
+            for step in steps:
+                done = self._advance(*step)
+                if done is not None:
+                    yield done
+
+    def _advance(self, slot: _Slot, row_logits, draft, forced, fed) -> Job | None:
+        """Pick the row's tokens from the logits at its positions of this step (a drafted token kept
+        while it is the argmax); the row's job when it is finished (its slot then free), else None."""
+        job, start = slot.job, slot.pos
+        kept, finished = 0, False
+        for j, lg in enumerate(row_logits):
+            tok = self._pick(slot, lg)
+            finished = self._take(slot, tok)
+            if finished or j == len(draft) or tok != draft[j]:
+                self.counts.sampled += not finished or job.finish == "length"
+                break
+            kept += 1
+            self.counts.forced += forced[j]
+            self.counts.lookup += not forced[j]
+        self.counts.rejected += len(draft) - kept
+        if finished:
+            slot.job = slot.drafts = None
+            self.lc.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+            return job
+        slot.pos = start + fed + kept        # where the row's new last token goes
+        if kept < len(draft):   # the cells of the drafts thrown away
+            self.lc.llama_memory_seq_rm(self.mem, slot.seq, slot.pos, -1)
+        return None
 
     def _take(self, slot: _Slot, tok: int) -> bool:
         """Append ``tok`` to the slot's row; True when the row is finished."""
