@@ -4,9 +4,11 @@
 carries one new token for each slot that is generating, so the weights are read once per step for
 all of them. A new row's prompt (after the shared prefix: chat template + instruction, evaluated
 once on sequence 0 and copied to each slot with ``llama_memory_seq_cp``) runs in pieces of at most
-PROMPT_CHUNK tokens: with ``prefill="own"`` (default) in calls of its own; "even" in the step's
-call, every row filling its prompt feeding the same count; "wave" as even, with the next
-``parallel`` rows started together once every slot is free. A finished row's sequence is dropped.
+PROMPT_CHUNK tokens: with ``prefill="own"`` (default) in calls of its own, the row then taking
+its first token and joining the same step (a row missing from a step splits it, see below);
+"even" in the step's call, every row filling its prompt feeding the same count; "wave" as even,
+the next ``parallel`` rows started together once every slot is free. A finished row's sequence
+is dropped.
 
 Same answers at any ``parallel`` and any prefill: a row's logits are the floats it gets alone
 (tests/test_extract.py, test_extract_batching.py). What that rests on, in ggml's CPU code paths:
