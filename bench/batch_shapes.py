@@ -52,6 +52,7 @@ def main() -> None:
                     "64:own,64:even,64:wave")
     args = ap.parse_args()
 
+    import llama_cpp
     import tiny
     from mlx_qlora.infer.engines import EngineConfig, load_engine
     from mlx_qlora.infer.engines.llamacpp_batch import BatchDecoder, Job
@@ -79,25 +80,21 @@ def main() -> None:
             sizes, calls = [], [0]
 
             class Counting(BatchDecoder):
-                def _take(self, slot, tok):
+                def _take(self, slot, tok):   # the row ends at its gold answer's length
                     slot.job.tokens.append(tok)
-                    if len(slot.job.tokens) >= lengths[slot.job.key]:
-                        return True
-                    return False
-
-            dec = Counting(llm, 'root ::= [a-z]+', fold(prefix), parallel=parallel, max_tokens=64, slot_tokens=448,
-                           prefill=prefill)
-            real = dec.lc.llama_decode
+                    return len(slot.job.tokens) >= lengths[slot.job.key]
 
             def counted(ctx, batch):
                 calls[0] += 1
-                sizes.extend(split_equal([batch.seq_id[i][0] for i in range(batch.n_tokens)], dec.n_batch))
-                return real(ctx, batch)
-            import llama_cpp
+                sizes.extend(split_equal([batch.seq_id[i][0] for i in range(batch.n_tokens)], 512))
+                return llama_cpp.llama_decode(ctx, batch)
 
             class LC:   # llama_cpp with llama_decode counted
                 def __getattr__(self, name):
                     return counted if name == "llama_decode" else getattr(llama_cpp, name)
+
+            dec = Counting(llm, 'root ::= [a-z]+', fold(prefix), parallel=parallel, max_tokens=64, slot_tokens=448,
+                           prefill=prefill, n_batch=512)
             dec.lc = LC()
             done = sum(1 for _ in dec.run([Job(i, fold(p)) for i, p in enumerate(prompts)]))
             dec.close()
