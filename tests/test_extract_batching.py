@@ -17,7 +17,8 @@ pytestmark = pytest.mark.llamacpp
 LONG = " ".join(REVIEWS) + " The bread came late and cold, and nobody asked whether we wanted more water."
 
 
-def decode(llm, prompts, prefix, parallel, prefill, max_tokens=24, schema=SMALL, slot_tokens=200, threads=1):
+def decode(llm, prompts, prefix, parallel, prefill, max_tokens=24, schema=SMALL, slot_tokens=200, threads=1,
+           stop_after=None):
     """({row: tokens}, {row: logits at each pick}, [the (token, pos, seq, logits) items of each call])."""
     from mlx_qlora.infer.engines.llamacpp_batch import BatchDecoder, Job, schema_to_gbnf
 
@@ -31,6 +32,11 @@ def decode(llm, prompts, prefix, parallel, prefill, max_tokens=24, schema=SMALL,
         def _run(self, items):
             calls.append(list(items))
             return super()._run(items)
+
+        def _take(self, slot, tok):   # stop_after: rows ending at other lengths (a schedule check)
+            if stop_after and len(slot.job.tokens) + 1 >= stop_after[slot.job.key]:
+                return True
+            return super()._take(slot, tok)
 
     dec = Recording(llm, schema_to_gbnf(schema), prefix, parallel=parallel, max_tokens=max_tokens, slot_tokens=slot_tokens, n_threads=threads,
                     prefill=prefill)
@@ -68,9 +74,22 @@ def check_batching(llm, texts: list[str], configs, max_tokens: int = 24) -> None
         assert max(n for per in fed for n in per.values()) <= PROMPT_CHUNK   # a prompt piece, or a generating row's token
         if parallel > 1:   # the schedule asked for: several rows' prompts in one call, and prompts mixed into
             #                 the steps of generating rows (a row's token of a step: 1 in its call)
-            assert any(sum(n > 1 for n in per.values()) >= 2 for per in fed), (parallel, prefill)
-            assert any(1 in per.values() and max(per.values()) > 1 for per in fed), (parallel, prefill)
+            if prefill != "own":
+                assert any(sum(n > 1 for n in per.values()) >= 2 for per in fed), (parallel, prefill)
+                assert any(1 in per.values() and max(per.values()) > 1 for per in fed), (parallel, prefill)
             assert len(calls) < len(calls1)
+        if prefill == "own":    # a row whose prompt ran alone is in the very next step (no gap in its ids),
+            #                     rows ending at scattered times
+            _, _, calls = decode(llm, prompts, prefix, parallel, prefill, max_tokens,
+                                 stop_after={i: 3 + 5 * (i % 4) for i in range(len(prompts))})
+            prompt_calls = [i for i, items in enumerate(calls) if len({q for _, _, q, _ in items}) == 1
+                            and len(items) > 1 and items[-1][3]]
+            later = [i for i in prompt_calls if i > 6]
+            assert later, "no row started while others were generating"
+            for i in prompt_calls:
+                seq = calls[i][0][2]
+                step = next(c for k, c in enumerate(calls) if k > i and k not in prompt_calls)
+                assert seq in {q for _, _, q, _ in step}, (parallel, i)
         if prefill == "even":   # every row filling its prompt feeds the same count in a call
             assert all(len({n for n in per.values() if n > 1}) <= 1 for per in fed)
 
@@ -81,7 +100,7 @@ def test_prompts_batched_into_steps_give_every_logit_of_one_row_at_a_time(qtype,
 
     gguf = tiny.write_gguf(tiny.write_hf_dir(tmp_path / "hf", arch="llama", seed=3), tmp_path / "m.gguf", qtype)
     llm = open_llama(gguf, n_ctx=64, n_threads=1)
-    check_batching(llm, [LONG] + REVIEWS, [(4, "even"), (3, "wave"), (8, "even"), (8, "wave"), (1, "even")])
+    check_batching(llm, [LONG] + REVIEWS, [(4, "even"), (3, "wave"), (8, "even"), (8, "wave"), (1, "even"), (4, "own")])
     llm.close()
 
 
