@@ -144,11 +144,11 @@ def test_rows_past_256_cells_give_every_logit_of_one_row_at_a_time(qtype, tmp_pa
     llm = open_llama(gguf, n_ctx=64, n_threads=2)
     prefix = llm.tokenize(b"Reviews follow. Extract the aspects of each one.", add_bos=True)
     text = " ".join(REVIEWS) * 4
-    prompts = [prefix + llm.tokenize(text[:290 + 23 * i].encode(), add_bos=False) for i in range(5)]
-    assert min(map(len, prompts)) > SPLIT_KV_POS and len(set(map(len, prompts))) == 5
-    tok1, log1, _ = decode(llm, prompts, prefix, 1, "own", slot_tokens=480, threads=2)
-    for parallel, prefill in [(2, "even"), (4, "wave"), (3, "own")]:
-        tok, logits, _ = decode(llm, prompts, prefix, parallel, prefill, slot_tokens=480, threads=2)
+    prompts = [prefix + llm.tokenize(text[:290 + 23 * i].encode(), add_bos=False) for i in range(4)]
+    assert min(map(len, prompts)) > SPLIT_KV_POS and len(set(map(len, prompts))) == 4
+    tok1, log1, _ = decode(llm, prompts, prefix, 1, "own", max_tokens=12, slot_tokens=480, threads=2)
+    for parallel, prefill in [(2, "even"), (3, "own")]:
+        tok, logits, _ = decode(llm, prompts, prefix, parallel, prefill, max_tokens=12, slot_tokens=480, threads=2)
         assert tok == tok1
         same_logits(log1, logits)
     llm.close()
