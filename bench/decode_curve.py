@@ -46,7 +46,7 @@ def measure(llm, shapes, threads: int, prefix: int, calls: int, repeat: int, n_u
     from llama_cpp._utils import suppress_stdout_stderr
 
     n_seq = max(s for s, _ in shapes)
-    per_seq = max(1024, -(-(prefix + max(t for _, t in shapes) * calls + 16) // 256) * 256)
+    per_seq = max(1024, -(-(prefix + max(t for _, t in shapes) * (calls + 1) + 16) // 256) * 256)   # + the warm-up call
     p = lc.llama_context_default_params()
     p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = per_seq * (n_seq + 1), 512, n_ubatch, n_seq + 1
     p.n_threads = p.n_threads_batch = threads
