@@ -375,7 +375,7 @@ def prepare_reviews(data, out_dir, schema, force, answer):
 @click.option("--output", required=True, type=click.Path(), help="JSONL; an existing one is resumed.")
 @click.option("--schema", default=None, type=click.Path(), help="JSON schema file [default: recipes/schemas/aspects.json].")
 @click.option("--text-field", default="text", show_default=True, help="JSONL key holding the text.")
-@click.option("--parallel", default=4, show_default=True, help="Rows decoded together (llama.cpp).")
+@click.option("--parallel", default=32, show_default=True, help="Rows decoded together (llama.cpp).")
 @click.option("--price-per-hour", type=float, default=None,
               help="USD/hour of this machine [default: the VM in recipes/api_prices.json, $0.09/h].")
 @click.option("--max-tokens", default=512, show_default=True, help="Output tokens per row at most.")
