@@ -1,35 +1,36 @@
 """Reviews -> JSON at scale: what a user would write with llama-cpp-python vs ``mlx_qlora extract``.
 
+The issue's must-show table, measured side by side in one process (one machine, one load):
+
 (a) the anchor: one ``Llama``, ``create_chat_completion`` per review with the schema as
-    ``response_format`` ({"type": "json_object", "schema": ...}), greedy, one review at a time.
-(b0) ``mlx_qlora extract`` (``--drafts off``, the default): the batched decoder, one token per
-    row per step, on the same GGUF, the same rows, the same messages and schema.
-(b) ``--drafts schema``: forced tokens drafted and checked in one step; (b+) ``--drafts all``
-    (prompt lookup too).
-Each extract run prints the tokens the model evaluated per row: prompt, forced (drafted from the
-schema and kept), drafted (prompt lookup, kept), sampled (the model's own choices) and drafted
-tokens thrown away, and the decode steps per row; (b) must give (b0)'s rows exactly.
+    ``response_format`` ({"type": "json_object", "schema": ...}), greedy, one review at a time
+    (on ``--anchor-model``, default ``--model-before`` or ``--model``: a JSON-writing model).
+(before) ``extract`` as it was before issue #26 (``--model-before``): JSON answers, ``--parallel 8``,
+    ``--drafts off``, each new row's prompt in a call of its own (``prefill="own"``).
+(now) ``extract`` at its best on this CPU (``--model``): ``--parallel`` rows, prompts batched into
+    the steps (``--prefill``, default ExtractConfig's), ``--answer`` passed through when given.
+
+Each extract run prints rows/s, tokens per row (in / out; evaluated: prompt + forced + drafted +
+sampled + thrown away), the ratio to (a), the cost of a million reviews at --price-per-hour next to
+API list prices (recipes/api_prices.json), and how many rows are identical to plain greedy decoding
+of the same model and answer form (``--parallel 1``, prompts alone, no drafts; ``--no-check``
+skips those runs).
 
 Threads: by default each side as its user would run it — (a) with llama-cpp-python's default
-(``n_threads`` = half the cores: 1 on a 2-core box), (b) with extract's (the idle cores) — and
-``--anchor-all-cores`` adds (a) again with every core, the anchor at its fastest. ``--threads N``
-pins both sides to N.
+(``n_threads`` = half the cores: 1 on a 2-core box), extract with its own (the idle cores) — and
+``--anchor-all-cores`` adds (a) again with every core. ``--threads N`` pins both sides to N.
+``--drafts schema,all`` adds (now) with those drafts; ``--gguf-types f16,q8_0`` adds (now) on the
+model rewritten to each type (llama.cpp's quantizer, requantizing: the same weights, the type's
+speed); ``--repeat K`` interleaves every extract config K times and keeps the fastest of each.
 
-Both run in this process one after the other, so they see the same (possibly shared) machine.
-Prints rows/s of each, the ratio, how many rows got the same result, and the cost of a million
-reviews at --price-per-hour next to the API list prices (recipes/api_prices.json).
-
-``--gguf-types f16,q8_0`` adds (b0) on the model rewritten to each type (llama.cpp's own quantizer,
-requantizing: the weights stay those of the given GGUF, so it measures the speed of the type; a
-fine-tuned model is exported to the type from its float weights): rows/s per type, and on how many
-rows the answer matches the given GGUF's (b0).
-
-    .venv/bin/python bench/extract.py --model runs/eval11/reviews-q4_1.gguf --rows 200
+    .venv/bin/python bench/extract.py --model-before runs/reviews-q4_1.gguf \
+        --model runs/reviews-compact-q8_0.gguf --answer compact --rows 200
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -79,105 +80,132 @@ def requantize(model: str, kind: str, out_dir: Path) -> str:
     return str(out)
 
 
+def extract_once(path: str, inp: Path, out: Path, price: float, threads: int | None, max_tokens: int, **kw) -> dict:
+    from mlx_qlora.apps.extract import ExtractConfig, run_extract
+
+    return run_extract(ExtractConfig(model=path, input=str(inp), output=str(out), threads=threads, progress=False,
+                                     max_tokens=max_tokens, price_per_hour=price, **kw))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="GGUF (default: the embedded SmolLM2)")
+    ap.add_argument("--model", default=None, help="GGUF of (now) (default: the embedded SmolLM2)")
+    ap.add_argument("--model-before", default=None, help="GGUF of (before): the JSON model as main shipped it")
+    ap.add_argument("--anchor-model", default=None, help="GGUF of (a) (default: --model-before, else --model)")
+    ap.add_argument("--answer", default=None, help="(now) answer form, passed to ExtractConfig (e.g. compact)")
     ap.add_argument("--input", default=str(ROOT / "runs" / "mams" / "val_reviews.jsonl"))
     ap.add_argument("--rows", type=int, default=200)
-    ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--parallel", type=int, default=None, help="(now) rows decoded together (default: extract's)")
+    ap.add_argument("--prefill", default=None, help="(now) own | even | wave (default: extract's)")
     ap.add_argument("--threads", type=int, default=0, help="both sides (default: each side's own default)")
     ap.add_argument("--anchor-all-cores", action="store_true", help="also run (a) with every core")
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--price-per-hour", type=float, default=None)
     ap.add_argument("--skip-anchor", action="store_true", help="only the extract runs")
+    ap.add_argument("--no-check", action="store_true", help="skip the --parallel 1 runs that count identical rows")
     ap.add_argument("--repeat", type=int, default=1, help="run every extract config this many times, interleaved; "
                     "the fastest of each counts")
-    ap.add_argument("--gguf-types", default="", help="also run (b0) on the model rewritten to these GGUF types, "
+    ap.add_argument("--drafts", default="", help="also (now) with these --drafts, e.g. schema,all")
+    ap.add_argument("--gguf-types", default="", help="also (now) on the model rewritten to these GGUF types, "
                     "e.g. f16,q8_0")
     args = ap.parse_args()
 
     from mlx_qlora.apps.costs import cost_rows, default_price_per_hour
-    from mlx_qlora.apps.extract import ExtractConfig, run_extract
     from mlx_qlora.apps.prompt import instruction_of, load_schema
     from mlx_qlora.model.embedded import embedded_gguf_path
 
     model = args.model or str(embedded_gguf_path())
+    anchor_model = args.anchor_model or args.model_before or model
     schema = load_schema()
     rows = [json.loads(line) for line in open(args.input, encoding="utf-8")][:args.rows]
     price = default_price_per_hour() if args.price_per_hour is None else args.price_per_hour
-    print(f"model {model}, {len(rows)} reviews, threads {args.threads or 'each side default'}")
+    threads = args.threads or None
+    print(f"{len(rows)} reviews, threads {args.threads or 'each side default'}, load {os.getloadavg()[0]:.2f}")
 
-    rps_a = None
+    rps_a = rps_all = None
     if not args.skip_anchor:
-        print("(a) llama-cpp-python create_chat_completion, one review at a time, response_format schema")
-        ref, rps_a = anchor(model, rows, schema, instruction_of(schema), args.threads or None, args.max_tokens)
-    rps_all = None
+        print(f"(a) llama-cpp-python create_chat_completion on {Path(anchor_model).name}, one review at a time")
+        ref, rps_a = anchor(anchor_model, rows, schema, instruction_of(schema), threads, args.max_tokens)
     if args.anchor_all_cores:
-        import os
-
         print("(a') the same with every core")
-        ref_all, rps_all = anchor(model, rows, schema, instruction_of(schema), len(os.sched_getaffinity(0)),
-                                  args.max_tokens)
+        _, rps_all = anchor(anchor_model, rows, schema, instruction_of(schema), len(os.sched_getaffinity(0)),
+                            args.max_tokens)
 
+    now = {k: v for k, v in (("parallel", args.parallel), ("prefill", args.prefill), ("answer", args.answer))
+           if v is not None}
     runs = {}
     with tempfile.TemporaryDirectory() as d:
         inp = Path(d) / "in.jsonl"
         inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        configs = [("b0", model, "off"), ("b", model, "schema"), ("b+", model, "all")]
+        configs = []    # (label, GGUF, ExtractConfig fields)
+        if args.model_before:
+            configs.append(("(before) extract as on main: JSON, --parallel 8, prompts alone", args.model_before,
+                            {"parallel": 8, "drafts": "off", "prefill": "own"}))
+        configs.append(("(now) extract", model, dict(now)))
+        for dr in filter(None, args.drafts.split(",")):
+            configs.append((f"(now) --drafts {dr}", model, {**now, "drafts": dr}))
         for kind in filter(None, args.gguf_types.split(",")):
-            configs.append((kind.strip().upper(), requantize(model, kind.strip().lower(), Path(d)), "off"))
-        # interleaved (b0, b, b+, types, b0, ...), each config's fastest run kept: on a shared box the
-        # load changes within minutes, and a run the others did not share would decide the ratio
+            configs.append((f"(now) as {kind.upper()}", requantize(model, kind.strip().lower(), Path(d)), dict(now)))
+        # interleaved, each config's fastest run kept: on a shared box the load changes within minutes
         for rep in range(args.repeat):
-            for name, path, drafts in configs:
-                print(f"({name}) mlx_qlora extract {Path(path).name} --parallel {args.parallel} --drafts {drafts} "
-                      f"(run {rep + 1})")
-                out = Path(d) / f"{name}-{rep}.jsonl"
-                summary = run_extract(ExtractConfig(model=path, input=str(inp), output=str(out),
-                                                    parallel=args.parallel, threads=args.threads or None,
-                                                    progress=False, drafts=drafts, max_tokens=args.max_tokens,
-                                                    price_per_hour=price))
+            for label, path, kw in configs:
+                print(f"{label}: {Path(path).name} {kw} (run {rep + 1})", flush=True)
+                out = Path(d) / f"{len(runs)}-{rep}.jsonl"
+                sm = extract_once(path, inp, out, price, threads, args.max_tokens, **kw)
+                sm["load"] = os.getloadavg()[0]
                 got = [json.loads(line) for line in open(out)]
-                if name in runs:
-                    assert got == runs[name][1], f"({name}) gave other rows on run {rep + 1}"
-                if name not in runs or summary["rows_per_s"] > runs[name][0]["rows_per_s"]:
-                    runs[name] = summary, got
-        types = {name: runs.pop(name) for name, _, _ in configs[3:]}
-    (s0, got0), (s1, got1), (s2, got2) = runs["b0"], runs["b"], runs["b+"]
-    rps_b = s1["rows_per_s"]
-    base = rps_a or s0["rows_per_s"]
-    print()
-    print("| run | rows/s | vs " + ("(a)" if rps_a else "(b0)") + " | tokens evaluated per row: prompt + forced + "
-          "drafted + sampled + thrown away = total | decode steps per row | USD per 1M reviews |")
-    print("|---|---:|---:|---|---:|---:|")
+                if label in runs:
+                    assert got == runs[label][1], f"{label} gave other rows on run {rep + 1}"
+                if label not in runs or sm["rows_per_s"] > runs[label][0]["rows_per_s"]:
+                    runs[label] = sm, got, path, kw
+        greedy = {}     # (GGUF, answer form) -> rows of plain greedy decoding
+        if not args.no_check:
+            for label, (sm, got, path, kw) in runs.items():
+                key = (path, kw.get("answer"))
+                if key not in greedy:
+                    print(f"plain greedy decoding of {Path(path).name} (--parallel 1, prompts alone)", flush=True)
+                    out = Path(d) / f"greedy-{len(greedy)}.jsonl"
+                    plain = {"answer": kw["answer"]} if "answer" in kw else {}
+                    extract_once(path, inp, out, price, threads, args.max_tokens, parallel=1, drafts="off",
+                                 prefill="own", **plain)
+                    greedy[key] = [json.loads(line) for line in open(out)]
+    table(rows, runs, greedy, rps_a, rps_all, price, cost_rows)
+    if rps_a and "(now) extract" in runs and args.answer is None:
+        same = sum(a == b.get("result") for a, b in zip(ref, runs["(now) extract"][1]))
+        print(f"(now) same result as (a) on {same}/{len(rows)} rows (different templates and grammars: not the "
+              f"same decoding)")
+
+
+def table(rows, runs, greedy, rps_a, rps_all, price, cost_rows) -> None:
+    from dataclasses import fields
+
+    from mlx_qlora.apps.extract import ExtractConfig
+
+    default = {f.name: f.default for f in fields(ExtractConfig)}
+    base = rps_a or next(iter(runs.values()))[0]["rows_per_s"]
+    usd = lambda rps: f"{1e6 / rps / 3600 * price:,.2f}"
+    print(f"\n| run | rows/s | vs {'(a)' if rps_a else 'the first run'} | tokens per row in / out | evaluated per row: "
+          f"prompt + forced + drafted + sampled + thrown away | rows = plain greedy | USD per 1M reviews | load |")
+    print("|---|---:|---:|---|---|---:|---:|---:|")
     if rps_a:
-        print(f"| (a) llama-cpp-python, one at a time | {rps_a:.2f} | 1.00x | | | {1e6 / rps_a / 3600 * price:,.2f} |")
+        print(f"| (a) llama-cpp-python, one review at a time | {rps_a:.2f} | 1.00x | | | | {usd(rps_a)} | |")
     if rps_all:
-        print(f"| (a') the same, every core | {rps_all:.2f} | {rps_all / base:.2f}x | | | "
-              f"{1e6 / rps_all / 3600 * price:,.2f} |")
-    for name, (sm, _) in runs.items():
-        e = sm["evaluated_per_row"]
-        label = {"b0": "extract (--drafts off, one token per step)", "b": "extract --drafts schema",
-                 "b+": "extract --drafts all (+ prompt lookup)"}[name]
-        print(f"| ({name}) {label}, --parallel {args.parallel} | {sm['rows_per_s']:.2f} | {sm['rows_per_s'] / base:.2f}x | "
-              f"{e['prompt']:.1f} + {e['forced']:.1f} + {e['drafted']:.1f} + {e['sampled']:.1f} + {e['rejected']:.1f} = "
-              f"{e['total']:.1f} | {e['steps']:.1f} | {1e6 / sm['rows_per_s'] / 3600 * price:,.2f} |")
-    for kind, (sm, got) in types.items():
-        e = sm["evaluated_per_row"]
-        same = sum(a == b for a, b in zip(runs["b0"][1], got))
-        print(f"| (b0) on the model as {kind} (answers = (b0) on {same}/{len(rows)} rows) | {sm['rows_per_s']:.2f} | "
-              f"{sm['rows_per_s'] / base:.2f}x | {e['prompt']:.1f} + {e['forced']:.1f} + {e['drafted']:.1f} + "
-              f"{e['sampled']:.1f} + {e['rejected']:.1f} = {e['total']:.1f} | {e['steps']:.1f} | "
-              f"{1e6 / sm['rows_per_s'] / 3600 * price:,.2f} |")
-    for who, usd in cost_rows(s0["rows_per_s"], s0["tokens_in"], s0["tokens_out"], price)[1:]:
-        print(f"| API {who} ({s0['tokens_in']:.0f} in / {s0['tokens_out']:.0f} out tokens per review) | | | | | {usd:,.2f} |")
-    same_b, same_b2 = sum(a == b for a, b in zip(got0, got1)), sum(a == b for a, b in zip(got0, got2))
-    print(f"\n(b) = (b0) on {same_b}/{len(rows)} rows, (b+) = (b0) on {same_b2}/{len(rows)} (whole output lines); "
-          f"speed (b) / (b0) {rps_b / s0['rows_per_s']:.2f}x, (b+) / (b0) {s2['rows_per_s'] / s0['rows_per_s']:.2f}x; "
-          f"price ${price}/h")
-    if rps_a:
-        same = sum(a == b.get("result") for a, b in zip(ref, got0))
-        print(f"(b0) same result as (a) on {same}/{len(rows)} rows")
+        print(f"| (a') the same, every core | {rps_all:.2f} | {rps_all / base:.2f}x | | | | {usd(rps_all)} | |")
+    for label, (sm, got, path, kw) in runs.items():
+        e = sm["evaluated_per_row"] or {}
+        split = " + ".join(f"{e.get(k, 0):.1f}" for k in ("prompt", "forced", "drafted", "sampled", "rejected"))
+        ref = greedy.get((path, kw.get("answer")))
+        same = f"{sum(a == b for a, b in zip(got, ref))}/{len(rows)}" if ref is not None else "-"
+        print(f"| {label} ({Path(path).name}{', ' + kw['answer'] if 'answer' in kw else ''}, --parallel "
+              f"{kw.get('parallel', default['parallel'])}, prefill {kw.get('prefill', default['prefill'])}) | {sm['rows_per_s']:.2f} | {sm['rows_per_s'] / base:.2f}x | "
+              f"{sm['tokens_in']:.1f} / {sm['tokens_out']:.1f} | {split} = {e.get('total', 0):.1f} | {same} | "
+              f"{usd(sm['rows_per_s'])} | {sm['load']:.1f} |")
+    # an API writes the JSON: the first run's tokens ((before) when given: JSON answers)
+    js = next(iter(runs.values()))[0]
+    for who, cost in cost_rows(js["rows_per_s"], js["tokens_in"], js["tokens_out"], price)[1:]:
+        print(f"| API {who} ({js['tokens_in']:.0f} in / {js['tokens_out']:.0f} out tokens per review) "
+              f"| | | | | | {cost:,.2f} | |")
+    print(f"\nprice ${price}/h; a million reviews a day is 11.6 rows/s")
 
 
 if __name__ == "__main__":

@@ -377,7 +377,7 @@ def prepare_reviews(data, out_dir, schema, force, answer):
 @click.option("--output", required=True, type=click.Path(), help="JSONL; an existing one is resumed.")
 @click.option("--schema", default=None, type=click.Path(), help="JSON schema file [default: recipes/schemas/aspects.json].")
 @click.option("--text-field", default="text", show_default=True, help="JSONL key holding the text.")
-@click.option("--parallel", default=4, show_default=True, help="Rows decoded together (llama.cpp).")
+@click.option("--parallel", default=32, show_default=True, help="Rows decoded together (llama.cpp).")
 @click.option("--price-per-hour", type=float, default=None,
               help="USD/hour of this machine [default: the VM in recipes/api_prices.json, $0.09/h].")
 @click.option("--max-tokens", default=512, show_default=True, help="Output tokens per row at most.")
@@ -393,6 +393,9 @@ def prepare_reviews(data, out_dir, schema, force, answer):
 @click.option("--drafts", default="off", show_default=True, type=click.Choice(["off", "schema", "all"]),
               help="llama.cpp: tokens drafted and checked in one step, same answers: off = one token per row "
               "per step (fastest on a CPU); schema = the schema's forced tokens; all = also copies from the text.")
+@click.option("--prefill", default="own", show_default=True, type=click.Choice(["own", "even", "wave"]),
+              help="llama.cpp: where new rows' prompts run, same answers: own = calls of their own; even = in the "
+              "decode step's call; wave = even, rows started `--parallel` at a time.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
               help="Run on a Ray cluster: local (start one here), HEAD:6379, or ray://HEAD:10001.")
@@ -400,7 +403,7 @@ def prepare_reviews(data, out_dir, schema, force, answer):
               help="With --ray: model copies (actors) [default: the cluster's CPUs / --threads].")
 @click.option("--shard-rows", type=int, default=None, help="With --ray: rows per shard [default: 64].")
 def extract(model, adapter, input_, output, schema, text_field, parallel, price_per_hour, max_tokens, engine, gguf,
-            threads, span_field, answer, drafts, no_progress, ray_address, ray_workers, shard_rows):
+            threads, span_field, answer, drafts, prefill, no_progress, ray_address, ray_workers, shard_rows):
     """Run MODEL over every row of --input; each output line gets a schema-valid "result" or an "error"."""
     from .apps.extract import ExtractConfig, run_extract
     from .errors import require
@@ -410,7 +413,7 @@ def extract(model, adapter, input_, output, schema, text_field, parallel, price_
     cfg = ExtractConfig(model=model, input=input_, output=output, adapter=adapter, schema=schema,
                         text_field=text_field, parallel=parallel, price_per_hour=price_per_hour,
                         max_tokens=max_tokens, engine=engine, gguf=gguf, threads=threads,
-                        span_field=span_field, answer=answer, drafts=drafts, progress=not no_progress)
+                        span_field=span_field, answer=answer, drafts=drafts, prefill=prefill, progress=not no_progress)
     if ray_address is None:
         run_extract(cfg)
         return

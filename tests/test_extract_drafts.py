@@ -21,7 +21,7 @@ def open_llama(path, **kw):
     return central(path, **kw)
 
 
-def decode(llm, schema, prompts, prefix, parallel, drafter, max_tokens=40):
+def decode(llm, schema, prompts, prefix, parallel, drafter, max_tokens=40, prefill="own"):
     """{row: tokens}, {row: logits at each pick}, the decoder's counts."""
     from mlx_qlora.infer.engines.llamacpp_batch import BatchDecoder, Job, schema_to_gbnf
 
@@ -33,7 +33,7 @@ def decode(llm, schema, prompts, prefix, parallel, drafter, max_tokens=40):
             return super()._pick(slot, logits)
 
     dec = Recording(llm, schema_to_gbnf(schema), prefix, parallel=parallel, max_tokens=max_tokens, slot_tokens=96,
-                    drafter=drafter)
+                    drafter=drafter, prefill=prefill)
     try:
         done = {j.key: j.tokens for j in dec.run([Job(i, p) for i, p in enumerate(prompts)])}
     finally:
@@ -56,8 +56,8 @@ def test_drafts_give_the_tokens_and_logits_of_one_token_per_step(qtype, tmp_path
     assert plain.sampled == sum(map(len, tok1.values())) and plain.steps >= max(map(len, tok1.values()))
     sources = [dict(forced=True, lookup=False, habits=False), dict(forced=False, lookup=True, habits=False),
                dict(forced=False, lookup=False, habits=True), dict()]
-    for parallel, kw in zip((1, 3, 2, 4), sources):
-        tok, logits, counts = decode(llm, SMALL, prompts, prefix, parallel, Drafter(llm, SMALL, **kw))
+    for parallel, kw, prefill in zip((1, 3, 2, 4), sources, ("own", "even", "wave", "even")):   # prompts in steps too
+        tok, logits, counts = decode(llm, SMALL, prompts, prefix, parallel, Drafter(llm, SMALL, **kw), prefill=prefill)
         assert tok == tok1, kw
         for key in log1:   # one pick per output token (+ the end): same count, bit for bit the same floats
             assert len(logits[key]) == len(log1[key])

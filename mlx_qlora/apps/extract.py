@@ -39,6 +39,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # more than its tokens (memory-bound decoding: GPUs, Metal)
 DRAFTS = {"off": None, "schema": {"lookup": False}, "all": {}}
 ANSWERS = ("json", "compact")
+PREFILL = ("own", "even", "wave")  # = llamacpp_batch.PREFILL (that module imports llama_cpp)
 
 
 @dataclass
@@ -49,7 +50,8 @@ class ExtractConfig:
     adapter: str | None = None        # LoRA adapter directory (or LoRA GGUF)
     schema: str | None = None         # JSON schema file; default recipes/schemas/aspects.json
     text_field: str = "text"
-    parallel: int = 4                 # sequences decoded together (llama.cpp)
+    parallel: int = 32                # sequences decoded together (llama.cpp): 32 measured best on a
+    #                                   2-core AVX-512 CPU (README, bench/decode_curve.py), = 64 within 1%
     price_per_hour: float | None = None  # USD/hour of the machine; None = the prices file's VM
     max_tokens: int = 512             # per row; a row cut here gets an error
     engine: str = "auto"
@@ -60,6 +62,7 @@ class ExtractConfig:
     #                                   None: the schema's marked fields (answer.py); "none": none
     drafts: str = "off"               # llama.cpp drafts checked in one step: off | schema | all (DRAFTS)
     answer: str = "json"              # what the model writes: json | compact (compact.py)
+    prefill: str = "own"              # where rows' prompts run in llama.cpp's steps (llamacpp_batch.PREFILL)
 
     def __post_init__(self):
         require(Path(self.input).is_file(), f"--input {self.input!r}: file not found")
@@ -73,6 +76,7 @@ class ExtractConfig:
         require(bool(self.text_field), "--text-field: give the JSON key that holds the text, e.g. text")
         require(self.drafts in DRAFTS, f"--drafts {self.drafts!r}: use one of {', '.join(DRAFTS)}")
         require(self.answer in ANSWERS, f"--answer {self.answer!r}: use one of {', '.join(ANSWERS)}")
+        require(self.prefill in PREFILL, f"prefill {self.prefill!r}: use one of {', '.join(PREFILL)}")
 
 
 @dataclass
@@ -199,7 +203,8 @@ def _decode_llamacpp(engine, rows, prompts, cfg, gbnf, prefix, on_row, answer: A
     drafter = Drafter(engine.llm, None if answer.form else answer.schema, **DRAFTS[cfg.drafts]) \
         if DRAFTS[cfg.drafts] is not None else None
     dec = BatchDecoder(engine.llm, gbnf, prefix, parallel=cfg.parallel, max_tokens=cfg.max_tokens,
-                       slot_tokens=512, n_threads=cfg.threads or default_threads(), drafter=drafter)
+                       slot_tokens=512, n_threads=cfg.threads or default_threads(), drafter=drafter,
+                       prefill=cfg.prefill)
     try:
         if engine.active_adapter:
             dec.set_lora(engine._loras[engine.active_adapter])
