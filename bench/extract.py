@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--parallel", type=int, default=None, help="(now) rows decoded together (default: extract's)")
     ap.add_argument("--prefill", default=None, help="(now) own | even | wave (default: extract's)")
+    ap.add_argument("--span-fields", default="default",
+                    help="(now) once per --span-field value, comma-separated: default (the schema's grounded "
+                         "fields), none, or a field name; e.g. default,none")
     ap.add_argument("--threads", type=int, default=0, help="both sides (default: each side's own default)")
     ap.add_argument("--anchor-all-cores", action="store_true", help="also run (a) with every core")
     ap.add_argument("--max-tokens", type=int, default=512)
@@ -140,8 +143,10 @@ def main() -> None:
         configs = []    # (label, GGUF, ExtractConfig fields)
         if args.model_before:
             configs.append(("(before) extract as on main: JSON, --parallel 8, prompts alone", args.model_before,
-                            {"parallel": 8, "drafts": "off", "prefill": "own"}))
-        configs.append(("(now) extract", model, dict(now)))
+                            {"parallel": 8, "drafts": "off", "prefill": "own", "span_field": "none"}))
+        for sf in args.span_fields.split(","):   # main had no grounded fields: (before) runs without
+            configs.append(("(now) extract" + ("" if sf == "default" else f", --span-field {sf}"), model,
+                            {**now, **({} if sf == "default" else {"span_field": sf})}))
         for dr in filter(None, args.drafts.split(",")):
             configs.append((f"(now) --drafts {dr}", model, {**now, "drafts": dr}))
         for kind in filter(None, args.gguf_types.split(",")):
@@ -161,11 +166,11 @@ def main() -> None:
         greedy = {}     # (GGUF, answer form) -> rows of plain greedy decoding
         if not args.no_check:
             for label, (sm, got, path, kw) in runs.items():
-                key = (path, kw.get("answer"))
+                key = (path, kw.get("answer"), kw.get("span_field"))
                 if key not in greedy:
                     print(f"plain greedy decoding of {Path(path).name} (--parallel 1, prompts alone)", flush=True)
                     out = Path(d) / f"greedy-{len(greedy)}.jsonl"
-                    plain = {"answer": kw["answer"]} if "answer" in kw else {}
+                    plain = {k: kw[k] for k in ("answer", "span_field") if k in kw}
                     extract_once(path, inp, out, price, threads, args.max_tokens, parallel=1, drafts="off",
                                  prefill="own", **plain)
                     greedy[key] = [json.loads(line) for line in open(out)]
@@ -194,7 +199,7 @@ def table(rows, runs, greedy, rps_a, rps_all, price, cost_rows) -> None:
     for label, (sm, got, path, kw) in runs.items():
         e = sm["evaluated_per_row"] or {}
         split = " + ".join(f"{e.get(k, 0):.1f}" for k in ("prompt", "forced", "drafted", "sampled", "rejected"))
-        ref = greedy.get((path, kw.get("answer")))
+        ref = greedy.get((path, kw.get("answer"), kw.get("span_field")))
         same = f"{sum(a == b for a, b in zip(got, ref))}/{len(rows)}" if ref is not None else "-"
         print(f"| {label} ({Path(path).name}{', ' + kw['answer'] if 'answer' in kw else ''}, --parallel "
               f"{kw.get('parallel', default['parallel'])}, prefill {kw.get('prefill', default['prefill'])}) | {sm['rows_per_s']:.2f} | {sm['rows_per_s'] / base:.2f}x | "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,15 @@ def is_sweep(path: Path) -> bool:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_recipe_loads(path, monkeypatch):
+def test_recipe_loads(path, monkeypatch, tmp_path):
     first = path.read_text().splitlines()[0]
     if is_sweep(path):
         monkeypatch.chdir(path.parent.parent)     # its base recipe is named from the repository root
+        data = ((yaml.safe_load(path.read_text()) or {}).get("task") or {}).get("data")
+        if data and not Path(data).exists():      # made by the command its header names (prepare-reviews)
+            shutil.copytree(path.parent, tmp_path / "recipes")
+            (tmp_path / data).mkdir(parents=True)
+            monkeypatch.chdir(tmp_path)
         sweep = load_sweep(path)
         assert sweep.trials >= 4 and sweep.params and load_config(sweep.recipe, sweep.train).model
         assert first.startswith("# ") and f"mlx_qlora sweep -c recipes/{path.name}" in first

@@ -229,6 +229,8 @@ def _task_metric(cfg: SweepConfig, tcfg, tdir: Path) -> float:
            "--json", str(res)]
     if t.answer_prefix:
         cmd += ["--answer-prefix", t.answer_prefix]
+    if t.answer != "json":
+        cmd += ["--answer", t.answer]
     _run_child(cmd, tdir / "eval.log")
     value = json.loads(res.read_text()).get(t.metric)
     if not isinstance(value, (int, float)):

@@ -106,6 +106,7 @@ class TaskSpec:
     max_rows: int = 20                     # rows answered per trial
     engine: str = "auto"                   # generation engine: auto | mlx | llama.cpp
     select: bool = False                   # choose the best trial by this metric (higher is better), not valid loss
+    answer: str = "json"                   # json-fields: the rows' answer form, json | compact (apps/compact.py)
 
     def __post_init__(self):
         require(self.type in TASK_METRICS, f"task.type={self.type!r}: use one of {', '.join(TASK_METRICS)}")
@@ -114,6 +115,8 @@ class TaskSpec:
         require(_is_int(self.max_rows) and self.max_rows >= 1, f"task.max_rows={self.max_rows!r}: use a positive integer")
         require(self.engine in ("auto", "mlx", "llama.cpp"), f"task.engine={self.engine!r}: use auto, mlx or llama.cpp")
         require(isinstance(self.select, bool), f"task.select={self.select!r}: use true or false")
+        require(self.answer in ("json", "compact") and (self.answer == "json" or self.type == "json-fields"),
+                f"task.answer={self.answer!r}: use json, or compact with type json-fields")
 
     @property
     def metric(self) -> str:
