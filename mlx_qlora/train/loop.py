@@ -19,12 +19,11 @@ import math
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_map
 
 from ..atomic import remove_stale
 from ..errors import UserError, require
@@ -35,15 +34,13 @@ from .engines import mlx_cpu_kernels, numpy_engine
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import OptimConfig, TrainConfig
 from .data import Batch, batch_order, collate, load_dataset, padding_waste
-from .lora import count_parameters, dropout_key, seed_dropout
+from .lora import count_parameters, seed_dropout
+from .model_parts import StepFns, grad_checkpoint, output_head  # noqa: F401  (also imported from here)
 from . import preference
 from .preference_data import load_pairs
 from .report import Reporter
 
-# Architectures whose ``model.model(x)`` returns the final normed hidden states and whose logits
-# are a plain projection (lm_head or tied embedding): the fused chunked loss applies to them.
 CPU_CACHE_LIMIT = 256 * 1024 ** 2   # bytes of freed MLX buffers kept for reuse on CPU
-FUSED_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3", "starcoder2"}
 
 
 # ---------------------------------------------------------------- model
@@ -73,70 +70,6 @@ def prepare_model(model: nn.Module) -> None:
     mlx_cpu_kernels.accelerate(model)
 
 
-def output_head(model: nn.Module):
-    """The projection to the vocabulary when the fused loss applies, else None."""
-    mtype = getattr(getattr(model, "args", None), "model_type", None) or getattr(model, "model_type", None)
-    inner = getattr(model, "model", None)
-    if mtype not in FUSED_HEAD_TYPES or inner is None:
-        return None
-    return model["lm_head"] if "lm_head" in model else inner.embed_tokens
-
-
-def _checkpointed_call(self, x, *args, **kwargs):
-    # the block's LoRA dropout masks come from one key drawn here, so the recompute in backward
-    # draws the same masks as the forward did (lora.dropout_key)
-    key = mx.random.randint(0, 2 ** 31 - 1, (2,)).astype(mx.uint32)
-    base_call = _keyed(type(self).__mro__[1].__call__, key)
-    if not mlx_cpu_kernels.on_cpu():
-        def inner(params, x):
-            self.update(params)
-            return base_call(self, x, *args, **kwargs)
-
-        return mx.checkpoint(inner)(self.trainable_parameters(), x)
-
-    # CPU: the fast path evaluates inside the forward, and MLX keeps every intermediate of an
-    # array evaluated under a transformation alive; so the block's output is detached from its
-    # graph (keeping only the input) and the vjp recomputes the block, as mx.checkpoint does.
-    keys = [k for k, _ in tree_flatten(self.trainable_parameters())]
-
-    def run(x, *values):
-        self.update(tree_unflatten(list(zip(keys, values))))
-        return base_call(self, x, *args, **kwargs)
-
-    @mx.custom_function
-    def block(x, *values):
-        return mlx_cpu_kernels.detached(run(x, *values))
-
-    @block.vjp
-    def block_vjp(primals, cotangent, output):
-        _, grads = mx.vjp(run, list(primals), [cotangent])
-        # Computed now and detached, so this block's recomputed activations are freed before
-        # the next block's backward (the cotangent arriving here is itself detached).
-        return tuple(mlx_cpu_kernels.detached(g) for g in grads)
-
-    return block(x, *[v for _, v in tree_flatten(self.trainable_parameters())])
-
-
-def _keyed(call, key):
-    def run(*args, **kwargs):
-        with dropout_key(key):
-            return call(*args, **kwargs)
-
-    return run
-
-
-def grad_checkpoint(model: nn.Module) -> None:
-    """Recompute each adapted block in backward; per instance, so other models are untouched."""
-    classes = {}
-    for layer in model.layers:
-        if not tree_flatten(layer.trainable_parameters()):
-            continue  # nothing to differentiate below: its activations are never kept anyway
-        cls = type(layer)
-        if cls not in classes:
-            classes[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": _checkpointed_call})
-        layer.__class__ = classes[cls]
-
-
 def make_loss(model: nn.Module):
     """loss(model, inputs, targets, index, with_grad) -> summed cross-entropy over loss tokens."""
     head = output_head(model)
@@ -161,14 +94,6 @@ def make_loss(model: nn.Module):
 
 def _arrays(b: Batch):
     return mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_index)
-
-
-class StepFns(NamedTuple):
-    grad: Callable        # (batch, seed) -> (summed token loss, gradient tree)
-    loss: Callable        # batch -> summed token loss
-    packed: bool          # rows packed without padding (the CPU engine)
-    whole_step: Callable | None = None   # GPU path: (optimizer, max_norm) -> one-graph train_step
-    metrics: Callable | None = None      # preference: split -> that split's extra metrics since last asked
 
 
 def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_engine: bool = True,

@@ -115,7 +115,7 @@ def make_seq_logps(model: nn.Module):
     gradient w.r.t. the hidden states formed in the forward, as the SFT loss does (MLX's CPU exp
     is scalar; no (tokens, vocab) logits are kept for backward). Elsewhere: plain MLX.
     """
-    from .loop import output_head
+    from .model_parts import output_head
 
     head = output_head(model)
     weight = None
@@ -257,7 +257,7 @@ def make_step_fns(model: nn.Module, cfg: TrainConfig, ds: PairDataset, start: di
     The NumPy CPU engine computes one summed token loss, not per-answer log-probabilities, so
     preference tuning runs on MLX autodiff (with the CPU fast-path kernels) and says so.
     """
-    from .loop import StepFns, grad_checkpoint
+    from .model_parts import StepFns, grad_checkpoint
 
     p = cfg.preference
     if mlx_cpu_kernels.on_cpu() and cfg.cpu_engine:
