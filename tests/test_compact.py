@@ -1,4 +1,4 @@
-"""The compact answer form (apps/compact.py): JSON -> lines -> JSON is the identity on every MAMS
+"""The compact answer form (infer/compact.py): JSON -> lines -> JSON is the identity on every MAMS
 row, prepare-reviews writes it, and schemas it cannot express are refused with one line."""
 import json
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_qlora.apps.compact import CompactForm
+from mlx_qlora.infer.compact import CompactForm
 from mlx_qlora.apps.prompt import load_schema
 from mlx_qlora.apps.reviews import read_mams
 from mlx_qlora.errors import UserError

@@ -145,7 +145,8 @@ def test_kill_9_then_rerun_gives_every_row_exactly_once(tiny_gguf, tmp_path):
             "--schema", str(schema), "--parallel", "2", "--threads", "1", "--no-progress"]
 
     def start_and_stop(sig, at_least):
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not SIG_IGN from `&`
         deadline = time.time() + 120
         while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < at_least):
             time.sleep(0.05)

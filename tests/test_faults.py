@@ -107,7 +107,10 @@ def cli(args, fault: str = "none:0", popen: bool = False, cwd=None):
     cmd = [sys.executable, "-c", DRIVER, *map(str, args)]
     env = {**os.environ, "FAULT": fault}
     if popen:
-        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # SIGINT back to its default in the child: a suite started in the background (`cmd &` in a
+        # script, CI) passes SIG_IGN on, Python then installs no KeyboardInterrupt and Ctrl-C tests fail
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 

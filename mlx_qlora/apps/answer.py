@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import require
-from .prompt import SPAN_KEY, instruction_of
+from ..infer.schema_file import SPAN_KEY, instruction_of, unmarked  # noqa: F401  (unmarked: callers import it here)
 
 # a word ends at an apostrophe ("waiter" in "waiter's" is a span) and a span has up to 8 words: on
 # MAMS that covers 99.8% of train and 99.9% of val reference terms (1..6 words, apostrophes inside
@@ -74,15 +74,6 @@ def span_fields(schema: dict, span_field: str | None) -> set[str]:
     return {span_field}
 
 
-def unmarked(node):
-    """A copy of the schema without SPAN_KEY (what grammar compilers and validators are given)."""
-    if isinstance(node, list):
-        return [unmarked(v) for v in node]
-    if isinstance(node, dict):
-        return {k: unmarked(v) for k, v in node.items() if k != SPAN_KEY}
-    return node
-
-
 @dataclass
 class Answer:
     """What a row's output is constrained to, per engine, and how it is read back."""
@@ -93,7 +84,7 @@ class Answer:
     @classmethod
     def of(cls, schema: dict, answer: str = "json", span_field: str | None = None) -> "Answer":
         """UserError (one line) for a schema the answer form cannot express or a bad --span-field."""
-        from .compact import CompactForm
+        from ..infer.compact import CompactForm
 
         grounded = span_fields(schema, span_field)
         schema = unmarked(schema)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 
-from .compact import CompactForm
+from ..infer.compact import CompactForm
 
 # code points (inclusive ranges) that the free text never holds: C0 controls and DEL, and what
 # Python's str.splitlines breaks at (the output is JSONL, read back line by line)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..atomic import atomic_file
 from ..errors import UserError, require
-from .compact import CompactForm
+from ..infer.compact import CompactForm
 from .prompt import instruction_of, load_schema, messages
 
 SPLITS = {"train": ("train.xml", "train.jsonl"), "val": ("val.xml", "valid.jsonl")}

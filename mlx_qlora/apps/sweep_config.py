@@ -106,7 +106,7 @@ class TaskSpec:
     max_rows: int = 20                     # rows answered per trial
     engine: str = "auto"                   # generation engine: auto | mlx | llama.cpp
     select: bool = False                   # choose the best trial by this metric (higher is better), not valid loss
-    answer: str = "json"                   # json-fields: the rows' answer form, json | compact (apps/compact.py)
+    answer: str = "json"                   # json-fields: the rows' answer form, json | compact (infer/compact.py)
 
     def __post_init__(self):
         require(self.type in TASK_METRICS, f"task.type={self.type!r}: use one of {', '.join(TASK_METRICS)}")

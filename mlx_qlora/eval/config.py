@@ -33,7 +33,7 @@ class TaskConfig:
     list_field: str = "aspects"        # json-fields: the list of items, its key and label
     key: str = "term"
     label: str = "sentiment"
-    answer: str = "json"               # json-fields: the rows' answer form, json | compact (apps/compact.py)
+    answer: str = "json"               # json-fields: the rows' answer form, json | compact (infer/compact.py)
     schema: str | None = None          # answer compact: the schema the lines expand into (default aspects.json)
 
     def __post_init__(self):

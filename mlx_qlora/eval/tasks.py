@@ -99,9 +99,8 @@ def _compact_form(task):
     """The CompactForm of a json-fields task whose rows answer in the compact form, else None."""
     if task.type != "json-fields" or task.answer != "compact":
         return None
-    from ..apps.compact import CompactForm
-    from ..apps.answer import unmarked
-    from ..apps.prompt import load_schema
+    from ..infer.compact import CompactForm
+    from ..infer.schema_file import load_schema, unmarked
 
     return CompactForm.from_schema(unmarked(load_schema(task.schema)))
 

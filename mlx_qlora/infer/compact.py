@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError, require
-from .prompt import SPAN_KEY
+from .schema_file import SPAN_KEY
 
 
 @dataclass(frozen=True)
