@@ -25,7 +25,6 @@ KV window). The best of ``--repeat`` passes is printed, in tok/s and ms per call
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 import tempfile
@@ -89,9 +88,8 @@ def measure(llm, shapes, threads: int, prefix: int, calls: int, repeat: int, n_u
 
 def schedule(path: str, texts: list[str], configs: list[tuple[int, str]], threads: int, max_tokens: int):
     """{(parallel, prefill): (rows/s, evaluated tok/s, calls per row, rows = parallel 1)} for ``path``."""
-    import json as _json
-
-    from mlx_qlora.apps.prompt import instruction_of, load_schema, messages
+    from mlx_qlora.apps.prompt import messages
+    from mlx_qlora.infer.schema_file import instruction_of, load_schema
     from mlx_qlora.infer.engines import EngineConfig, load_engine
     from mlx_qlora.infer.engines.llamacpp_batch import BatchDecoder, Job, schema_to_gbnf
     from mlx_qlora.infer.generate import common_prefix

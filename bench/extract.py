@@ -114,7 +114,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from mlx_qlora.apps.costs import cost_rows, default_price_per_hour
-    from mlx_qlora.apps.prompt import instruction_of, load_schema
+    from mlx_qlora.infer.schema_file import instruction_of, load_schema
     from mlx_qlora.model.embedded import embedded_gguf_path
 
     model = args.model or str(embedded_gguf_path())

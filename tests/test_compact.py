@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlx_qlora.infer.compact import CompactForm
-from mlx_qlora.apps.prompt import load_schema
+from mlx_qlora.infer.schema_file import load_schema
 from mlx_qlora.apps.reviews import read_mams
 from mlx_qlora.errors import UserError
 

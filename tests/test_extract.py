@@ -221,7 +221,7 @@ def test_smollm2_reviews_valid_and_parallel_matches_serial(smollm2_gguf, tmp_pat
 
 @pytest.mark.llamacpp
 def test_span_field_terms_are_copied_from_the_text(tiny_gguf, tmp_path):
-    from mlx_qlora.apps.extract import text_spans
+    from mlx_qlora.apps.answer import text_spans
 
     assert text_spans("the lobster/mango summer roll, great!", 20)[:3] == ["the", "the lobster", "the lobster/mango"]
     schema = write_jsonl(tmp_path / "s.json", [{**SMALL, "properties": {"aspects": {**SMALL["properties"]["aspects"],

@@ -119,7 +119,7 @@ def test_edge_and_inner_characters_are_what_python_strips_and_splits_at():
 def test_compact_prompt_is_the_training_rows_and_grounding_comes_from_the_schema():
     from mlx_qlora.apps.answer import Answer
     from mlx_qlora.infer.compact import CompactForm
-    from mlx_qlora.apps.prompt import load_schema
+    from mlx_qlora.infer.schema_file import load_schema
 
     schema = load_schema()         # aspects.json: what prepare-reviews --answer compact writes rows from
     answer = Answer.of(schema, "compact")
@@ -133,7 +133,8 @@ def test_compact_prompt_is_the_training_rows_and_grounding_comes_from_the_schema
 def test_grammar_accepts_every_mams_val_answer_and_rejects_malformed_lines(grammars):
     from mlx_qlora.apps import compact_grammar as cg
     from mlx_qlora.infer.compact import CompactForm
-    from mlx_qlora.apps.answer import text_spans, unmarked
+    from mlx_qlora.apps.answer import text_spans
+    from mlx_qlora.infer.schema_file import unmarked
     from mlx_qlora.apps.reviews import read_mams
 
     form = CompactForm.from_schema(unmarked(ASPECTS))
@@ -276,7 +277,7 @@ def test_bad_answer_and_span_field_options_are_one_line(tiny_q8, tmp_path):
 @pytest.mark.llamacpp
 def test_eval_json_fields_expands_compact_answers(tiny_q8, tmp_path):
     from mlx_qlora.infer.compact import CompactForm
-    from mlx_qlora.apps.answer import unmarked
+    from mlx_qlora.infer.schema_file import unmarked
     from mlx_qlora.eval.config import EvalConfig, TaskConfig
     from mlx_qlora.eval.json_fields import score_json_fields
     from mlx_qlora.eval.run import run_eval

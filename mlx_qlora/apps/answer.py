@@ -4,7 +4,7 @@ Two answer forms: ``json`` (the schema's JSON, constrained by the GBNF of llama-
 converter on llama.cpp and by llguidance on MLX) and ``compact`` (one line per item, ``compact.py``,
 constrained by ``compact_grammar.py`` and expanded into the JSON). In either, grounded string fields
 may only take spans of the row's own text: a per-row grammar, so the model cannot invent or misspell
-an aspect term. A field is grounded when the schema marks it (``prompt.SPAN_KEY``, aspects.json's
+an aspect term. A field is grounded when the schema marks it (``schema_file.SPAN_KEY``, aspects.json's
 ``term``) or ``--span-field NAME`` names it; ``--span-field none`` grounds none.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import require
-from ..infer.schema_file import SPAN_KEY, instruction_of, unmarked  # noqa: F401  (unmarked: callers import it here)
+from ..infer.schema_file import SPAN_KEY, instruction_of, unmarked
 
 # a word ends at an apostrophe ("waiter" in "waiter's" is a span) and a span has up to 8 words: on
 # MAMS that covers 99.8% of train and 99.9% of val reference terms (1..6 words, apostrophes inside

@@ -10,7 +10,7 @@ exactly what ``CompactForm.to_text`` writes and ``to_json`` reads back:
 - the free text ``minLength``..``maxLength`` characters (at least 1: an empty one would not
   survive ``to_text``), no control or line-break character, no white space at either end (what
   ``str.strip`` removes), so the program can split the line without quoting;
-- with ``spans`` (grounded terms, see ``extract.text_spans``) the free text is one of them
+- with ``spans`` (grounded terms, see ``answer.text_spans``) the free text is one of them
   instead: the model copies a span of its review, it cannot invent or misspell one.
 """
 from __future__ import annotations

@@ -25,9 +25,10 @@ from pathlib import Path
 
 from ..errors import require
 from ..infer.generate import common_prefix
-from .answer import Answer, text_spans, with_spans  # noqa: F401  (their old home: callers import them here)
+from ..infer.schema_file import load_schema
+from .answer import Answer
 from .costs import cost_rows, default_price_per_hour, load_prices
-from .prompt import load_schema, messages
+from .prompt import messages
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # --drafts: what the batched llama.cpp decoder drafts (infer/engines/drafts.py); every choice gives

@@ -9,9 +9,7 @@ all call it.
 """
 from __future__ import annotations
 
-# the schema file itself (loading, instruction, the grounded-field mark) is infer/schema_file.py
-from ..infer.schema_file import (DEFAULT_SCHEMA, FALLBACK_INSTRUCTION, SPAN_KEY, instruction_of,  # noqa: F401,E402
-                                 load_schema)
+# the schema file itself (loading, instruction, the grounded-field mark): infer/schema_file.py
 
 
 def messages(instruction: str, text: str, answer: str | None = None) -> list[dict]:

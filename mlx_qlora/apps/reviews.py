@@ -18,8 +18,9 @@ from pathlib import Path
 
 from ..atomic import atomic_file
 from ..errors import UserError, require
-from ..infer.compact import CompactForm
-from .prompt import instruction_of, load_schema, messages
+from ..infer.schema_file import load_schema
+from .answer import Answer
+from .prompt import messages
 
 SPLITS = {"train": ("train.xml", "train.jsonl"), "val": ("val.xml", "valid.jsonl")}
 SENTIMENTS = ("positive", "negative", "neutral")
@@ -75,11 +76,10 @@ def _write_jsonl(path: Path, rows: list[dict], force: bool) -> None:
 
 def prepare_reviews(cfg: PrepareConfig) -> dict[str, int]:
     """Write the training and extraction files; returns rows per written file."""
-    schema = load_schema(cfg.schema)
-    instruction, write = instruction_of(schema), completion
-    if cfg.answer == "compact":
-        form = CompactForm.from_schema(schema)
-        instruction, write = form.instruction(schema), form.to_text
+    # the system turn and the target's form from the same Answer that `extract` decodes with, so the
+    # training rows' prompts are extract's prompts
+    answer = Answer.of(load_schema(cfg.schema), cfg.answer, "none")
+    instruction, write = answer.instruction(), (answer.form.to_text if answer.form else completion)
     out = Path(cfg.out_dir)
     files = {}  # every row is built (and every problem raised) before the first file is written
     for split, (xml_name, train_name) in SPLITS.items():

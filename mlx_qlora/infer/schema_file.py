@@ -13,7 +13,7 @@ from ..errors import UserError, require
 
 DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "recipes" / "schemas" / "aspects.json"
 # a schema's string property marked ``"x-span-of-text": true`` is grounded by default: ``extract``
-# constrains its values to spans of the row's text (``extract.with_spans``). JSON Schema ignores
+# constrains its values to spans of the row's text (``apps/answer.py: with_spans``). JSON Schema ignores
 # unknown keywords (the meta-schema check, jsonschema's validation, llama-cpp-python's converter and
 # llguidance all pass it by); ``extract`` still strips it before handing a schema on.
 SPAN_KEY = "x-span-of-text"
