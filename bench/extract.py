@@ -23,6 +23,11 @@ Threads: by default each side as its user would run it — (a) with llama-cpp-py
 model rewritten to each type (llama.cpp's quantizer, requantizing: the same weights, the type's
 speed); ``--repeat K`` interleaves every extract config K times and keeps the fastest of each.
 
+llama.cpp's extra buffer types (the AMX path on Intel Xeons, model/llama_load.py) follow
+``open_llama``'s choice on every side unless ``--main-bufts off``: then (a) and (before) run with them
+off, as main ran on an AMX CPU before ``scripts/llama_cpp_wheel.py`` (pip's build crashed with them).
+``--bufts-off-row`` adds (now) with them off, which isolates what the AMX path gives.
+
     .venv/bin/python bench/extract.py --model-before runs/reviews-q4_1.gguf \
         --model runs/reviews-compact-q8_0.gguf --answer compact --rows 200
 """
@@ -34,10 +39,28 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+@contextmanager
+def extra_bufts(setting: str | None):
+    """llama.cpp's extra buffer types forced "on"/"off" for the loads inside (None: open_llama's choice)."""
+    from mlx_qlora.model.llama_load import ENV_VAR
+
+    old = os.environ.get(ENV_VAR)
+    if setting is not None:
+        os.environ[ENV_VAR] = {"on": "1", "off": "0"}[setting]
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
 
 
 def anchor(model: str, rows: list[dict], schema: dict, instruction: str, threads: int | None, max_tokens: int):
@@ -83,8 +106,9 @@ def requantize(model: str, kind: str, out_dir: Path) -> str:
 def extract_once(path: str, inp: Path, out: Path, price: float, threads: int | None, max_tokens: int, **kw) -> dict:
     from mlx_qlora.apps.extract import ExtractConfig, run_extract
 
-    return run_extract(ExtractConfig(model=path, input=str(inp), output=str(out), threads=threads, progress=False,
-                                     max_tokens=max_tokens, price_per_hour=price, **kw))
+    with extra_bufts(kw.pop("bufts", None)):
+        return run_extract(ExtractConfig(model=path, input=str(inp), output=str(out), threads=threads, progress=False,
+                                         max_tokens=max_tokens, price_per_hour=price, **kw))
 
 
 def main() -> None:
@@ -111,7 +135,13 @@ def main() -> None:
     ap.add_argument("--drafts", default="", help="also (now) with these --drafts, e.g. schema,all")
     ap.add_argument("--gguf-types", default="", help="also (now) on the model rewritten to these GGUF types, "
                     "e.g. f16,q8_0")
+    ap.add_argument("--main-bufts", choices=["default", "off"], default="default",
+                    help="(a) and (before) with llama.cpp's extra buffer types as open_llama chooses, or off (as main "
+                         "ran on an AMX CPU)")
+    ap.add_argument("--bufts-off-row", action="store_true", help="also (now) with llama.cpp's extra buffer types off")
     args = ap.parse_args()
+    main_bufts = None if args.main_bufts == "default" else "off"
+    bufts_note = "" if main_bufts is None else ", extra buffer types off"
 
     from mlx_qlora.apps.costs import cost_rows, default_price_per_hour
     from mlx_qlora.infer.schema_file import instruction_of, load_schema
@@ -127,12 +157,15 @@ def main() -> None:
 
     rps_a = rps_all = None
     if not args.skip_anchor:
-        print(f"(a) llama-cpp-python create_chat_completion on {Path(anchor_model).name}, one review at a time")
-        ref, rps_a = anchor(anchor_model, rows, schema, instruction_of(schema), threads, args.max_tokens)
+        print(f"(a) llama-cpp-python create_chat_completion on {Path(anchor_model).name}, one review at a time"
+              f"{bufts_note}")
+        with extra_bufts(main_bufts):
+            ref, rps_a = anchor(anchor_model, rows, schema, instruction_of(schema), threads, args.max_tokens)
     if args.anchor_all_cores:
         print("(a') the same with every core")
-        _, rps_all = anchor(anchor_model, rows, schema, instruction_of(schema), len(os.sched_getaffinity(0)),
-                            args.max_tokens)
+        with extra_bufts(main_bufts):
+            _, rps_all = anchor(anchor_model, rows, schema, instruction_of(schema), len(os.sched_getaffinity(0)),
+                                args.max_tokens)
 
     now = {k: v for k, v in (("parallel", args.parallel), ("prefill", args.prefill), ("answer", args.answer))
            if v is not None}
@@ -142,11 +175,14 @@ def main() -> None:
         inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         configs = []    # (label, GGUF, ExtractConfig fields)
         if args.model_before:
-            configs.append(("(before) extract as on main: JSON, --parallel 8, prompts alone", args.model_before,
-                            {"parallel": 8, "drafts": "off", "prefill": "own", "span_field": "none"}))
+            configs.append(("(before) extract as on main: JSON, --parallel 8, prompts alone" + bufts_note,
+                            args.model_before, {"parallel": 8, "drafts": "off", "prefill": "own", "span_field": "none",
+                                                "bufts": main_bufts}))
         for sf in args.span_fields.split(","):   # main had no grounded fields: (before) runs without
             configs.append(("(now) extract" + ("" if sf == "default" else f", --span-field {sf}"), model,
                             {**now, **({} if sf == "default" else {"span_field": sf})}))
+        if args.bufts_off_row:
+            configs.append(("(now) extract, extra buffer types off", model, {**now, "bufts": "off"}))
         for dr in filter(None, args.drafts.split(",")):
             configs.append((f"(now) --drafts {dr}", model, {**now, "drafts": dr}))
         for kind in filter(None, args.gguf_types.split(",")):
@@ -166,22 +202,22 @@ def main() -> None:
         greedy = {}     # (GGUF, answer form) -> rows of plain greedy decoding
         if not args.no_check:
             for label, (sm, got, path, kw) in runs.items():
-                key = (path, kw.get("answer"), kw.get("span_field"))
+                key = (path, kw.get("answer"), kw.get("span_field"), kw.get("bufts"))
                 if key not in greedy:
                     print(f"plain greedy decoding of {Path(path).name} (--parallel 1, prompts alone)", flush=True)
                     out = Path(d) / f"greedy-{len(greedy)}.jsonl"
-                    plain = {k: kw[k] for k in ("answer", "span_field") if k in kw}
+                    plain = {k: kw[k] for k in ("answer", "span_field", "bufts") if k in kw}
                     extract_once(path, inp, out, price, threads, args.max_tokens, parallel=1, drafts="off",
                                  prefill="own", **plain)
                     greedy[key] = [json.loads(line) for line in open(out)]
-    table(rows, runs, greedy, rps_a, rps_all, price, cost_rows)
+    table(rows, runs, greedy, rps_a, rps_all, price, cost_rows, bufts_note)
     if rps_a and "(now) extract" in runs and args.answer is None:
         same = sum(a == b.get("result") for a, b in zip(ref, runs["(now) extract"][1]))
         print(f"(now) same result as (a) on {same}/{len(rows)} rows (different templates and grammars: not the "
               f"same decoding)")
 
 
-def table(rows, runs, greedy, rps_a, rps_all, price, cost_rows) -> None:
+def table(rows, runs, greedy, rps_a, rps_all, price, cost_rows, note: str = "") -> None:
     from dataclasses import fields
 
     from mlx_qlora.apps.extract import ExtractConfig
@@ -193,13 +229,13 @@ def table(rows, runs, greedy, rps_a, rps_all, price, cost_rows) -> None:
           f"prompt + forced + drafted + sampled + thrown away | rows = plain greedy | USD per 1M reviews | load |")
     print("|---|---:|---:|---|---|---:|---:|---:|")
     if rps_a:
-        print(f"| (a) llama-cpp-python, one review at a time | {rps_a:.2f} | 1.00x | | | | {usd(rps_a)} | |")
+        print(f"| (a) llama-cpp-python, one review at a time{note} | {rps_a:.2f} | 1.00x | | | | {usd(rps_a)} | |")
     if rps_all:
         print(f"| (a') the same, every core | {rps_all:.2f} | {rps_all / base:.2f}x | | | | {usd(rps_all)} | |")
     for label, (sm, got, path, kw) in runs.items():
         e = sm["evaluated_per_row"] or {}
         split = " + ".join(f"{e.get(k, 0):.1f}" for k in ("prompt", "forced", "drafted", "sampled", "rejected"))
-        ref = greedy.get((path, kw.get("answer"), kw.get("span_field")))
+        ref = greedy.get((path, kw.get("answer"), kw.get("span_field"), kw.get("bufts")))
         same = f"{sum(a == b for a, b in zip(got, ref))}/{len(rows)}" if ref is not None else "-"
         print(f"| {label} ({Path(path).name}{', ' + kw['answer'] if 'answer' in kw else ''}, --parallel "
               f"{kw.get('parallel', default['parallel'])}, prefill {kw.get('prefill', default['prefill'])}) | {sm['rows_per_s']:.2f} | {sm['rows_per_s'] / base:.2f}x | "

@@ -20,6 +20,9 @@ Same answers at any ``parallel`` and any prefill: a row's logits are the floats 
   blocks the same way). F16/BF16/F32 weights do not: tinyBLAS (>= 2 tokens) and ggml's dot product
   (1 token) sum in other orders, so with them no micro-batch holds one token or one output of
   several, and prompts run in calls of their own (``float_weights``; drafts are not covered there);
+  with llama.cpp's AMX buffer type (an AMX CPU and the build of scripts/llama_cpp_wheel.py) Q4_x/Q8_0
+  matmuls take a VNNI kernel for one token and AMX tiles for more: the tests above hold there too
+  (int8 block products exact in int32, the blocks' scaled sums added in the same order);
 - flash attention runs one query at a time (one_chunk) below 64 queries per stream: hence prompt
   pieces of at most 63 tokens (from 64 it takes a tiled kernel with other sums);
 - a single query of a single stream over >= 512 KV cells (a row past SPLIT_KV_POS) takes a split-KV
