@@ -131,9 +131,6 @@ class BatchDecoder:
             self.prefill = "own"
         p.n_threads = p.n_threads_batch = n_threads
         p.kv_unified = False
-        import os
-        if os.environ.get('XFA') == '0':
-            p.flash_attn_type = 0
         p.no_perf = True
         from llama_cpp._utils import suppress_stdout_stderr
 
