@@ -105,7 +105,10 @@ def main() -> None:
                                   "-d", str(tmp)], check=True, stdout=sys.stderr)
             sdist = next(tmp.glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(sdist) as tar:
-            tar.extractall(tmp / "src", filter="data")
+            try:
+                tar.extractall(tmp / "src", filter="data")
+            except TypeError:                      # Pythons before the extraction filters (< 3.11.4)
+                tar.extractall(tmp / "src")
         src = next((tmp / "src").iterdir())
         patch(src)
         out.mkdir(parents=True, exist_ok=True)

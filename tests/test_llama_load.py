@@ -231,3 +231,32 @@ def test_amx_build_answers_correctly_after_another_library_used_the_tiles(smollm
     monkeypatch.setattr(llama_load, "CACHE_DIR", tmp_path / "cache")
     got = llama_load.probe(smollm2_gguf, threads=2)["Q4_1"]
     assert got["correct"] is True, got
+
+
+def test_the_llama_cpp_wheel_patch_replaces_the_tile_setup_and_refuses_other_sources(tmp_path):
+    """scripts/llama_cpp_wheel.py's patch on a stand-in sdist tree: the once-per-thread tile setup of
+    the released form becomes the load at every call through an "m" operand, the version gets the
+    tag llama_load trusts, and a source of another form is refused (exit with the file's name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llama_cpp_wheel", ROOT / "scripts" / "llama_cpp_wheel.py")
+    wheel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wheel)
+    src = tmp_path / "sdist"
+    mmq = src / wheel.MMQ
+    mmq.parent.mkdir(parents=True)
+    (src / "llama_cpp").mkdir()
+    (src / "llama_cpp" / "__init__.py").write_text('__version__ = "0.3.36"\n')
+    before = ("static int other = 1;\n\ninline void ggml_tile_config_init(void) {\n"
+              "    static thread_local bool done = false;\n    if (done) {\n        return;\n    }\n"
+              "    alignas(64) tile_config_t tc = {};\n    tc.palette_id = 1;\n"
+              "    _tile_loadconfig(&tc);\n    done = true;\n}\n\nint after(void) { return 2; }\n")
+    mmq.write_text(before)
+    wheel.patch(src)
+    text = mmq.read_text()
+    assert 'ldtilecfg %0" : : "m"(tc)' in text and "thread_local" not in text and "_tile_loadconfig" not in text
+    assert text.startswith("static int other = 1;") and text.endswith("int after(void) { return 2; }\n")
+    assert (src / "llama_cpp" / "__init__.py").read_text() == f'__version__ = "0.3.36{llama_load.AMX_FIX_TAG}"\n'
+    assert wheel.LOCAL == llama_load.AMX_FIX_TAG.lstrip("+")
+    with pytest.raises(SystemExit, match="mmq.cpp has no ggml_tile_config_init of the expected form"):
+        wheel.patch(src)      # already patched: not the released form any more
