@@ -88,19 +88,12 @@ def anchor(model: str, rows: list[dict], schema: dict, instruction: str, threads
 
 def requantize(model: str, kind: str, out_dir: Path) -> str:
     """``model`` rewritten as GGUF type ``kind`` (f16, q8_0, q4_0, ...) by llama.cpp's quantizer."""
-    import llama_cpp as lc
+    from mlx_qlora.model.llama_load import rewrite_gguf
 
-    p = lc.llama_model_quantize_default_params()
-    p.ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
-    p.allow_requantize = True
-    out = out_dir / f"{Path(model).stem}.{kind}.gguf"
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    with suppress_stdout_stderr(disable=False):   # it logs every tensor
-        rc = lc.llama_model_quantize(model.encode(), str(out).encode(), p)
-    if rc != 0:
-        raise SystemExit(f"llama.cpp could not write {kind} from {model} (code {rc})")
-    return str(out)
+    try:
+        return str(rewrite_gguf(model, out_dir / f"{Path(model).stem}.{kind}.gguf", f"MOSTLY_{kind.upper()}"))
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def extract_once(path: str, inp: Path, out: Path, price: float, threads: int | None, max_tokens: int, **kw) -> dict:

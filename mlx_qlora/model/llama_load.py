@@ -55,13 +55,16 @@ class BuftChoice:
     why: str
 
 
-def _probe_cache() -> Path:
+def llama_version() -> str:
     try:
         import llama_cpp
-        version = llama_cpp.__version__
     except ImportError:
-        version = "none"
-    return CACHE_DIR / f"llama_bufts-{cpu_info().key}-{version}.json"
+        return "none"
+    return str(llama_cpp.__version__)
+
+
+def _probe_cache() -> Path:
+    return CACHE_DIR / f"llama_bufts-{cpu_info().key}-{llama_version()}.json"
 
 
 def read_probe() -> dict:
@@ -69,14 +72,6 @@ def read_probe() -> dict:
         return json.loads(_probe_cache().read_text())
     except (OSError, ValueError):
         return {}
-
-
-def llama_version() -> str:
-    try:
-        import llama_cpp
-    except ImportError:
-        return "none"
-    return str(llama_cpp.__version__)
 
 
 def choose_extra_bufts(gguf_type: str | None = None, cpu: CpuInfo | None = None,
@@ -179,19 +174,20 @@ print(len(ids) / best)
 """
 
 
-def _f32_rewrite(gguf: str | Path, out: Path) -> Path:
-    """``gguf`` with every tensor dequantized to F32 by llama.cpp's quantizer (the same weight values,
-    no kernel of any buffer type's own): the reference both settings are measured against."""
+def rewrite_gguf(src: str | Path, out: str | Path, ftype: str) -> Path:
+    """``src`` rewritten by llama.cpp's quantizer as ``LLAMA_FTYPE_<ftype>`` (``MOSTLY_Q8_0``,
+    ``ALL_F32``, ...), requantizing where it must: the same weights in another type. RuntimeError
+    when llama.cpp refuses."""
     import llama_cpp as lc
     from llama_cpp._utils import suppress_stdout_stderr
 
     p = lc.llama_model_quantize_default_params()
-    p.ftype, p.allow_requantize = lc.LLAMA_FTYPE_ALL_F32, True
+    p.ftype, p.allow_requantize = getattr(lc, f"LLAMA_FTYPE_{ftype}"), True
     with suppress_stdout_stderr(disable=False):   # it logs every tensor
-        rc = lc.llama_model_quantize(str(gguf).encode(), str(out).encode(), p)
+        rc = lc.llama_model_quantize(str(src).encode(), str(out).encode(), p)
     if rc != 0:
-        raise RuntimeError(f"llama.cpp could not rewrite {gguf} as F32 (code {rc})")
-    return out
+        raise RuntimeError(f"llama.cpp could not write {ftype} from {src} (code {rc})")
+    return Path(out)
 
 
 def probe(gguf: str | Path, threads: int = 2, timeout: float = 300) -> dict:
@@ -212,7 +208,8 @@ def probe(gguf: str | Path, threads: int = 2, timeout: float = 300) -> dict:
     wtype = gguf_weight_type(gguf) or "unknown"
     res = {}
     with tempfile.TemporaryDirectory() as d:
-        ref_path = _f32_rewrite(gguf, Path(d) / "f32.gguf") if wtype != "F32" else Path(gguf)
+        # the reference: every tensor dequantized to F32 (the same weight values, no buffer type's kernels)
+        ref_path = rewrite_gguf(gguf, Path(d) / "f32.gguf", "ALL_F32") if wtype != "F32" else Path(gguf)
         for key, path, on in (("ref", ref_path, False), (False, gguf, False), (True, gguf, True)):
             out = Path(d) / f"{key}.npy"
             p = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(int(on)), str(out), str(threads)],
