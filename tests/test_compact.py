@@ -17,7 +17,7 @@ MAMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mams"
 
 def test_round_trip_every_mams_row():
     form = CompactForm.from_schema(load_schema())
-    assert [f.name for f in form.fields] == ["sentiment", "term"]      # enums first, free text last
+    assert [f.name for f in form.fields] == ["term", "sentiment"]      # free text first, enums last
     n = 0
     for split in ("train.xml", "val.xml"):
         for _, target in read_mams(MAMS / split):
@@ -31,13 +31,18 @@ def test_round_trip_every_mams_row():
 def test_expansion_of_handwritten_answers():
     form = CompactForm.from_schema(load_schema())
     assert form.to_json("") == {"aspects": []}
-    assert form.to_json("positive lobster/mango summer roll\nneutral drinks\n") == {
-        "aspects": [{"sentiment": "positive", "term": "lobster/mango summer roll"},
-                    {"sentiment": "neutral", "term": "drinks"}]}
+    assert form.to_json(" lobster/mango summer roll positive\n drinks neutral\n") == {
+        "aspects": [{"term": "lobster/mango summer roll", "sentiment": "positive"},
+                    {"term": "drinks", "sentiment": "neutral"}]}
+    # split from the right: a term may hold spaces and even an enum word
+    assert form.to_json(" positive vibe neutral\n") == {"aspects": [{"term": "positive vibe", "sentiment": "neutral"}]}
     with pytest.raises(ValueError, match="sentiment 'great'"):
-        form.to_json("great food\n")
+        form.to_json(" food great\n")
     with pytest.raises(ValueError, match="line 2"):
-        form.to_json("positive food\nnegative\n")
+        form.to_json(" food positive\n negative\n")
+    # the lines start with a space (compact.LEAD); read back without it too (a detokenizer may drop it)
+    assert form.to_text({"aspects": [{"term": "food", "sentiment": "positive"}]}) == " food positive\n"
+    assert form.to_json("food positive\n") == form.to_json(" food positive\n")
 
 
 BAD = [

@@ -124,7 +124,7 @@ def test_compact_prompt_is_the_training_rows_and_grounding_comes_from_the_schema
     schema = load_schema()         # aspects.json: what prepare-reviews --answer compact writes rows from
     answer = Answer.of(schema, "compact")
     assert answer.instruction() == CompactForm.from_schema(schema).instruction(schema) == \
-        "Review aspects: one line per item: sentiment term"
+        "Review aspects: one line per item: term sentiment"
     assert answer.grounded == {"term"} and "x-span-of-text" not in json.dumps(answer.schema)
     assert Answer.of(schema, "json", "none").grounded == set() and Answer.of(schema, "json").grounded == {"term"}
 
@@ -152,10 +152,11 @@ def test_grammar_accepts_every_mams_val_answer_and_rejects_malformed_lines(gramm
         rows += 1
     assert rows == 500 and grounded >= 499
 
-    bad = ["great food\n", "positive  food\n", "positive food \n", "positive \n", "positive food",
-           "positivefood\n", "positive fo\tod\n", "positive food\n\n", "Positive food\n", "positive " + "x" * 61 + "\n",
-           "neutral drinks\n" * 13, "negative\n"]
-    good = ["", "neutral drinks\n" * 12, "positive " + "x" * 60 + "\n", "positive crème brûlée\n", "neutral a b\n"]
+    bad = [" food great\n", " food  positive\n", " food positive \n", "  positive\n", " food positive",
+           " foodpositive\n", " fo\tod positive\n", " food positive\n\n", " food Positive\n", " " + "x" * 61 + " positive\n",
+           " drinks neutral\n" * 13, " negative\n", "  food positive\n"]
+    good = ["", " drinks neutral\n" * 12, " " + "x" * 60 + " positive\n", " crème brûlée positive\n", " a b neutral\n",
+            " positive vibe neutral\n", "food positive\n"]   # the lead is optional (compact_grammar)
     for text in bad + good:
         for g, grammar in zip(grammars, (free, free_lark)):
             assert g.accepts(grammar, text) == (text in good), (type(g).__name__, text)
@@ -163,9 +164,11 @@ def test_grammar_accepts_every_mams_val_answer_and_rejects_malformed_lines(gramm
     review = 'The "lobster\\mango" roll was great, the waiter\'s mood less so.'
     spans = text_spans(review, 60)
     for g, grammar in zip(grammars, (cg.gbnf(form, spans), cg.lark(form, spans))):
-        for text, ok in [('positive lobster\\mango" roll\n', True), ("negative waiter\n", True),
-                         ("negative waiter's mood\n", True), ("positive lobster mango roll\n", False),
-                         ("positive pizza\n", False), ("positive roll was great, the\n", True)]:
+        for text, ok in [(' lobster\\mango" roll positive\n', True), (" waiter negative\n", True),
+                         (" waiter's mood negative\n", True), (" lobster mango roll positive\n", False),
+                         (" pizza positive\n", False), (" roll was great, the positive\n", True),
+                         (" roll was great positive\n", True), (" roll was great\n", False),
+                         ("waiter negative\n", True), ("  waiter negative\n", False)]:
             assert g.accepts(grammar, text) == ok, (type(g).__name__, text)
     # at least one item: the empty answer is refused; no span fits: only the empty list
     one = CompactForm.from_schema({**unmarked(ASPECTS), "properties": {"aspects": {
@@ -288,9 +291,9 @@ def test_eval_json_fields_expands_compact_answers(tiny_q8, tmp_path):
     assert form == CompactForm.from_schema(unmarked(ASPECTS))
     ref = {"aspects": [{"sentiment": "positive", "term": "lobster roll"}, {"sentiment": "negative", "term": "decor"}]}
     lines = form.to_text(ref)
-    assert _expand(form, lines.strip()) == ref and _expand(form, "") == {"aspects": []}
-    assert _expand(form, "great decor") is None
-    s = score_json_fields([_expand(form, lines), _expand(form, "positive decor\ngreat")], [ref, ref])
+    assert _expand(form, lines.rstrip()) == _expand(form, lines.strip()) == ref and _expand(form, "") == {"aspects": []}
+    assert _expand(form, " decor great") is None
+    s = score_json_fields([_expand(form, lines), _expand(form, " decor positive\n great")], [ref, ref])
     assert s["json_validity"] == 0.5 and s["term_recall"] == 0.5 and s["pair_f1"] == pytest.approx(2 / 3)
     with pytest.raises(UserError, match="task.answer='compact' is for --task json-fields"):
         TaskConfig(type="exact-match", answer="compact")

@@ -91,7 +91,7 @@ class Answer:
         if answer == "json":
             return cls(schema, grounded)
         form = CompactForm.from_schema(schema)
-        free = form.fields[-1].name if form.fields[-1].enum is None else None
+        free = form.free.name if form.free is not None else None
         require(grounded <= {free}, f"--span-field {', '.join(sorted(grounded))}: with --answer compact only the "
                                     f"free-text field ({free or 'none here'}) can be grounded; use --span-field none")
         return cls(schema, grounded, form)
@@ -102,7 +102,7 @@ class Answer:
     def _spans(self, text):
         if not self.grounded or text is None:
             return None
-        return text_spans(text, self.form.fields[-1].max_len)
+        return text_spans(text, self.form.free.max_len)
 
     def gbnf(self, text: str | None = None) -> str:
         """llama.cpp's grammar (of the row with ``text``, when grounded); ValueError when no line fits."""

@@ -6,7 +6,9 @@ exactly what ``CompactForm.to_text`` writes and ``to_json`` reads back:
 
 - ``minItems``..``maxItems`` lines, each ending in ``"\\n"``; end of generation only after a
   whole line (or at once, for an empty list when ``minItems`` is 0);
-- the enum fields first, each value whole, then the free-text field, single spaces between;
+- a space (``compact.LEAD``; optional: a chat template that trims the answer drops the first
+  line's in training), the free-text field, then the enum fields, each value whole, single
+  spaces between;
 - the free text ``minLength``..``maxLength`` characters (at least 1: an empty one would not
   survive ``to_text``), no control or line-break character, no white space at either end (what
   ``str.strip`` removes), so the program can split the line without quoting;
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 
-from ..infer.compact import CompactForm
+from ..infer.compact import LEAD, CompactForm
 
 # code points (inclusive ranges) that the free text never holds: C0 controls and DEL, and what
 # Python's str.splitlines breaks at (the output is JSONL, read back line by line)
@@ -71,8 +73,7 @@ def _free_pattern(field, cls) -> str:
 
 def usable_spans(form: CompactForm, spans) -> list[str]:
     """The spans that fit the free-text field (length, no line break or outer space)."""
-    free = form.fields[-1]
-    return [s for s in spans if writable(s, free)]
+    return [s for s in spans if writable(s, form.free)]
 
 
 # ---- llama.cpp (GBNF) -------------------------------------------------------------------------
@@ -130,8 +131,12 @@ def _grammar(form, spans, root, assign, literal, cls, prefix, regex_free=None) -
             rules.append(name + assign + " | ".join(literal(s) for s in ok))
         else:
             rules.append(name + assign + (regex_free(f, cls) if regex_free else _free_pattern(f, cls)))
-    item = ' " " '.join(names) + ' "\\n"'
+    # lark: the line is one terminal (upper case), so llguidance's lexer matches it as one regex and
+    # can end the free text at any space before an enum value (as separate lexemes, the free text's
+    # greedy lexeme would swallow " positive" and the line could never end); GBNF parses by characters
+    item_name = prefix.replace("F", "ITEM").replace("f", "item")
+    item = f"({literal(LEAD)})? " + ' " " '.join(names) + ' "\\n"'
     if form.max_items == 0:
         return root + '""\n'
-    lines = [root + f"item{_bounds(form.min_items, form.max_items)}", "item" + assign + item, *rules]
+    lines = [root + f"{item_name}{_bounds(form.min_items, form.max_items)}", item_name + assign + item, *rules]
     return "\n".join(lines) + "\n"

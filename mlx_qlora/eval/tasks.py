@@ -108,7 +108,8 @@ def _compact_form(task):
 def _expand(form, text: str) -> dict | None:
     """Compact lines -> the schema's JSON object (None when malformed: counted as invalid)."""
     try:
-        return form.to_json(text.strip() + "\n" if text.strip() else "")
+        text = text.rstrip()                  # not the first line's leading space (compact.LEAD)
+        return form.to_json(text + "\n" if text.strip() else "")
     except ValueError:
         return None
 

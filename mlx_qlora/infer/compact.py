@@ -3,17 +3,25 @@
 On a compute-bound CPU every token the model evaluates costs the same, forced or not, and most
 tokens of a JSON answer are keys, quotes and braces. For a schema shaped as "one array of flat
 items" (``{"aspects": [{"term": str, "sentiment": enum}]}``, NER-like lists, labelled spans) the
-model writes one line per item instead: the item's enum fields first, then at most one free-text
-field, separated by single spaces, each line ending in a newline::
+model writes one line per item instead: at most one free-text field first, then the item's enum
+fields, separated by single spaces, each line starting with a space and ending in a newline::
 
-    positive cripsy squid
-    neutral drinks
+     cripsy squid positive
+     drinks neutral
 
-The program expands that into the schema's JSON deterministically (``to_json``); training rows
-are written the same way (``to_text``), so the fine-tuned model learns the short form. Enum
-values come first because each is one word the grammar finishes after its first token, and the
-free text last so it needs no quoting: it runs to the end of the line. On SmolLM2's tokenizer a
-MAMS item costs 2 tokens plus its term instead of ~12 (``{"term": "``, ``", "sentiment": "``...).
+The program expands that into the schema's JSON deterministically (``to_json``, which splits each
+line from the right: enum values hold no space, so the free text may); training rows are written
+the same way (``to_text``), so the fine-tuned model learns the short form. The free text comes
+first so that each label is chosen after, and conditioned on, the text it qualifies (the aspect's
+sentiment after its term, the issue's own ``term|sentiment``): with the labels first a greedy model
+commits to a sentiment before naming the aspect it belongs to. The leading space (``LEAD``) makes
+the term's first word the token the review has (" drinks", not "dr" "inks" as at a line's start).
+Measured on MAMS val (docs/reviews-sweep.md, merged Q8_0): labels first, rank 32, two epochs: pair
+F1 57.6; term first with the lead, rank 64, three epochs: 59.6. The lead alone is not separated:
+halfway (step 810 of 1,620) the runs without / with it scored 56.3 / 55.0 (valid loss 0.58 / 0.53).
+An enum value is one word and the newline ends the line, so nothing needs quoting. On SmolLM2's
+tokenizer a MAMS item costs 2 tokens plus its term instead of ~12 (``{"term": "``, ``",
+"sentiment": "``...).
 
 A schema of any other shape is refused with one line naming the fix (``--answer json``).
 """
@@ -25,10 +33,15 @@ from ..errors import UserError, require
 from .schema_file import SPAN_KEY
 
 
+# every line starts with a space, so a word there is the token the text has mid-sentence
+# (" drinks", not "dr" "inks" as at a line's start): the model copies its review's own tokens
+LEAD = " "
+
+
 @dataclass(frozen=True)
 class Field:
     name: str
-    enum: tuple[str, ...] | None      # None: free text (the last field)
+    enum: tuple[str, ...] | None      # None: free text (the first field)
     min_len: int = 0
     max_len: int | None = None
 
@@ -36,7 +49,7 @@ class Field:
 @dataclass(frozen=True)
 class CompactForm:
     key: str                          # the root's array property
-    fields: tuple[Field, ...]         # enum fields first, then at most one free-text field
+    fields: tuple[Field, ...]         # at most one free-text field first, then the enum fields
     max_items: int | None = None
     min_items: int = 0
 
@@ -75,7 +88,12 @@ class CompactForm:
         require(len(free) <= 1, f"--answer compact: at most one free-text field per item, got "
                                 f"{', '.join(f.name for f in free)}{fix}")
         require(enums or free, f"--answer compact: {key!r}'s items have no properties{fix}")
-        return cls(key, tuple(enums + free), arr.get("maxItems"), int(arr.get("minItems", 0)))
+        return cls(key, tuple(free + enums), arr.get("maxItems"), int(arr.get("minItems", 0)))
+
+    @property
+    def free(self) -> Field | None:
+        """The free-text field (written first on each line), or None."""
+        return self.fields[0] if self.fields[0].enum is None else None
 
     # ---- JSON <-> lines -----------------------------------------------------------------------
     def to_text(self, obj: dict) -> str:
@@ -83,11 +101,10 @@ class CompactForm:
         lines = []
         for item in obj[self.key]:
             vals = [str(item[f.name]) for f in self.fields]
-            free = self.fields[-1].enum is None
-            require(not free or (vals[-1] and "\n" not in vals[-1] and vals[-1] == vals[-1].strip()),
-                    f"compact form: {self.fields[-1].name} {vals[-1]!r} is empty, has a line break or "
+            require(self.free is None or (vals[0] and "\n" not in vals[0] and vals[0] == vals[0].strip()),
+                    f"compact form: {self.fields[0].name} {vals[0]!r} is empty, has a line break or "
                     f"outer spaces; it cannot be written on one line")
-            lines.append(" ".join(vals) + "\n")
+            lines.append(LEAD + " ".join(vals) + "\n")
         return "".join(lines)
 
     def to_json(self, text: str) -> dict:
@@ -96,7 +113,9 @@ class CompactForm:
         for n, line in enumerate(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n"), 1):
             if not line and not text.strip():
                 continue
-            parts = line.split(" ", len(self.fields) - 1) if self.fields[-1].enum is None else line.split(" ")
+            # the lead is read back if there: a detokenizer may drop a first token's own space
+            line = line[len(LEAD):] if line.startswith(LEAD) else line
+            parts = line.rsplit(" ", len(self.fields) - 1) if self.free is not None else line.split(" ")
             if len(parts) != len(self.fields):
                 raise ValueError(f"line {n} {line!r} has {len(parts)} fields, expected {len(self.fields)}")
             item = {}
