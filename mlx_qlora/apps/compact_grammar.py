@@ -134,7 +134,7 @@ def _grammar(form, spans, root, assign, literal, cls, prefix, regex_free=None) -
     # lark: the line is one terminal (upper case), so llguidance's lexer matches it as one regex and
     # can end the free text at any space before an enum value (as separate lexemes, the free text's
     # greedy lexeme would swallow " positive" and the line could never end); GBNF parses by characters
-    item_name = prefix.replace("F", "ITEM").replace("f", "item")
+    item_name = "ITEM" if prefix.isupper() else "item"
     item = f"({literal(LEAD)})? " + ' " " '.join(names) + ' "\\n"'
     if form.max_items == 0:
         return root + '""\n'
