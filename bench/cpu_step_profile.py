@@ -8,6 +8,7 @@ time spent in that function itself on the calling thread (pool threads it waits 
   python bench/cpu_step_profile.py --steps 6            # cpu_gemm auto
   python bench/cpu_step_profile.py --cpu-gemm fp32
   python bench/cpu_step_profile.py --cpu-time       # one thread, CPU time: steadier on a busy machine
+  MLX_QLORA_FUSED=off python bench/cpu_step_profile.py   # NumPy's elementwise kernels on the bf16 path
 """
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def instrument() -> None:
     ops = ne.ops
     for name in ("rms", "rms_back", "attention", "attention_back", "swiglu", "swiglu_back", "softmax_ce_rows"):
         setattr(ops, name, timer(name, getattr(ops, name)))
-    from mlx_qlora.train.engines import cpu_proj
+    from mlx_qlora.train.engines import cpu_fused, cpu_proj
+    for name in ("rms", "rms_back", "rope", "swiglu", "swiglu_back", "attention", "attention_back"):  # bf16 path: fused
+        setattr(cpu_fused.Fused, name, timer(f"{name} (fused)", getattr(cpu_fused.Fused, name)))
     ne.to_bf16 = cpu_proj.to_bf16 = timer("to_bf16", ne.to_bf16)
     cpu_gemm.MklBf16.matmul = timer("gemm bf16 (oneMKL)", cpu_gemm.MklBf16.matmul)
     for cls, meths in ((ne._Proj, ("forward", "backward", "weight", "matmul")),

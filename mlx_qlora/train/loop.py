@@ -114,7 +114,7 @@ def make_step_fns(model: nn.Module, grad_checkpointing: bool = False, use_cpu_en
             eng = numpy_engine.CpuEngine(model, grad_checkpointing, weight_cache_mb,
                                          bf16=cpu_gemm_mod.load_library()[0] if gemm.bf16 else None)
             say(f"engine: CPU NumPy/BLAS, padding-free; GEMMs: {gemm.reason}; {eng.cached_mb:,.1f} MiB of "
-                f"{gemm.path} weight cache (cpu_weight_cache_mb={weight_cache_mb})")
+                f"{gemm.path} weight cache (cpu_weight_cache_mb={weight_cache_mb}){eng.kernels_note()}")
             return StepFns(eng.loss_and_grad, eng.loss, True)
         say(f"engine: MLX autodiff (the CPU engine does not cover {why})")
     if not mlx_cpu_kernels.on_cpu():   # Metal / CUDA (or CPU kernels off): compiled, chunked loss

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import numpy_kernels
+from . import cpu_fused, numpy_kernels
 from .cpu_gemm import round_bf16_into, to_bf16
 
 CHUNK_COLS = 1024     # vocabulary columns per chunk: 256 rows x 1024 x 4 B = 1 MiB of logits (L2: 2 MiB)
@@ -41,6 +41,7 @@ def _part(lib, h16: np.ndarray, w16: np.ndarray, lo: int, hi: int, targets: np.n
     logits = np.empty(rows * min(CHUNK_COLS, hi - lo), np.float32)     # flat: a short last chunk stays contiguous
     p16 = np.empty(logits.shape, np.uint16) if grad else None
     alpha = np.empty(rows, np.float32)
+    fused = cpu_fused.load()[0]
     for c0 in range(lo, hi, CHUNK_COLS):
         c1 = min(c0 + CHUNK_COLS, hi)
         L = logits[:rows * (c1 - c0)].reshape(rows, c1 - c0)
@@ -49,6 +50,13 @@ def _part(lib, h16: np.ndarray, w16: np.ndarray, lo: int, hi: int, targets: np.n
             L *= scale
         here = (targets >= c0) & (targets < c1)
         tl[here] = L[here, targets[here] - c0]
+        P = p16[:rows * (c1 - c0)].reshape(rows, c1 - c0) if grad else None
+        if fused is not None:        # max, exp, sum and the bf16 rounding in two passes over the chunk
+            fused.softmax_chunk(L, m, s, alpha, P)
+            if grad:
+                acc *= alpha[:, None]
+                lib.gemm(P, w16[c0:c1], False, acc, beta=1.0)
+            continue
         m_new = np.maximum(m, L.max(axis=1))
         np.subtract(m, m_new, out=alpha)             # -inf on the first chunk: alpha = 0
         np.exp(alpha, out=alpha)
@@ -59,7 +67,6 @@ def _part(lib, h16: np.ndarray, w16: np.ndarray, lo: int, hi: int, targets: np.n
         s += L.sum(axis=1, dtype=np.float64)
         if grad:
             acc *= alpha[:, None]
-            P = p16[:rows * (c1 - c0)].reshape(rows, c1 - c0)
             round_bf16_into(L, P)
             lib.gemm(P, w16[c0:c1], False, acc, beta=1.0)
     return m, s, tl, acc

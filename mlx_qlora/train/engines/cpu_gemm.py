@@ -39,7 +39,7 @@ import numpy as np
 from ...errors import require
 from ...model import cpu
 from ..config import CPU_GEMMS as PATHS
-from . import numpy_kernels
+from . import cpu_fused, numpy_kernels
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")   # /proc/cpuinfo names of the bf16 units
 U_BF16 = 2.0 ** -8                         # unit roundoff of bf16 (8 significant bits)
@@ -300,6 +300,9 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
     """fp32 -> bf16 bits (uint16), rounded to nearest even; NaN stays NaN. In the calling thread
     and the kernel pool (no MLX stream hand-off per call); large matrices split by rows."""
     x = np.ascontiguousarray(x, np.float32)
+    fused = cpu_fused.load()[0]
+    if fused is not None and x.ndim:          # one vectorised pass, the same bits (tests/test_cpu_fused.py)
+        return fused.to_bf16(x)
     u = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
     out = np.empty(u.shape, np.uint16)
     u = u.view(np.uint32)
@@ -316,6 +319,9 @@ def round_bf16_into(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``to_bf16`` of the fp32 ``x`` (contiguous rows) into the uint16 ``out`` of its shape, on the
     calling thread: for blocks a caller already holds in cache (NumPy's bit passes measured faster
     here than ml_dtypes' scalar bfloat16 cast: 0.30 vs 0.36 ms per 356 x 1024)."""
+    fused = cpu_fused.load()[0]
+    if fused is not None and x.flags.c_contiguous and out.flags.c_contiguous:
+        return fused.round_bf16_into(x, out)
     u = x.reshape(-1, x.shape[-1]).view(np.uint32)
     _round_rows(u, out.reshape(u.shape))
     with np.errstate(over="ignore", invalid="ignore"):

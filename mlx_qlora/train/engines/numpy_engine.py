@@ -34,7 +34,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from . import bf16_head, numpy_kernels as ops
+from . import bf16_head, cpu_fused, numpy_kernels as ops
 from .cpu_gemm import other_blas_serial, round_bf16_into, to_bf16
 from .cpu_proj import _np, _Proj
 from ..lora import LoRALinear, linear_dims
@@ -147,6 +147,7 @@ class _Block:
         self.proj.update({n: _Proj(m[n], f"{prefix}.mlp.{n}", bf16) for n in mlp})
         self.trainable = any(p.lora is not None for p in self.proj.values())
         self.bf16 = bf16
+        self.fused = cpu_fused.load()[0] if bf16 is not None else None
         head_dim = linear_dims(self.proj["o_proj"].base)[0] // a.n_heads   # o_proj's input: heads x head_dim
         self.heads = ops.Heads(a.n_heads, a.n_kv_heads, head_dim, a.scale)
         self.rope = rope_spec(a.rope)
@@ -159,25 +160,34 @@ class _Block:
         d = self.heads.d
         self._qkv_cuts = [self.heads.h * d, (self.heads.h + self.heads.hkv) * d]
 
+    @property
+    def k(self):
+        """The elementwise kernels: fused C ones on the bf16 path (when they built), else NumPy's
+        (the fp32 path's bits, and every evaluation: ``CpuEngine._fp32_products`` clears ``bf16``)."""
+        return self.fused if self.bf16 is not None and self.fused is not None else ops
+
     def _norm_heads(self, x: np.ndarray, name: str, ctx: dict | None) -> np.ndarray:
         """Qwen3's RMSNorm over each head of q or k (identity where the block has none)."""
+        kn = self.k
         if name not in self.head_norm:
             return x
         w, eps = self.head_norm[name]
-        y, n, r = ops.rms(x.reshape(-1, w.shape[0]), w, eps)
+        y, n, r = kn.rms(x.reshape(-1, w.shape[0]), w, eps)
         if ctx is not None:
             ctx[name] = (n, r)
         return y.reshape(x.shape)
 
     def _norm_heads_back(self, dy: np.ndarray, name: str, ctx: dict) -> np.ndarray:
+        kn = self.k
         if name not in self.head_norm:
             return dy
         w, _ = self.head_norm[name]
         n, r = ctx.pop(name)
-        return ops.rms_back(dy.reshape(-1, w.shape[0]), w, n, r).reshape(dy.shape)
+        return kn.rms_back(dy.reshape(-1, w.shape[0]), w, n, r).reshape(dy.shape)
 
     def _rope(self, x: np.ndarray, heads: int, geo: _Geometry, inverse: bool) -> np.ndarray:
         """RoPE on (tokens, heads * d): +theta, or -theta (its transpose) for gradients."""
+        kn = self.k
         dims, trad, inv, pre = self.rope
         if not dims:
             return x
@@ -186,7 +196,7 @@ class _Block:
             x[..., :dims] *= F32(pre)
             x = x.reshape(x.shape[0], -1)
         cos, sin = geo.rope_tables(inv)
-        y = ops.rope(x, heads, cos, sin, dims, trad, inverse)
+        y = kn.rope(x, heads, cos, sin, dims, trad, inverse)
         if pre != 1.0 and inverse:       # ... so their gradient is scaled after the inverse rotation
             y = y.reshape(y.shape[0], heads, -1)
             y[..., :dims] *= F32(pre)
@@ -194,11 +204,12 @@ class _Block:
         return y
 
     def forward(self, x: np.ndarray, geo: _Geometry, rng, ctx: dict | None) -> np.ndarray:
+        kn = self.k
         P = self.proj
         post = self.post_norms
         # bf16: q, k, v share one bf16 copy of their input, rounded inside the norm's row blocks
         a16 = np.empty(x.shape, np.uint16) if self.bf16 else None
-        a_in, n1, r1 = (x, None, None) if post else ops.rms(x, self.w1, self.eps1, a16, round_bf16_into)
+        a_in, n1, r1 = (x, None, None) if post else kn.rms(x, self.w1, self.eps1, a16, round_bf16_into)
         if post and a16 is not None:
             a16 = to_bf16(a_in)
         if self.fused_qkv:
@@ -208,14 +219,14 @@ class _Block:
         del a16
         q = self._rope(self._norm_heads(q, "q_norm", ctx), self.heads.h, geo, False)
         k = self._rope(self._norm_heads(k, "k_norm", ctx), self.heads.hkv, geo, False)
-        o, probs = ops.attention(q, k, v, geo.segments, self.heads, ctx is not None)
+        o, probs = kn.attention(q, k, v, geo.segments, self.heads, ctx is not None)
         r = P["o_proj"].forward(o, rng, ctx)
         del o
         if post:
-            r, n1, r1 = ops.rms(r, self.w1, self.eps1)
+            r, n1, r1 = kn.rms(r, self.w1, self.eps1)
         h = x + r * self.res if self.res != 1 else x + r
         m16 = np.empty(h.shape, np.uint16) if self.bf16 else None      # gate and up share theirs
-        m_in, n2, r2 = (h, None, None) if post else ops.rms(h, self.w2, self.eps2, m16, round_bf16_into)
+        m_in, n2, r2 = (h, None, None) if post else kn.rms(h, self.w2, self.eps2, m16, round_bf16_into)
         if post and m16 is not None:
             m16 = to_bf16(m_in)
         if self.fused_mlp:
@@ -224,27 +235,28 @@ class _Block:
             g, u = P["gate_proj"].forward(m_in, rng, ctx, m16), P["up_proj"].forward(m_in, rng, ctx, m16)
         del m16
         act16 = np.empty(g.shape, np.uint16) if self.bf16 else None   # rounded while each block is in cache
-        act, sig = ops.swiglu(g, u, ctx is not None, act16, round_bf16_into)
+        act, sig = kn.swiglu(g, u, ctx is not None, act16, round_bf16_into)
         r = P["down_proj"].forward(act, rng, ctx, act16)
         del act16
         if post:
-            r, n2, r2 = ops.rms(r, self.w2, self.eps2)
+            r, n2, r2 = kn.rms(r, self.w2, self.eps2)
         out = h + r * self.res if self.res != 1 else h + r
         if ctx is not None:
             ctx.update(n1=n1, r1=r1, q=q, k=k, v=v, probs=probs, n2=n2, r2=r2, g=g, u=u, sig=sig)
         return out
 
     def backward(self, dout: np.ndarray, ctx: dict, geo: _Geometry, grads: dict, need_dx: bool) -> np.ndarray | None:
+        kn = self.k
         P = self.proj
         post = self.post_norms
         dr = dout * self.res if self.res != 1 else dout
         if post:
-            dr = ops.rms_back(dr, self.w2, ctx.pop("n2"), ctx.pop("r2"))
+            dr = kn.rms_back(dr, self.w2, ctx.pop("n2"), ctx.pop("r2"))
         dact = P["down_proj"].backward(dr, ctx, grads, True)
         # bf16: dL/dg and dL/du also rounded while each block is in cache, for gate/up's input gradients
         d16 = (np.empty(dact.shape, np.uint16), np.empty(dact.shape, np.uint16)) \
             if self.bf16 and not self.fused_mlp else (None, None)
-        dg, du = ops.swiglu_back(dact, ctx.pop("g"), ctx.pop("u"), ctx.pop("sig"),
+        dg, du = kn.swiglu_back(dact, ctx.pop("g"), ctx.pop("u"), ctx.pop("sig"),
                                  None if d16[0] is None else d16, round_bf16_into)
         del dact
         if self.fused_mlp:
@@ -253,12 +265,12 @@ class _Block:
             dm = P["gate_proj"].backward(dg, ctx, grads, True, d16[0])
             dm += P["up_proj"].backward(du, ctx, grads, True, d16[1])
         del d16
-        dh = dout + (dm if post else ops.rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2")))
+        dh = dout + (dm if post else kn.rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2")))
         dr = dh * self.res if self.res != 1 else dh
         if post:
-            dr = ops.rms_back(dr, self.w1, ctx.pop("n1"), ctx.pop("r1"))
+            dr = kn.rms_back(dr, self.w1, ctx.pop("n1"), ctx.pop("r1"))
         do = P["o_proj"].backward(dr, ctx, grads, True)
-        dq, dk, dv = ops.attention_back(do, ctx.pop("q"), ctx.pop("k"), ctx.pop("v"), ctx.pop("probs"), geo.segments,
+        dq, dk, dv = kn.attention_back(do, ctx.pop("q"), ctx.pop("k"), ctx.pop("v"), ctx.pop("probs"), geo.segments,
                                         self.heads)
         dq = self._norm_heads_back(self._rope(dq, self.heads.h, geo, True), "q_norm", ctx)
         dk = self._norm_heads_back(self._rope(dk, self.heads.hkv, geo, True), "k_norm", ctx)
@@ -274,7 +286,7 @@ class _Block:
                 return None
             da += dka
             da += dva
-        return dh + (da if post else ops.rms_back(da, self.w1, ctx.pop("n1"), ctx.pop("r1")))
+        return dh + (da if post else kn.rms_back(da, self.w1, ctx.pop("n1"), ctx.pop("r1")))
 
 
 class CpuEngine:
@@ -303,6 +315,13 @@ class CpuEngine:
         self.head = _Proj(head, "head", bf16)       # frozen; its weight may be cached too
         self.cached_mb = self._fill_cache(weight_cache_mb)
         self._paths = None
+
+    def kernels_note(self) -> str:
+        """'; elementwise: ...' for the training banner on the bf16 path (which kernels, and why)."""
+        if self.bf16 is None:
+            return ""
+        fused, why = cpu_fused.load()
+        return "; elementwise: fused C kernels" if fused is not None else f"; elementwise: NumPy ({why})"
 
     def _fill_cache(self, budget_mb: float) -> float:
         """Keep fp32 (bf16 on that path) copies of frozen weights up to ``budget_mb`` MiB: first the adapted blocks'

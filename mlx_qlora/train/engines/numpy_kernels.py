@@ -246,16 +246,29 @@ def _balanced(segments: list[tuple[int, int]]) -> list[list[int]]:
     return [g for g in groups if g]
 
 
-def attention(q, k, v, segments, hd: Heads, keep_probs: bool):
-    """Causal softmax(q k^T * scale) v per segment; also the probabilities when ``keep_probs``."""
+def causal_softmax(sc: np.ndarray, rep: int, n: int, scale) -> None:
+    """Scores (hkv, rep * n, n) -> causal softmax of scale * scores, in place."""
+    sc *= scale
+    softmax_(sc, causal_mask(rep, n, n))
+
+
+def softmax_back(dp: np.ndarray, p: np.ndarray, scale) -> None:
+    """dL/d probabilities -> dL/d scores (before ``scale``), in place."""
+    dp -= np.sum(dp * p, axis=-1, keepdims=True)
+    dp *= p
+    dp *= scale
+
+
+def attention(q, k, v, segments, hd: Heads, keep_probs: bool, softmax=causal_softmax):
+    """Causal softmax(q k^T * scale) v per segment; also the probabilities when ``keep_probs``.
+    ``softmax``: the in-place scale, mask and softmax (``causal_softmax``'s signature)."""
     out = np.empty((q.shape[0], hd.h * hd.d), F32)
     probs = [None] * len(segments)
 
     def one(i):
         s, n = segments[i]
         sc = hd.group(q, s, n) @ hd.kv(k, s, n).transpose(0, 2, 1)        # (hkv, rep*n, n)
-        sc *= hd.scale
-        softmax_(sc, causal_mask(hd.rep, n, n))
+        softmax(sc, hd.rep, n, hd.scale)
         out[s:s + n] = hd.ungroup(sc @ hd.kv(v, s, n), n)
         if keep_probs:
             probs[i] = sc
@@ -264,7 +277,7 @@ def attention(q, k, v, segments, hd: Heads, keep_probs: bool):
     return out, probs
 
 
-def attention_back(do, q, k, v, probs, segments, hd: Heads):
+def attention_back(do, q, k, v, probs, segments, hd: Heads, softmax_grad=softmax_back):
     """(dq, dk, dv) of ``attention`` from dL/d out and the kept probabilities."""
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
 
@@ -273,9 +286,7 @@ def attention_back(do, q, k, v, probs, segments, hd: Heads):
         dos = hd.group(do, s, n)
         dv[s:s + n] = hd.kv_rows(p.transpose(0, 2, 1) @ dos, n)
         dp = dos @ hd.kv(v, s, n).transpose(0, 2, 1)
-        dp -= np.sum(dp * p, axis=-1, keepdims=True)
-        dp *= p                                           # d scores
-        dp *= hd.scale
+        softmax_grad(dp, p, hd.scale)                     # d scores
         dq[s:s + n] = hd.ungroup(dp @ hd.kv(k, s, n), n)
         dk[s:s + n] = hd.kv_rows(dp.transpose(0, 2, 1) @ hd.group(q, s, n), n)
 
