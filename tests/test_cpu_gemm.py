@@ -116,7 +116,8 @@ def test_round_bf16_into_equals_to_bf16():
 
 
 @needs_lib
-@pytest.mark.parametrize("m,k,n,transpose", [(37, 576, 1536, True), (300, 1536, 576, False), (5, 64, 7, True)])
+@pytest.mark.parametrize("m,k,n,transpose", [(37, 576, 1536, True), (300, 1536, 576, False), (5, 64, 7, True),
+                                             (360, 576, 1536, False), (9, 64, 1000, True)])   # split by columns
 def test_gemm_within_derived_bound(m, k, n, transpose):
     rng = np.random.default_rng(m)
     a = rng.standard_normal((m, k)).astype(np.float32)

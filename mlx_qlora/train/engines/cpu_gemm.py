@@ -45,6 +45,10 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")   # /proc/cpuinfo names of the bf16 uni
 U_BF16 = 2.0 ** -8                         # unit roundoff of bf16 (8 significant bits)
 U_FP32 = 2.0 ** -24
 ENV_VAR = "MLX_QLORA_BF16_BLAS"            # off, or the path of a libmkl_rt to use
+# MklBf16.matmul splits an output at least this many times wider than tall by columns, not rows:
+# oneMKL packs its b operand on every call, and a column split packs each part once instead of
+# every thread packing all of b (2 cores, 360 x 576 @ 576 x 1536 bf16: ~10-20% faster)
+COL_SPLIT = 2
 # CBLAS enum values (cblas.h): row-major, no transpose, transpose
 _ROW, _N, _T = 101, 111, 112
 
@@ -117,7 +121,15 @@ class MklBf16:
         def rows(lo, hi):   # ctypes releases the GIL for the call
             self._gemm(_ROW, _N, tb, hi - lo, n, k, 1.0, pa + 2 * lo * k, k, pb, ldb, 0.0, pc + 4 * lo * n, n)
 
-        numpy_kernels.parallel([lambda lo=lo, hi=hi: rows(lo, hi) for lo, hi in numpy_kernels.row_parts(m, n * k // 64)])
+        def cols(lo, hi):   # columns lo:hi of c: rows of b (columns without transpose_b)
+            self._gemm(_ROW, _N, tb, m, hi - lo, k, 1.0, pa, k, pb + 2 * lo * (k if transpose_b else 1), ldb, 0.0,
+                       pc + 4 * lo, n)
+
+        if n >= COL_SPLIT * m:   # wide outputs: each thread packs only its share of b
+            parts = [(lo // 64 * 64, hi // 64 * 64 if hi < n else n) for lo, hi in numpy_kernels.row_parts(n, m * k // 64)]
+            numpy_kernels.parallel([lambda lo=lo, hi=hi: cols(lo, hi) for lo, hi in parts if hi > lo])
+        else:
+            numpy_kernels.parallel([lambda lo=lo, hi=hi: rows(lo, hi) for lo, hi in numpy_kernels.row_parts(m, n * k // 64)])
         return c
 
     def gemm(self, a: np.ndarray, b: np.ndarray, transpose_b: bool, c: np.ndarray, beta: float = 0.0) -> np.ndarray:
