@@ -84,7 +84,6 @@ def main() -> None:
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
-    from mlx.utils import tree_map
     from mlx_qlora.train.config import LoraConfig
     from mlx_qlora.train.data import Example, collate
     from mlx_qlora.train.lora import apply_lora
@@ -100,8 +99,10 @@ def main() -> None:
     instrument()
     grad_fn = make_step_fns(model, say=said.append, cpu_gemm=a.cpu_gemm).grad
     opt = optim.AdamW(learning_rate=1e-4)
-    step_fn = timer("optimizer (MLX AdamW)", lambda b, g: (opt.update(model, tree_map(lambda x: x / b.n_loss, g)),
-                                                           mx.eval(model.trainable_parameters(), opt.state)))
+    from mlx_qlora.train.engines.mlx_step import make_scale_clip, make_update   # compiled, as train() runs it
+    update, scale = make_update(model, opt), make_scale_clip(None, compiled=True)
+    step_fn = timer("optimizer (MLX AdamW, compiled)", lambda b, g: (update(scale(g, b.n_loss)[0]),
+                                                                     mx.eval(model.trainable_parameters(), opt.state)))
     rows = tt.tokenized(tok, tt.BATCH * (a.warmup + a.steps))
     tokens, total = 0, 0.0
     for i, r in enumerate(tt.batches(rows)):

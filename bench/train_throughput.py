@@ -96,7 +96,6 @@ def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int, weight_cache_mb: 
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
-    from mlx.utils import tree_map
 
     from mlx_qlora.train.data import Example, collate
     from mlx_qlora.train.lora import apply_lora, count_parameters
@@ -112,11 +111,14 @@ def worker_mlx_qlora(model_dir: str, n_rows: int, warmup: int, weight_cache_mb: 
                             cpu_gemm=cpu_gemm).grad
     opt = optim.AdamW(learning_rate=1e-4)
     step_no = [0]
+    # as train() runs it beside the CPU engine: scaling and the AdamW update compiled
+    from mlx_qlora.train.engines.mlx_step import make_scale_clip, make_update
+    update, scale = make_update(model, opt), make_scale_clip(None, compiled=True)
 
     def step(rows):
         b = collate([Example(np.array(r, np.int32), np.ones(len(r), bool)) for r in rows])
         loss, g = grad_fn(b, (0, step_no[0], 0))
-        opt.update(model, tree_map(lambda x: x / b.n_loss, g))
+        update(scale(g, b.n_loss)[0])
         mx.eval(model.trainable_parameters(), opt.state)
         step_no[0] += 1
 

@@ -222,9 +222,12 @@ def train(cfg: TrainConfig) -> dict:
     grad_fn, eval_fn, packed = fns.grad, fns.loss, fns.packed
     from .engines.mlx_step import make_scale_clip, make_update
 
-    gpu_path = not packed and not mlx_cpu_kernels.on_cpu()   # the GPU path: scaling, clipping, update compiled
-    update = make_update(model, optimizer) if gpu_path else partial(optimizer.update, model)
-    scale_clip = make_scale_clip(cfg.optim.max_grad_norm, compiled=gpu_path)
+    # scaling, clipping and the AdamW update compiled (one fused kernel per tensor instead of ~10 ops
+    # each) on the GPU path and beside the CPU engine, where the uncompiled update of the LoRA
+    # tensors was ~45 ms of a ~600 ms step (2-core Xeon); the same bits (tests/test_train_compiled_update.py)
+    compiled = packed or not mlx_cpu_kernels.on_cpu()
+    update = make_update(model, optimizer) if compiled else partial(optimizer.update, model)
+    scale_clip = make_scale_clip(cfg.optim.max_grad_norm, compiled=compiled)
     # one micro-batch, one process: the whole optimizer step as one compiled graph (mlx_step)
     whole = fns.whole_step and cfg.optim.grad_accum == 1 and world.size == 1
     train_step = fns.whole_step(optimizer, cfg.optim.max_grad_norm) if whole else None
