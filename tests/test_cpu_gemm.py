@@ -53,10 +53,10 @@ class Checked:
         self.calls += 1
         return got
 
-    def sgemm(self, a, b, c=None, ta=False, tb=False, alpha=1.0, beta=0.0):
+    def sgemm(self, a, b, c=None, ta=False, tb=False, alpha=1.0, beta=0.0, serial=False):
         """The fp32 LoRA products: within fp32 accumulation error of the float64 product."""
         before = np.array(c, np.float64) if beta else 0.0
-        got = LIB.sgemm(a, b, c, ta, tb, alpha, beta)
+        got = LIB.sgemm(a, b, c, ta, tb, alpha, beta, serial)
         a, b = (np.asarray(t, np.float64) for t in (a, b))
         a, b = a.T if ta else a, b.T if tb else b
         slack = (a.shape[1] + 2) * cpu_gemm.U_FP32 * (abs(alpha) * np.abs(a) @ np.abs(b) + np.abs(beta * before))
@@ -260,6 +260,27 @@ def test_engine_bf16_matches_fp32_tiny(request, arch, cache_mb, checkpoint):
     if cache_mb:                                  # the bf16 cache holds each weight in half the bytes
         e16, e32 = CpuEngine(model, weight_cache_mb=cache_mb, bf16=LIB), CpuEngine(model, weight_cache_mb=cache_mb)
         assert e16.cached_mb == e32.cached_mb / 2 and e16.head.cached.dtype == np.uint16
+
+
+@needs_lib
+def test_lora_branches_side_by_side_equal_one_by_one(tiny_hf_llama, monkeypatch):
+    """cpu_proj.forward_many / backward_many (q/k/v and gate/up branches on the pool's threads,
+    dropout masks drawn first in order) give the loss and gradients of the one-by-one calls: the
+    same products, only oneMKL's thread split of two of them differs (fp32 accumulation order)."""
+    from mlx_qlora.train.engines import numpy_engine
+    model = model_for(tiny_hf_llama, 4, LoraConfig(rank=4, alpha=8, layers="all", targets="all-linear", dropout=0.1))
+    eng = CpuEngine(model, bf16=LIB)
+    loss, g = eng.loss_and_grad(batch(), seed=(7,))
+    with monkeypatch.context() as m:
+        m.setattr(numpy_engine, "forward_many", lambda projs, x, rng, ctx, x16: [p.forward(x, rng, ctx, x16) for p in projs])
+        m.setattr(numpy_engine, "backward_many",
+                  lambda items, ctx, grads, need_dx: [p.backward(dy, ctx, grads, need_dx, d16) for p, dy, d16 in items])
+        want, wg = eng.loss_and_grad(batch(), seed=(7,))
+    assert loss == pytest.approx(want, rel=1e-6)
+    got, ref = dict(tree_flatten(g)), dict(tree_flatten(wg))
+    assert got.keys() == ref.keys() and len(got) == 7 * 2 * len(model.layers)
+    for k in ref:
+        assert norm_err(np.array(got[k]), np.array(ref[k])) < 1e-5, k
 
 
 @needs_lib

@@ -36,7 +36,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from . import bf16_head, cpu_fused, numpy_kernels as ops
 from .cpu_gemm import other_blas_serial, round_bf16_into, to_bf16
-from .cpu_proj import _np, _Proj
+from .cpu_proj import _np, _Proj, backward_many, forward_many
 from ..lora import LoRALinear, linear_dims
 from .mlx_cpu_kernels import CE_CHUNK_ROWS
 
@@ -215,7 +215,7 @@ class _Block:
         if self.fused_qkv:
             q, k, v = np.split(P["qkv_proj"].forward(a_in, rng, ctx, a16), self._qkv_cuts, axis=1)
         else:
-            q, k, v = (P[n].forward(a_in, rng, ctx, a16) for n in ("q_proj", "k_proj", "v_proj"))
+            q, k, v = forward_many([P[n] for n in ("q_proj", "k_proj", "v_proj")], a_in, rng, ctx, a16)
         del a16
         q = self._rope(self._norm_heads(q, "q_norm", ctx), self.heads.h, geo, False)
         k = self._rope(self._norm_heads(k, "k_norm", ctx), self.heads.hkv, geo, False)
@@ -232,7 +232,7 @@ class _Block:
         if self.fused_mlp:
             g, u = np.split(P["gate_up_proj"].forward(m_in, rng, ctx, m16), 2, axis=1)
         else:
-            g, u = P["gate_proj"].forward(m_in, rng, ctx, m16), P["up_proj"].forward(m_in, rng, ctx, m16)
+            g, u = forward_many([P["gate_proj"], P["up_proj"]], m_in, rng, ctx, m16)
         del m16
         act16 = np.empty(g.shape, np.uint16) if self.bf16 else None   # rounded while each block is in cache
         act, sig = kn.swiglu(g, u, ctx is not None, act16, round_bf16_into)
@@ -262,8 +262,8 @@ class _Block:
         if self.fused_mlp:
             dm = P["gate_up_proj"].backward(np.concatenate([dg, du], axis=1), ctx, grads, True)
         else:
-            dm = P["gate_proj"].backward(dg, ctx, grads, True, d16[0])
-            dm += P["up_proj"].backward(du, ctx, grads, True, d16[1])
+            dm, dmu = backward_many([(P["gate_proj"], dg, d16[0]), (P["up_proj"], du, d16[1])], ctx, grads, True)
+            dm += dmu
         del d16
         dh = dout + (dm if post else kn.rms_back(dm, self.w2, ctx.pop("n2"), ctx.pop("r2")))
         dr = dh * self.res if self.res != 1 else dh
@@ -279,9 +279,8 @@ class _Block:
             if not need_dx:
                 return None
         else:
-            da = P["q_proj"].backward(dq, ctx, grads, need_dx)
-            dka = P["k_proj"].backward(dk, ctx, grads, need_dx)
-            dva = P["v_proj"].backward(dv, ctx, grads, need_dx)
+            da, dka, dva = backward_many([(P["q_proj"], dq, None), (P["k_proj"], dk, None), (P["v_proj"], dv, None)],
+                                         ctx, grads, need_dx)
             if not need_dx:
                 return None
             da += dka
