@@ -43,6 +43,12 @@ def test_expansion_of_handwritten_answers():
     # the lines start with a space (compact.LEAD); read back without it too (a detokenizer may drop it)
     assert form.to_text({"aspects": [{"term": "food", "sentiment": "positive"}]}) == " food positive\n"
     assert form.to_json("food positive\n") == form.to_json(" food positive\n")
+    # a line equal to an earlier one (a repetition loop) is read once; a different sentiment is kept
+    assert form.to_json(" staff positive\n food neutral\n staff positive\n staff positive\n") == {
+        "aspects": [{"term": "staff", "sentiment": "positive"}, {"term": "food", "sentiment": "neutral"}]}
+    assert len(form.to_json(" staff positive\n staff negative\n")["aspects"]) == 2
+    two = CompactForm(form.key, form.fields, None, 2)       # minItems 2: the repeat is what makes it valid
+    assert len(two.to_json(" staff positive\n staff positive\n")["aspects"]) == 2
 
 
 BAD = [

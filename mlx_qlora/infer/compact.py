@@ -24,6 +24,14 @@ tokenizer a MAMS item costs 2 tokens plus its term instead of ~12 (``{"term": "`
 "sentiment": "``...).
 
 A schema of any other shape is refused with one line naming the fix (``--answer json``).
+
+Repeats: a line equal to an earlier line of the same answer is read once. Two identical items say
+nothing one does not, and a small greedy model falls into repetition loops (" wait staff positive"
+eleven times on one MAMS val review); the training data never repeats an item (MAMS train: 0 of
+11,186 lines). Measured on all 500 MAMS val reviews with the shipped recipe (merged Q8_0): 21
+repeated lines in 500 answers, pair F1 59.6 -> 60.05; lines that differ in any field are kept,
+and so are the repeats when dropping them would leave fewer items than the schema's minItems (the
+grammar forced that many lines; the answer stays valid).
 """
 from __future__ import annotations
 
@@ -124,7 +132,9 @@ class CompactForm:
                     raise ValueError(f"line {n}: {f.name} {v!r} is not one of {', '.join(f.enum)}")
                 item[f.name] = v
             items.append(item)
-        return {self.key: items}
+        # a line equal to an earlier one is read once (see Repeats), as far as minItems allows
+        unique = [it for i, it in enumerate(items) if it not in items[:i]]
+        return {self.key: unique if len(unique) >= self.min_items else items}
 
     def instruction(self, schema: dict) -> str:
         """The system turn for this form: the task's title and the line layout (short: the model
