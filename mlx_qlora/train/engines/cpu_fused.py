@@ -54,27 +54,30 @@ def _build() -> tuple[Path | None, str]:
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"{cc}: {e}"
     flags = sorted(cpu.parse_cpuinfo(cpu.cpuinfo_text()).flags)
-    opts = FLAGS + (WIDE if "avx512f" in flags else [])
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(opts), version, " ".join(flags)]).encode())
-    lib = _cache_dir() / f"cpu_fused-{key.hexdigest()[:16]}.so"
-    if lib.exists():
-        return lib, "cached"
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([cc, *opts, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-            return None, f"{cc} failed: {last}"
-        os.replace(tmp, lib)      # atomic: another process building the same file is harmless
-        return lib, "built"
-    except (OSError, subprocess.SubprocessError) as e:
-        return None, f"{cc}: {e}"
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # the wide-vector options are GCC's: a compiler that refuses them (clang, an old GCC) builds
+    # with the plain flags instead
+    why = ""
+    for opts in ([FLAGS + WIDE] if "avx512f" in flags else []) + [FLAGS]:
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(opts), version, " ".join(flags)]).encode())
+        lib = _cache_dir() / f"cpu_fused-{key.hexdigest()[:16]}.so"
+        if lib.exists():
+            return lib, "cached"
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *opts, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                  timeout=120)
+            if done.returncode == 0:
+                os.replace(tmp, lib)      # atomic: another process building the same file is harmless
+                return lib, "built"
+            why = f"{cc} failed: {(done.stderr.strip().splitlines() or ['(no message)'])[-1]}"
+        except (OSError, subprocess.SubprocessError) as e:
+            why = f"{cc}: {e}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return None, why
 
 
 class Fused:
