@@ -63,13 +63,21 @@ def _try(path: str):
     return lib if hasattr(lib, "cblas_sgemm") else None
 
 
+def disabled_by(var: str) -> str | None:
+    """'disabled by VAR=value' when the environment variable ``var`` switches a native library
+    off (off, 0, none, false, no; any case), else None. Shared by every such switch."""
+    choice = os.environ.get(var, "").strip()
+    return f"disabled by {var}={choice}" if choice.lower() in ("off", "0", "none", "false", "no") else None
+
+
 def load() -> BlasState:
     """Bind a real CBLAS globally (idempotent). Never raises: MLX works without it, slowly."""
     if STATE.reason != "not tried":
         return STATE
     choice = os.environ.get(ENV_VAR, "").strip()
-    if choice.lower() in ("off", "0", "none", "false", "no"):
-        STATE.reason = f"disabled by {ENV_VAR}={choice}"
+    off = disabled_by(ENV_VAR)
+    if off:
+        STATE.reason = off
         return STATE
     if sys.platform == "darwin":
         STATE.reason = "macOS: MLX uses Accelerate"

@@ -1,5 +1,6 @@
-"""Fused elementwise kernels for the CPU engine's bf16 path: SwiGLU, RMSNorm, RoPE and the bf16
-rounding, each one vectorised pass (``cpu_fused.c``), built here with the system C compiler.
+"""Fused elementwise kernels for the CPU engine's bf16 path: SwiGLU, RMSNorm, RoPE, the bf16
+rounding, the attention softmax and the head's online-softmax chunk, each one vectorised pass
+(``cpu_fused.c``), built here with the system C compiler.
 
 Why: with the base's products on oneMKL's bf16 units, NumPy's multi-pass elementwise work was
 most of a step (python bench/cpu_step_profile.py on a 2-core Xeon: SwiGLU 124, RMSNorm 72, RoPE
@@ -208,11 +209,9 @@ def load():
     """(Fused or None, why). Tried once per process; never raises."""
     if _STATE:
         return _STATE[0], _STATE[1]
-    choice = os.environ.get(ENV_VAR, "").strip().lower()
-    fused, why = None, ""
-    if choice in ("off", "0", "none", "false", "no"):
-        why = f"disabled by {ENV_VAR}={choice}"
-    else:
+    from ...model.blas import disabled_by
+    fused, why = None, disabled_by(ENV_VAR)
+    if why is None:
         try:
             path, why = _build()
             if path is not None:

@@ -38,6 +38,7 @@ import numpy as np
 
 from ...errors import require
 from ...model import cpu
+from ...model.blas import disabled_by
 from ..config import CPU_GEMMS as PATHS
 from . import cpu_fused, numpy_kernels
 
@@ -205,8 +206,9 @@ def load_library():
         return _LIB[0], _LIB[1]
     choice = os.environ.get(ENV_VAR, "").strip()
     lib, why = None, "no oneMKL found (pip install mkl, or mlx_qlora[cpu-bf16])"
-    if choice.lower() in ("off", "0", "none", "false", "no"):
-        why = f"disabled by {ENV_VAR}={choice}"
+    off = disabled_by(ENV_VAR)
+    if off:
+        why = off
     elif sys.platform == "darwin":
         why = "macOS (MLX uses Metal; no oneMKL)"
     else:
